@@ -1,0 +1,99 @@
+"""The labeled image collection every reader returns and every later stage consumes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from ..errors import DataError
+
+
+@dataclass
+class ImageSet:
+    """Labeled images, either as files (``paths``) or as an in-memory uint8 array (``array``).
+
+    Attributes:
+        class_names: name of each class index (human-readable, e.g. ``"golden retriever"``).
+        labels: int64 array [N] of class indices into ``class_names``.
+        paths: image file per sample (file-backed sets), or None.
+        array: uint8 array [N, H, W, 3] or [N, H, W] (array-backed sets), or None.
+        class_ids: stable id per class (WordNet id for Tiny-ImageNet, folder name for ImageFolder);
+            defaults to ``class_names``.
+        source: where the set came from (file or directory) for error messages.
+    """
+
+    class_names: list[str]
+    labels: np.ndarray
+    paths: list[Path] | None = None
+    array: np.ndarray | None = None
+    class_ids: list[str] = field(default_factory=list)
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if not self.class_ids:
+            self.class_ids = list(self.class_names)
+        if (self.paths is None) == (self.array is None):
+            raise ValueError("ImageSet needs exactly one of paths or array")
+        n = len(self.paths) if self.paths is not None else len(self.array)  # type: ignore[arg-type]
+        if n != len(self.labels):
+            raise ValueError(f"{self.source}: {n} images but {len(self.labels)} labels")
+        if len(self.class_ids) != len(self.class_names):
+            raise ValueError(f"{self.source}: {len(self.class_ids)} class ids but {len(self.class_names)} names")
+        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
+            bad = int(np.flatnonzero((self.labels < 0) | (self.labels >= len(self.class_names)))[0])
+            raise DataError(
+                f"{self.source}: label {int(self.labels[bad])} of sample {bad} is out of range "
+                f"0..{len(self.class_names) - 1}; fix the label or the class-names file"
+            )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def counts(self) -> np.ndarray:
+        """Number of images per class, int64 [num_classes]."""
+        return np.bincount(self.labels, minlength=self.num_classes).astype(np.int64)
+
+    def load(self, i: int) -> Image.Image:
+        """Decode sample ``i`` as an RGB PIL image (grayscale is converted)."""
+        if self.array is not None:
+            a = self.array[i]
+            img = Image.fromarray(a)
+        else:
+            p = self.paths[i]  # type: ignore[index]
+            try:
+                with Image.open(p) as im:
+                    img = im.convert("RGB")
+                    return img
+            except (OSError, SyntaxError, ValueError) as e:
+                raise DataError(f"{p}: cannot decode image ({e}); remove it or pass --skip-corrupt") from None
+        return img.convert("RGB")
+
+    def subset(self, indices: Sequence[int] | np.ndarray, *, relabel: dict[int, int] | None = None,
+               class_names: list[str] | None = None, class_ids: list[str] | None = None) -> "ImageSet":
+        """A new set with the given samples; optionally remap labels to a new class list."""
+        idx = np.asarray(indices, dtype=np.int64)
+        labels = self.labels[idx]
+        names, ids = self.class_names, self.class_ids
+        if relabel is not None:
+            labels = np.array([relabel[int(y)] for y in labels], dtype=np.int64)
+            if class_names is None:
+                raise ValueError("relabel needs class_names")
+            names = class_names
+            ids = class_ids or class_names
+        return ImageSet(
+            class_names=list(names),
+            labels=labels,
+            paths=[self.paths[i] for i in idx] if self.paths is not None else None,
+            array=self.array[idx] if self.array is not None else None,
+            class_ids=list(ids),
+            source=self.source,
+        )

@@ -1,0 +1,178 @@
+"""Run-directory plumbing: atomic writes, the run record (config, versions, seed, git commit),
+JSONL logs and stage completion markers so every stage is resumable and idempotent."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+from pydantic import BaseModel
+
+from .errors import NeighborLTError
+
+RECORDED_PACKAGES = ("neighborlt", "torch", "torchvision", "timm", "numpy", "pydantic", "openai", "wn")
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temp file in the same directory and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert pydantic models, paths, numpy scalars/arrays and tuples to plain JSON values."""
+    if isinstance(obj, BaseModel):
+        return obj.model_dump(mode="json")
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [to_jsonable(v) for v in obj]
+    if hasattr(obj, "tolist"):  # numpy / torch
+        return obj.tolist()
+    return obj
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    """Read a JSON file; a missing or malformed file is a one-line :class:`NeighborLTError`."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NeighborLTError(f"{path}: file not found (did the previous stage run?)") from None
+    except json.JSONDecodeError as e:
+        raise NeighborLTError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); delete the file and re-run") from None
+
+
+def config_hash(obj: Any) -> str:
+    """sha256 of the canonical JSON of ``obj`` (first 16 hex digits)."""
+    blob = json.dumps(to_jsonable(obj), sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def git_commit() -> str | None:
+    """The git commit of the neighborlt checkout (``+dirty`` when modified), or None."""
+    src = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=src, capture_output=True, text=True, timeout=5,
+        ).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions(extra: tuple[str, ...] = ()) -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in RECORDED_PACKAGES + tuple(extra):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def environment_record(seed: int | None = None) -> dict[str, Any]:
+    """Versions, git commit, platform, device and seed for ``env.json``."""
+    rec: dict[str, Any] = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "git_commit": git_commit(),
+        "packages": package_versions(),
+        "seed": seed,
+        "argv": sys.argv,
+    }
+    try:
+        import torch
+
+        rec["cuda"] = torch.version.cuda if torch.cuda.is_available() else None
+        rec["devices"] = (
+            [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            if torch.cuda.is_available() else ["cpu"]
+        )
+        rec["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    return rec
+
+
+class RunDir:
+    """One run directory holding every stage's files.
+
+    Layout (each stage writes only its own files; see docs/architecture.md)::
+
+        RUN/classes.json  split.json  neighbors.json  train/  export/  eval/  logs/*.jsonl
+        RUN/records/<stage>.config.json  RUN/records/<stage>.env.json  RUN/records/<stage>.done.json
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
+
+    def record(self, stage: str, config: Any, seed: int | None = None) -> None:
+        """Write the resolved config and environment (versions, git commit, seed) of a stage."""
+        atomic_write_json(self.path("records", f"{stage}.config.json"), config)
+        atomic_write_json(self.path("records", f"{stage}.env.json"), environment_record(seed))
+
+    def done_key(self, stage: str) -> str | None:
+        p = self.path("records", f"{stage}.done.json")
+        return read_json(p).get("key") if p.exists() else None
+
+    def is_done(self, stage: str, key: str) -> bool:
+        """True when ``stage`` finished with the same config key (so it can be skipped)."""
+        return self.done_key(stage) == key
+
+    def mark_done(self, stage: str, key: str, **stats: Any) -> None:
+        atomic_write_json(self.path("records", f"{stage}.done.json"), {"key": key, "time": time.time(), **stats})
+
+    def log(self, stage: str, **event: Any) -> None:
+        """Append one JSON line to ``logs/<stage>.jsonl``."""
+        p = self.path("logs", f"{stage}.jsonl")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with open(p, "a", encoding="utf-8") as f:
+            f.write(json.dumps(to_jsonable({"time": time.time(), **event})) + "\n")
+
+    def read_log(self, stage: str) -> Iterator[dict[str, Any]]:
+        p = self.path("logs", f"{stage}.jsonl")
+        if p.exists():
+            for line in p.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    yield json.loads(line)
