@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Extracted archives, decoded arrays and feature caches (reused between runs; safe to delete).
+export NEIGHBORLT_CACHE ?= $(CURDIR)/.cache
 
 .PHONY: demo test install lint clean
 
@@ -18,7 +20,7 @@ demo: $(STAMP)
 	$(VENV)/bin/neighborlt demo --run-dir runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench

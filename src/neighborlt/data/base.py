@@ -24,6 +24,10 @@ class ImageSet:
         class_ids: stable id per class (WordNet id for Tiny-ImageNet, folder name for ImageFolder);
             defaults to ``class_names``.
         source: where the set came from (file or directory) for error messages.
+        synonyms: all known names per class id (Tiny-ImageNet ``words.txt``); classes without an entry
+            are known by their name only.
+        skipped: files dropped as corrupt when the reader ran with ``skip_corrupt=True`` (never silent:
+            readers log the count and stages write it to the run log).
     """
 
     class_names: list[str]
@@ -32,6 +36,8 @@ class ImageSet:
     array: np.ndarray | None = None
     class_ids: list[str] = field(default_factory=list)
     source: str = ""
+    synonyms: dict[str, list[str]] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
@@ -96,4 +102,6 @@ class ImageSet:
             array=self.array[idx] if self.array is not None else None,
             class_ids=list(ids),
             source=self.source,
+            synonyms={k: list(v) for k, v in self.synonyms.items() if k in set(ids)},
+            skipped=list(self.skipped),
         )

@@ -1,0 +1,225 @@
+"""Forward+backward time and peak memory of NeighborSilencingCE against BalancedSoftmaxCE.
+
+Setting (issue 5): batch B = 512, C in {1000, 10000, 28522} classes = L targets + 5 auxiliary neighbours per
+target (L = C // 6; the remaining classes are auxiliary), lambda_s = 0.1, labels uniform over all C classes.
+A third row, ``naive``, is the straightforward implementation that materialises a log(lambda)-masked copy of
+the adjusted logits per batch and runs ``F.cross_entropy`` on it (what the fused autograd function avoids).
+
+Time: the median (and min) of ``--reps`` forward+backward steps per loss after warm-up, run in blocks of 5
+consecutive steps that rotate over the losses. Peak memory: on CPU
+the rise of the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) over one step, in a
+fresh subprocess per (C, loss) with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed buffers leave the resident set;
+on CUDA ``torch.cuda.max_memory_allocated`` over one step. Both count the step's own buffers above the inputs.
+
+Usage::
+
+    .venv/bin/python bench/loss_scaling.py                       # CPU (and CUDA when present)
+    .venv/bin/python bench/loss_scaling.py --threads 2 --reps 30 --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from neighborlt.losses import BalancedSoftmaxCE, NeighborSilencingCE
+
+LOSS_NAMES = ("balanced_softmax", "neighbor_silencing", "naive")
+
+
+def problem(c: int, per_target: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Long-tailed target counts (500 -> 5), auxiliary counts 50, and (target, auxiliary) pairs."""
+    n_target = c // (per_target + 1)
+    pairs = np.stack([np.repeat(np.arange(n_target), per_target), n_target + np.arange(n_target * per_target)], 1)
+    counts = np.concatenate([np.geomspace(500, 5, n_target).round(), np.full(c - n_target, 50.0)])
+    return counts, pairs
+
+
+class NaiveNeighborSilencing(torch.nn.Module):
+    """Reference implementation: CE on a copy of ``z + log n`` with ``log lambda`` added at the neighbour entries."""
+
+    def __init__(self, counts: np.ndarray, pairs: np.ndarray, lambda_s: float) -> None:
+        super().__init__()
+        fused = NeighborSilencingCE(counts, neighbor_pairs=pairs, lambda_s=lambda_s)
+        self.register_buffer("log_counts", fused.log_counts.float())
+        self.register_buffer("index", fused.neighbor_index[:, 1:])
+        self.register_buffer("mask", (fused.neighbor_coef[:, 1:] != 0).float() * float(np.log(lambda_s)))
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        a = logits + self.log_counts
+        a = a.scatter_add(1, self.index[target], self.mask[target])  # the weighted copy of the logits
+        return F.cross_entropy(a, target)
+
+
+def build(name: str, counts: np.ndarray, pairs: np.ndarray, lambda_s: float, device: str) -> torch.nn.Module:
+    if name == "balanced_softmax":
+        loss: torch.nn.Module = BalancedSoftmaxCE(counts)
+    elif name == "neighbor_silencing":
+        loss = NeighborSilencingCE(counts, neighbor_pairs=pairs, lambda_s=lambda_s)
+    else:
+        loss = NaiveNeighborSilencing(counts, pairs, lambda_s)
+    return loss.to(device)
+
+
+def inputs(b: int, c: int, device: str, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(b, c, generator=g).to(device).requires_grad_(True)
+    y = torch.randint(0, c, (b,), generator=g).to(device)
+    return z, y
+
+
+def step_fn(loss: torch.nn.Module, z: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        z.grad = None
+        loss(z, y).backward()
+
+    return step
+
+
+def time_losses(b: int, c: int, lambda_s: float, device: str, reps: int, warmup: int, block: int = 5
+                ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Block-interleaved timing of one forward+backward step per loss.
+
+    Returns:
+        (wall seconds, process CPU seconds) per step and loss. On a shared CPU the CPU time is the robust
+        figure: it leaves out the time the process waited for a core.
+    """
+    counts, pairs = problem(c)
+    z, y = inputs(b, c, device)
+    losses = {n: build(n, counts, pairs, lambda_s, device) for n in LOSS_NAMES}
+    with torch.no_grad():  # the fused and the naive implementation compute the same loss
+        fused, naive = losses["neighbor_silencing"](z, y).item(), losses["naive"](z, y).item()
+    if not np.isclose(fused, naive, rtol=1e-5):
+        raise SystemExit(f"C={c}: fused loss {fused} differs from the naive one {naive}")
+    steps = {n: step_fn(loss, z, y) for n, loss in losses.items()}
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for _ in range(warmup):
+        for s in steps.values():
+            s()
+    sync()
+    times: dict[str, list[float]] = {n: [] for n in LOSS_NAMES}
+    cpu: dict[str, list[float]] = {n: [] for n in LOSS_NAMES}
+    # blocks of `block` consecutive steps per loss, the blocks rotating over the losses: each loss runs in its
+    # own steady state (allocator, caches) while slow drifts of a shared machine's load hit all losses alike
+    for r in range(0, reps, block):
+        for n, s in steps.items():
+            s()  # re-warm after the other losses
+            sync()
+            for _ in range(min(block, reps - r)):
+                t0, c0 = time.perf_counter(), time.process_time()
+                s()
+                sync()
+                times[n].append(time.perf_counter() - t0)
+                cpu[n].append(time.process_time() - c0)
+    return times, cpu
+
+
+def _rss_kib() -> tuple[int, int]:
+    with open("/proc/self/status") as f:
+        status = f.read()
+    return (int(re.search(r"VmHWM:\s+(\d+)", status).group(1)),  # type: ignore[union-attr]
+            int(re.search(r"VmRSS:\s+(\d+)", status).group(1)))  # type: ignore[union-attr]
+
+
+def peak_memory_here(name: str, b: int, c: int, lambda_s: float, device: str) -> float:
+    """Peak extra memory (MiB) of one forward+backward step above the inputs, measured in this process."""
+    counts, pairs = problem(c)
+    z, y = inputs(b, c, device)
+    step = step_fn(build(name, counts, pairs, lambda_s, device), z, y)
+    step()  # warm-up: one-time allocations (grad buffer layout, kernels)
+    z.grad = None
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    _, rss0 = _rss_kib()
+    step()
+    hwm, _ = _rss_kib()
+    return (hwm - rss0) / 1024
+
+
+def peak_memory(name: str, b: int, c: int, lambda_s: float, device: str, threads: int) -> float:
+    """Run :func:`peak_memory_here` in a fresh subprocess (CPU) so earlier steps leave no resident buffers."""
+    if device.startswith("cuda"):
+        return peak_memory_here(name, b, c, lambda_s, device)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(threads))
+    code = (f"import torch, sys; torch.set_num_threads({threads}); sys.path.insert(0, {os.path.dirname(__file__)!r});"
+            f"import loss_scaling as m; print(m.peak_memory_here({name!r}, {b}, {c}, {lambda_s}, 'cpu'))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--classes", type=int, nargs="+", default=[1000, 10000, 28522])
+    ap.add_argument("--lambda-s", type=float, default=0.1)
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                    help="auto: CPU, plus CUDA when available")
+    ap.add_argument("--json", help="also write the figures to this JSON file")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    devices = ["cpu", "cuda"] if args.device == "auto" else [args.device]
+    if "cuda" in devices and not torch.cuda.is_available():
+        if args.device == "cuda":
+            ap.error("--device cuda but torch.cuda.is_available() is False")
+        devices.remove("cuda")
+
+    rows = []
+    header = (f"{'device':<22} {'C':>6} | {'wall Bal ms':>11} {'NS ms':>8} {'NS/Bal':>7} {'naive/Bal':>9} | "
+              f"{'CPU Bal ms':>10} {'NS ms':>8} {'NS/Bal':>7} {'naive/Bal':>9} | {'Bal MiB':>7} {'NS MiB':>7} "
+              f"{'naive MiB':>9}")
+    print(f"B={args.batch}, 5 auxiliary neighbours per target, lambda_s={args.lambda_s}, torch {torch.__version__}, "
+          f"CPU threads {args.threads}; medians of {args.reps} forward+backward steps (blocks of 5, rotating); "
+          f"wall = elapsed, CPU = process CPU time; MiB = peak extra memory of one step")
+    print(header)
+    print("-" * len(header))
+    for device in devices:
+        dev_name = torch.cuda.get_device_name(0) if device == "cuda" else f"cpu x{args.threads}"
+        for c in args.classes:
+            wall, cpu = time_losses(args.batch, c, args.lambda_s, device, args.reps, args.warmup)
+            med = {n: statistics.median(t) * 1e3 for n, t in wall.items()}
+            cmed = {n: statistics.median(t) * 1e3 for n, t in cpu.items()}
+            mins = {n: min(t) * 1e3 for n, t in wall.items()}
+            mem = {n: peak_memory(n, args.batch, c, args.lambda_s, device, args.threads) for n in LOSS_NAMES}
+            row = {"device": dev_name, "C": c, "B": args.batch, "median_ms": med, "min_ms": mins,
+                   "cpu_median_ms": cmed, "peak_mib": mem,
+                   "ratio_ns": med["neighbor_silencing"] / med["balanced_softmax"],
+                   "ratio_naive": med["naive"] / med["balanced_softmax"],
+                   "cpu_ratio_ns": cmed["neighbor_silencing"] / cmed["balanced_softmax"],
+                   "cpu_ratio_naive": cmed["naive"] / cmed["balanced_softmax"]}
+            rows.append(row)
+            print(f"{dev_name:<22} {c:>6} | {med['balanced_softmax']:>11.2f} {med['neighbor_silencing']:>8.2f} "
+                  f"{row['ratio_ns']:>6.2f}x {row['ratio_naive']:>8.2f}x | {cmed['balanced_softmax']:>10.2f} "
+                  f"{cmed['neighbor_silencing']:>8.2f} {row['cpu_ratio_ns']:>6.2f}x {row['cpu_ratio_naive']:>8.2f}x | "
+                  f"{mem['balanced_softmax']:>7.1f} {mem['neighbor_silencing']:>7.1f} {mem['naive']:>9.1f}",
+                  flush=True)
+    print("min-of-steps wall ratios NS/Bal: " + ", ".join(
+        f"{r['device']} C={r['C']}: {r['min_ms']['neighbor_silencing'] / r['min_ms']['balanced_softmax']:.2f}x"
+        for r in rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,304 @@
+"""Experiment grids on a split-neighbour protocol: the paper's Table 6, the lambda_s / M / K / split-ratio sweeps
+and the loss comparison, as markdown tables with mean ± std over seeds and paired same-seed differences.
+
+One output folder holds everything::
+
+    OUT/classes.json, split.json          stage 1, shared by every run
+    OUT/neighbors/<setting>/neighbors.json stage 2, one per neighbour setting (K, split ratio)
+    OUT/runs/<run name>/seed<S>/           one training run directory (resumable, skipped when finished)
+    OUT/<grid>.md, OUT/<grid>.json, OUT/<grid>.png
+
+Every run is keyed by its resolved config, so re-running the same command only trains what is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import ConfigError
+from .rundir import RunDir, atomic_write_json, atomic_write_text, read_json
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("overall", "many", "medium", "few")
+GRIDS = ("table6", "lambda", "cap", "k", "ratio", "losses")
+
+
+class AblationConfig(BaseModel):
+    """Options of ``neighborlt ablate``; ``train`` holds the TrainConfig fields shared by every run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    grids: list[Literal["table6", "lambda", "cap", "k", "ratio", "losses"]] = ["table6"]
+    protocol: str = "cifar10-neighbours"  # split-neighbour preset (neighborlt.data.PRESETS)
+    protocol_overrides: dict[str, Any] = Field(default_factory=dict)  # n_max, imbalance_ratio, seed, ...
+    data_dir: str | None = None
+    seeds: list[int] = [0, 1, 2]  # training seeds (the protocol split itself stays fixed)
+    relation: Literal["neighbors", "wordnet"] = "neighbors"  # how auxiliary classes are found
+    neighbors_backend: str = "wordnet"  # neighbour backend for relation "neighbors"
+    per_class: int = Field(5, ge=1)  # K for the grids that do not sweep it
+    split_ratio: str = "auto"  # head:medium:tail for the grids that do not sweep it
+    lambda_s: float = Field(0.1, ge=0.0)  # for the grids that do not sweep it
+    aux_cap: int = Field(50, ge=1)  # M for the grids that do not sweep it
+    lambdas: list[float] = [0.01, 0.1, 0.2, 0.3, 0.5, 1.0]
+    caps: list[int] = [10, 30, 50, 100, 150]
+    ks: list[int] = [1, 3, 5, 7, 8]
+    ratios: list[str] = ["1:1:3", "0:1:3", "auto"]
+    train: dict[str, Any] = Field(default_factory=dict)  # TrainConfig fields (model, epochs, image_size, ...)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training configuration of a grid (trained once per seed)."""
+
+    name: str  # folder name under OUT/runs
+    aux: bool  # train with auxiliary classes
+    per_class: int
+    split_ratio: str
+    train: tuple[tuple[str, Any], ...]  # TrainConfig overrides, sorted
+
+
+@dataclass(frozen=True)
+class Row:
+    """One table row: a run spec and which classifier's metrics it reports."""
+
+    label: str
+    run: RunSpec
+    source: Literal["metrics", "crt_metrics"] = "metrics"
+
+
+@dataclass
+class GridResult:
+    grid: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    markdown: str = ""
+
+
+def _spec(cfg: AblationConfig, name: str, *, aux: bool, per_class: int | None = None,
+          split_ratio: str | None = None, **train: Any) -> RunSpec:
+    if aux:
+        train.setdefault("aux_cap", cfg.aux_cap)
+    return RunSpec(name=name, aux=aux, per_class=per_class or cfg.per_class, split_ratio=split_ratio or cfg.split_ratio,
+                   train=tuple(sorted(train.items())))
+
+
+def grid_rows(cfg: AblationConfig, grid: str) -> list[Row]:
+    """The rows of one grid; runs shared by several rows (direct vs cRT classifier) are trained once."""
+    ns = dict(loss="neighbor_silencing", lambda_s=cfg.lambda_s)
+    if grid == "table6":
+        base = _spec(cfg, "balce", aux=False, loss="balanced_softmax")
+        dag = _spec(cfg, "balce_aux_crt", aux=True, loss="balanced_softmax", classifier="retrain")
+        nsr = _spec(cfg, f"ns{cfg.lambda_s:g}_aux_crt", aux=True, classifier="retrain", **ns)
+        return [Row("Bal-CE (no auxiliary data)", base),
+                Row("+ auxiliary data, Bal-CE (†), cRT classifier", dag, "crt_metrics"),
+                Row("+ neighbor silencing, cRT classifier", nsr, "crt_metrics"),
+                Row("+ auxiliary data, Bal-CE (†), direct classifier", dag),
+                Row("+ neighbor silencing + direct classifier", nsr)]
+    if grid == "lambda":
+        return [Row(f"λs = {lam:g}", _spec(cfg, f"ns{lam:g}_aux", aux=True, loss="neighbor_silencing", lambda_s=lam))
+                for lam in cfg.lambdas]
+    if grid == "cap":
+        return [Row(f"M = {m}", _spec(cfg, f"ns{cfg.lambda_s:g}_aux_m{m}", aux=True, aux_cap=m, **ns))
+                for m in cfg.caps]
+    if grid == "k":
+        return [Row(f"K = {k}", _spec(cfg, f"ns{cfg.lambda_s:g}_aux_k{k}", aux=True, per_class=k, **ns))
+                for k in cfg.ks]
+    if grid == "ratio":
+        return [Row(f"ratio {r}", _spec(cfg, f"ns{cfg.lambda_s:g}_aux_r{r.replace(':', '-')}", aux=True,
+                                        split_ratio=r, **ns)) for r in cfg.ratios]
+    if grid == "losses":
+        rows = [Row(label, _spec(cfg, "balce" if name == "balanced_softmax" else name, aux=False, loss=name))
+                for label, name in (("CE", "ce"), ("LA (τ=1)", "logit_adjusted"), ("Bal-BCE", "balanced_bce"),
+                                    ("DRO-LT", "dro"), ("Bal-CE", "balanced_softmax"))]
+        rows.append(Row(f"NS (λs={cfg.lambda_s:g}) + auxiliary data", _spec(cfg, f"ns{cfg.lambda_s:g}_aux", aux=True,
+                                                                             **ns)))
+        return rows
+    raise ConfigError(f"unknown grid {grid!r}; choose one of: {', '.join(GRIDS)}")
+
+
+def _canonical(spec: RunSpec) -> tuple[Any, ...]:
+    """What makes two runs identical (the folder name does not)."""
+    return (spec.aux, spec.per_class if spec.aux else None, spec.split_ratio if spec.aux else None, spec.train)
+
+
+def _neighbors_dir(out: Path, spec: RunSpec) -> Path:
+    return out / "neighbors" / f"k{spec.per_class}_r{spec.split_ratio.replace(':', '-')}"
+
+
+class _Data:
+    """Builds and memoises the protocol and the auxiliary training sets of each neighbour setting."""
+
+    def __init__(self, cfg: AblationConfig, out: Path) -> None:
+        from .classes import ClassesConfig, run_classes
+
+        self.cfg, self.out = cfg, out
+        ov = dict(cfg.protocol_overrides)
+        run_classes(ClassesConfig(protocol=cfg.protocol, data_dir=cfg.data_dir, **ov), out)
+        from .data import load_protocol
+
+        self.protocol = load_protocol(out, data_dir=cfg.data_dir)
+        self._sets: dict[Any, Any] = {}
+
+    def training_set(self, spec: RunSpec) -> Any:
+        from .data.auxiliary import build_aux_training_set
+
+        if not spec.aux:
+            key: Any = "none"
+        elif self.cfg.relation == "wordnet":
+            key = "wordnet"
+        else:
+            key = (spec.per_class, spec.split_ratio)
+        if key in self._sets:
+            return self._sets[key]
+        if key == "none":
+            aux = build_aux_training_set(self.protocol, relation="none")
+        elif key == "wordnet":
+            aux = build_aux_training_set(self.protocol, relation="wordnet")
+        else:
+            aux = build_aux_training_set(self.protocol, neighbors=self._neighbors(spec), relation="neighbors")
+        self._sets[key] = aux
+        return aux
+
+    def _neighbors(self, spec: RunSpec) -> dict[str, Any]:
+        from .neighbors import NeighborsConfig, run_neighbors
+
+        d = _neighbors_dir(self.out, spec)
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.out / "classes.json", d / "classes.json")
+        cfg = NeighborsConfig(backend=self.cfg.neighbors_backend, per_class=spec.per_class,
+                              split_ratio=spec.split_ratio)
+        return run_neighbors(cfg, d).doc
+
+
+def _summary(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    if arr.size == 0:
+        return float("nan"), float("nan")
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+
+
+def _fmt(mean: float, std: float) -> str:
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.1f} ± {std:.1f}"
+
+
+def run_ablation(cfg: AblationConfig, out_dir: str | os.PathLike[str], *, progress: bool = True,
+                 on_run: Callable[[str, int], None] | None = None) -> list[GridResult]:
+    """Train every run of the requested grids (skipping finished ones) and write one table per grid.
+
+    Args:
+        cfg: grids, protocol, seeds and the shared training options.
+        out_dir: the experiment folder (created; re-running resumes).
+        progress: show the training progress bars.
+        on_run: called as ``on_run(run_name, seed)`` before each training run.
+
+    Returns:
+        One :class:`GridResult` per grid, in order; the markdown tables are also written to ``OUT/<grid>.md``.
+    """
+    from .train import TrainConfig, run_train
+
+    out = Path(out_dir)
+    rd = RunDir(out)
+    rd.record("ablate", cfg)
+    data = _Data(cfg, out)
+    base_train = {"max_test_per_class": None, **cfg.train}
+    results: list[GridResult] = []
+    cache: dict[tuple[Any, int], Any] = {}
+    folder: dict[Any, str] = {}  # identical runs in several grids (e.g. M = 50 and λs = 0.1) train once
+    for grid in cfg.grids:
+        rows = grid_rows(cfg, grid)
+        table_rows = []
+        baseline: dict[int, dict[str, float]] | None = None
+        for row in rows:
+            per_seed: dict[int, dict[str, float]] = {}
+            walls = []
+            for seed in cfg.seeds:
+                canon = _canonical(row.run)
+                name = folder.setdefault(canon, row.run.name)
+                k = (canon, seed)
+                if k not in cache:
+                    if on_run:
+                        on_run(name, seed)
+                    tcfg = TrainConfig(**{**base_train, **dict(row.run.train), "seed": seed,
+                                          "data_dir": cfg.data_dir})
+                    t0 = time.time()
+                    res = run_train(tcfg, out / "runs" / name / f"seed{seed}",
+                                    data=data.training_set(row.run), progress=progress)
+                    if res.interrupted:
+                        raise ConfigError(f"training of {name} seed {seed} was interrupted; re-run to resume")
+                    cache[k] = (res, time.time() - t0)
+                res, wall = cache[k]
+                metrics = getattr(res, row.source) or {}
+                per_seed[seed] = {s: metrics.get(s) for s in SPLITS}
+                walls.append(res.wall_s or wall)
+            if baseline is None:
+                baseline = per_seed
+            entry: dict[str, Any] = {"label": row.label, "run": folder[_canonical(row.run)], "classifier": row.source,
+                                     "seeds": per_seed, "wall_s_mean": float(np.mean(walls))}
+            for s in SPLITS:
+                entry[s] = _summary([per_seed[sd][s] for sd in cfg.seeds])
+                entry[f"delta_{s}"] = _summary([per_seed[sd][s] - baseline[sd][s] for sd in cfg.seeds
+                                                if per_seed[sd][s] is not None and baseline[sd][s] is not None])
+            table_rows.append(entry)
+        gr = GridResult(grid=grid, rows=table_rows, markdown=_markdown(cfg, grid, table_rows))
+        atomic_write_text(out / f"{grid}.md", gr.markdown)
+        atomic_write_json(out / f"{grid}.json", {"config": cfg, "rows": table_rows})
+        _plot(out / f"{grid}.png", grid, table_rows)
+        results.append(gr)
+    return results
+
+
+def _markdown(cfg: AblationConfig, grid: str, rows: list[dict[str, Any]]) -> str:
+    tr = cfg.train
+    head = (f"### {grid}: {cfg.protocol}, model {tr.get('model', 'resnet32_cifar')}"
+            f"{' (frozen features)' if tr.get('frozen') else ''}, {tr.get('epochs', '?')} epochs, "
+            f"seeds {', '.join(map(str, cfg.seeds))}, auxiliary relation {cfg.relation}\n\n"
+            "Top-1 accuracy (%) on the target classes, mean ± std over seeds; Δ = paired same-seed difference "
+            "to the first row.\n\n")
+    lines = ["| variant | overall | many | medium | few | Δ overall | Δ few | train s/run |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = [r["label"]] + [_fmt(*r[s]) for s in SPLITS] + [_fmt(*r["delta_overall"]), _fmt(*r["delta_few"]),
+                                                               f"{r['wall_s_mean']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def _plot(path: Path, grid: str, rows: list[dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 3.6))
+    width = 0.8 / len(SPLITS)
+    x = np.arange(len(rows))
+    for i, s in enumerate(SPLITS):
+        means = [r[s][0] for r in rows]
+        stds = [r[s][1] for r in rows]
+        ax.bar(x + (i - 1.5) * width, means, width, yerr=stds, label=s, capsize=2)
+    ax.set_xticks(x, [r["label"] for r in rows], rotation=20, ha="right", fontsize=7)
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(grid)
+    ax.legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def read_grid(out_dir: str | os.PathLike[str], grid: str) -> dict[str, Any]:
+    """Load a finished grid's JSON (``OUT/<grid>.json``)."""
+    return read_json(Path(out_dir) / f"{grid}.json")

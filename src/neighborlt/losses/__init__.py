@@ -1,0 +1,28 @@
+"""Long-tail losses behind one registry: ``LOSSES.create(name, class_counts=..., **params)``.
+
+Every loss is an ``nn.Module`` called as ``loss(logits[B, C], target)`` -> scalar mean, with ``target`` int64 [B]
+or a soft Mixup/CutMix target float [B, C]. Class counts live in buffers (``.to(device)`` moves them).
+``needs_features`` tells the engine to pass ``features=`` [B, D] (DRO-LT); ``epoch_start(epoch)``, when present,
+is called at the start of every epoch. ``LOSSES.meta(name)`` holds the paper link and the formula.
+
+Names: ``ce``, ``balanced_softmax``, ``logit_adjusted``, ``balanced_bce``, ``dro``, ``neighbor_silencing``.
+"""
+
+from ._common import LOSSES, as_counts
+from .bce import BalancedBCE
+from .dro import DROLoss
+from .neighbor import NeighborSilencingCE, padded_neighbors, symmetric_pairs
+from .softmax import BalancedSoftmaxCE, CrossEntropy, LogitAdjustedCE
+
+__all__ = [
+    "LOSSES",
+    "BalancedBCE",
+    "BalancedSoftmaxCE",
+    "CrossEntropy",
+    "DROLoss",
+    "LogitAdjustedCE",
+    "NeighborSilencingCE",
+    "as_counts",
+    "padded_neighbors",
+    "symmetric_pairs",
+]

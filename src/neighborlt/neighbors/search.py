@@ -1,0 +1,423 @@
+"""Stage 2: find neighbour categories for every target class and write ``RUN/neighbors.json``.
+
+Flow: read ``classes.json`` -> number of neighbours per class from the split ratio (:mod:`.plan`) -> one request
+per class through the chosen backend, each raw answer cached on disk before it is used (:mod:`.cache`) -> parse,
+normalise and drop target classes and their synonyms (:mod:`.parse`) -> merge names proposed for several targets
+into one auxiliary class with several parents.
+
+Requests run in a bounded thread pool; 429/5xx/time-outs/connection errors are retried with exponential back-off
+and jitter. When a request still fails, no new requests are started, the ones in flight finish and are cached,
+and the stage raises: re-running the same command resumes without repeating a finished request.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ..errors import ConfigError, DataError, NeighborLTError
+from ..rundir import RunDir, atomic_write_json, config_hash, read_json
+from .base import BACKENDS, NeighborBackend, NeighborsConfig, RawAnswer, TargetClass, TransientError
+from .cache import AnswerCache, answer_key
+from .parse import name_key, parse_answer
+from .plan import SHOTS, neighbours_per_shot, resolve_ratio
+
+logger = logging.getLogger(__name__)
+
+STAGE = "neighbors"
+SCHEMA = 1
+ProgressFn = Callable[[int, int], None]  # (done, total) over the requests of this run
+
+
+class NeighborSearchError(NeighborLTError):
+    """Some requests failed after all retries; ``stats`` holds the counts of the interrupted run."""
+
+    def __init__(self, message: str, stats: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.stats = stats or {}
+
+
+class _ClassRow(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    index: int
+    name: str
+    id: str | None = None
+    wnid: str | None = None
+    synonyms: list[str] = []
+    train_count: int = 0
+    shot: str = "many"
+
+
+class _ClassesFile(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    dataset: str | None = None
+    classes: list[_ClassRow]
+    totals: dict[str, int] = {}
+
+
+def load_targets(path: str | Path) -> tuple[list[TargetClass], dict[str, int], str | None]:
+    """Read ``classes.json`` into target classes, the per-shot training-image totals and the dataset name.
+
+    Raises:
+        DataError: missing/invalid file, a bad row, duplicate indices or an unknown shot group.
+    """
+    path = Path(path)
+    raw = read_json(path)
+    try:
+        doc = _ClassesFile.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        raise DataError(f"{path}: {loc}: {err['msg']}; re-run `neighborlt classes` or fix the file") from None
+    targets: list[TargetClass] = []
+    seen: set[int] = set()
+    for row in doc.classes:
+        if row.shot not in SHOTS:
+            raise DataError(f"{path}: class {row.index} ({row.name!r}) has shot {row.shot!r}; use many/medium/few")
+        if row.index in seen:
+            raise DataError(f"{path}: class index {row.index} appears twice; re-run `neighborlt classes`")
+        seen.add(row.index)
+        syn = tuple(s for s in row.synonyms if isinstance(s, str) and s.strip())
+        targets.append(TargetClass(index=row.index, name=row.name, id=row.id or row.name, wnid=row.wnid,
+                                   synonyms=syn, shot=row.shot, train_count=row.train_count))
+    if not targets:
+        raise DataError(f"{path}: no classes; re-run `neighborlt classes`")
+    totals = dict(doc.totals)
+    if not totals:
+        for t in targets:
+            totals[t.shot] = totals.get(t.shot, 0) + t.train_count
+    return targets, totals, doc.dataset
+
+
+def build_backend(cfg: NeighborsConfig) -> NeighborBackend:
+    """Instantiate the configured backend (importing the modules registers them)."""
+    from . import offline, openai_backend, wordnet  # noqa: F401 - registration side effects
+
+    return BACKENDS.create(cfg.backend, cfg=cfg)
+
+
+@dataclass
+class _Job:
+    key: str
+    target: TargetClass
+    n: int
+    prompt: str
+
+
+@dataclass
+class _Stats:
+    requests: int = 0
+    cached: int = 0
+    retries: int = 0
+    failed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    errors: Counter = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _backoff(cfg: NeighborsConfig, attempt: int, hint: float | None) -> float:
+    base = min(cfg.backoff_max_s, cfg.backoff_s * (2 ** attempt))
+    delay = base * (0.5 + random.random() / 2)  # jitter in [base/2, base]
+    if hint is not None:
+        delay = max(delay, min(hint, cfg.backoff_max_s))
+    return delay
+
+
+def _ask_with_retries(backend: NeighborBackend, job: _Job, cfg: NeighborsConfig, stats: _Stats,
+                      stop: threading.Event) -> RawAnswer | None:
+    for attempt in range(cfg.max_retries + 1):
+        if stop.is_set():
+            return None
+        try:
+            return backend.ask(job.target, job.n, job.prompt)
+        except TransientError as e:
+            with stats.lock:
+                stats.errors[str(e).split(" (")[0]] += 1
+            if attempt == cfg.max_retries:
+                logger.warning("class %r: giving up after %d attempts (%s)", job.target.name, attempt + 1, e)
+                raise
+            delay = _backoff(cfg, attempt, e.retry_after)
+            logger.debug("class %r: %s; retry %d in %.2f s", job.target.name, e, attempt + 1, delay)
+            with stats.lock:
+                stats.retries += 1
+            if stop.wait(delay):
+                return None
+    return None
+
+
+def _run_jobs(backend: NeighborBackend, jobs: list[_Job], cfg: NeighborsConfig, cache: AnswerCache,
+              stats: _Stats, progress: ProgressFn | None, done0: int, total: int) -> list[str]:
+    """Run uncached jobs; returns the failure messages (empty when all answered)."""
+    stop = threading.Event()
+    failures: list[str] = []
+    done = [done0]
+
+    def one(job: _Job) -> None:
+        if stop.is_set():
+            return
+        try:
+            ans = _ask_with_retries(backend, job, cfg, stats, stop)
+        except TransientError as e:
+            with stats.lock:
+                stats.failed += 1
+                failures.append(f"{job.target.name!r}: {e}")
+            stop.set()
+            return
+        except NeighborLTError as e:
+            with stats.lock:
+                stats.failed += 1
+                failures.append(str(e))
+            stop.set()
+            return
+        if ans is None:
+            return
+        cache.put(job.key, {
+            "backend": backend.name, "model": backend.model, "prompt": job.prompt, "class": job.target.name,
+            "n": job.n, "text": ans.text, "status": ans.status, "note": ans.note, "extra": ans.extra,
+            "usage": {"prompt_tokens": ans.prompt_tokens, "completion_tokens": ans.completion_tokens},
+            "time": time.time(),
+        })
+        with stats.lock:
+            stats.requests += 1
+            stats.prompt_tokens += ans.prompt_tokens
+            stats.completion_tokens += ans.completion_tokens
+            done[0] += 1
+            if progress is not None:
+                progress(done[0], total)
+
+    workers = max(1, min(cfg.concurrency, backend.max_concurrency, len(jobs)))
+    if workers == 1:
+        for job in jobs:
+            if stop.is_set():
+                break
+            one(job)
+    else:
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="neighbors")
+        try:
+            for fut in [pool.submit(one, j) for j in jobs]:
+                fut.result()
+        except BaseException:  # Ctrl-C: start nothing new, let requests in flight finish and be cached
+            stop.set()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+    return failures
+
+
+def search(targets: list[TargetClass], cfg: NeighborsConfig | None = None, *, totals: dict[str, int] | None = None,
+           cache: AnswerCache | None = None, progress: ProgressFn | None = None,
+           backend: NeighborBackend | None = None) -> dict[str, Any]:
+    """Find neighbours for ``targets`` and return the ``neighbors.json`` document (nothing is written but the cache).
+
+    Args:
+        targets: target classes (e.g. from :func:`load_targets`).
+        cfg: stage options (default :class:`NeighborsConfig`).
+        totals: training images per shot group for ``split_ratio="auto"`` (default: summed from ``targets``).
+        cache: raw-answer cache (default: ``cfg.cache_dir`` or ``<cache>/neighbors/answers``).
+        progress: called as ``progress(done, total)`` after each answer.
+        backend: a ready backend instance (default: built from ``cfg``).
+
+    Returns:
+        The document described in docs/architecture.md (``targets``, ``auxiliary``, ``unmatched``, ``stats``).
+
+    Raises:
+        NeighborLTError: a request failed after all retries (finished answers stay cached; re-run to resume).
+
+    Example:
+        >>> doc = search([TargetClass(0, "cat"), TargetClass(1, "dog")], NeighborsConfig(backend="wordnet"))
+        >>> doc["targets"][0]["found"][:2]  # doctest: +SKIP
+        ['wildcat', 'lynx']
+    """
+    cfg = cfg or NeighborsConfig()
+    if totals is None:
+        totals = {}
+        for t in targets:
+            totals[t.shot] = totals.get(t.shot, 0) + t.train_count
+    per_shot = neighbours_per_shot(cfg.split_ratio, totals, cfg.per_class, cfg.max_per_class)
+    cache = cache or AnswerCache(cfg.cache_dir)
+    own_backend = backend is None
+    backend = backend or build_backend(cfg)
+    stats = _Stats()
+    t0 = time.time()
+    try:
+        backend.bind(targets)
+        jobs: dict[str, _Job] = {}
+        job_of: dict[int, str] = {}
+        for t in targets:
+            n = per_shot.get(t.shot, 0)
+            if n <= 0:
+                continue
+            prompt = backend.prompt(t, n)
+            key = answer_key(backend.name, backend.model, prompt, t.name)
+            job_of[t.index] = key
+            jobs.setdefault(key, _Job(key, t, n, prompt))
+        answers: dict[str, dict[str, Any]] = {}
+        pending: list[_Job] = []
+        for key, job in jobs.items():
+            rec = cache.get(key)
+            if rec is not None:
+                answers[key] = rec
+            else:
+                pending.append(job)
+        stats.cached = len(answers)
+        total = len(jobs)
+        if progress is not None:
+            progress(len(answers), total)
+        if pending:
+            logger.info("%s: %d requests (%d cached)", backend.name, len(pending), len(answers))
+            backend.prepare(targets)
+            failures = _run_jobs(backend, pending, cfg, cache, stats, progress, len(answers), total)
+            if failures:
+                missing = sum(1 for j in pending if cache.get(j.key) is None)
+                raise NeighborSearchError(
+                    f"{backend.name}: {missing} of {total} requests unanswered (first failure: {failures[0]}); "
+                    "finished answers are cached, re-run the same command to resume",
+                    stats={"requests": stats.requests, "cached": stats.cached, "retries": stats.retries,
+                           "failed": stats.failed, "unanswered": missing, "prompt_tokens": stats.prompt_tokens,
+                           "completion_tokens": stats.completion_tokens, "errors": dict(stats.errors)},
+                )
+            for job in pending:
+                rec = cache.get(job.key)
+                if rec is None:  # pragma: no cover - the cache write failed silently
+                    raise NeighborLTError(f"{cache.path(job.key)}: answer missing after the run; re-run")
+                answers[job.key] = rec
+    finally:
+        if own_backend:
+            backend.close()
+    doc = _assemble(targets, cfg, backend, per_shot, job_of, answers, stats)
+    doc["ratio"] = list(resolve_ratio(cfg.split_ratio, totals))
+    doc["stats"]["seconds"] = round(time.time() - t0, 3)
+    return doc
+
+
+def _assemble(targets: list[TargetClass], cfg: NeighborsConfig, backend: NeighborBackend, per_shot: dict[str, int],
+              job_of: dict[int, str], answers: dict[str, dict[str, Any]], stats: _Stats) -> dict[str, Any]:
+    leak: dict[str, str] = {}
+    for t in targets:
+        for s in (t.name, *t.synonyms):
+            k = name_key(s)
+            if k:
+                leak.setdefault(k, t.name)
+    dropped: Counter = Counter()
+    surplus = 0  # usable names beyond the number asked for (offline backends return a few spare ones)
+    aux: dict[str, dict[str, Any]] = {}
+    rows: list[dict[str, Any]] = []
+    unmatched: list[dict[str, Any]] = []
+    for t in targets:
+        key = job_of.get(t.index)
+        n = per_shot.get(t.shot, 0)
+        row: dict[str, Any] = {"index": t.index, "name": t.name, "shot": t.shot, "asked": n, "found": [],
+                               "answer_ids": [key] if key else []}
+        if key is None:
+            rows.append(row)
+            continue
+        rec = answers[key]
+        row["status"] = rec.get("status", "ok")
+        if rec.get("note"):
+            row["note"] = rec["note"]
+        if row["status"] == "unmatched":
+            unmatched.append({"index": t.index, "name": t.name, "reason": rec.get("note")})
+        parsed = parse_answer(rec["text"])
+        dropped.update(parsed.dropped)
+        for nm in parsed.names:
+            k = nm.replace("-", " ")
+            if k in leak:
+                dropped["target_class"] += 1
+                continue
+            if len(row["found"]) >= n:
+                surplus += 1
+                continue
+            row["found"].append(nm)
+            entry = aux.setdefault(k, {"name": nm, "parents": [], "backend": backend.name, "answer_ids": []})
+            if t.name not in entry["parents"]:
+                entry["parents"].append(t.name)
+            if key not in entry["answer_ids"]:
+                entry["answer_ids"].append(key)
+        if row["status"] == "ok" and not row["found"]:
+            logger.debug("class %r: no usable neighbour in the answer", t.name)
+        rows.append(row)
+    empty = sum(1 for r in rows if r["asked"] > 0 and not r["found"])
+    if empty:
+        logger.warning("%d of %d target classes got no usable neighbour (%d unmatched); see neighbors.json",
+                       empty, len(rows), len(unmatched))
+    return {
+        "schema": SCHEMA,
+        "backend": backend.name,
+        "model": backend.model if backend.name == "openai" else None,
+        "source": backend.model,
+        "split_ratio": cfg.split_ratio,
+        "per_class": cfg.per_class,
+        "max_per_class": cfg.max_per_class,
+        "per_shot": per_shot,
+        "targets": rows,
+        "auxiliary": sorted(aux.values(), key=lambda a: a["name"]),
+        "unmatched": unmatched,
+        "stats": {
+            "requests": stats.requests, "cached": stats.cached, "retries": stats.retries, "failed": stats.failed,
+            "prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
+            "errors": dict(stats.errors), "dropped": dict(dropped), "surplus": surplus,
+            "targets_without_neighbours": empty, "auxiliary_classes": len(aux),
+            "many_parent_auxiliary": sum(1 for a in aux.values() if len(a["parents"]) > 1),
+        },
+    }
+
+
+@dataclass
+class NeighborsResult:
+    """What :func:`run_neighbors` produced."""
+
+    path: Path
+    doc: dict[str, Any]
+    skipped: bool = False
+
+
+def run_neighbors(cfg: NeighborsConfig, run_dir: str | Path | RunDir, *, progress: ProgressFn | None = None,
+                  force: bool = False) -> NeighborsResult:
+    """Stage 2: read ``RUN/classes.json``, search neighbours, write ``RUN/neighbors.json`` atomically.
+
+    Skipped (returns the existing file) when it already ran with the same result-relevant config and the same
+    ``classes.json``, unless ``force``. The run log ``logs/neighbors.jsonl`` gets the request and token counts.
+
+    Raises:
+        NeighborLTError: missing/invalid ``classes.json``, bad options, or failed requests (resume by re-running).
+    """
+    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    classes_path = run.path("classes.json")
+    if not classes_path.exists():
+        raise ConfigError(f"{classes_path}: not found; run `neighborlt classes {run.root}` first")
+    out = run.path("neighbors.json")
+    targets, totals, dataset = load_targets(classes_path)
+    key = config_hash({"cfg": cfg.result_key_fields(), "classes": read_json(classes_path), "schema": SCHEMA})
+    if not force and out.exists() and run.is_done(STAGE, key):
+        logger.info("%s is up to date (key %s); skipping", out, key)
+        return NeighborsResult(out, read_json(out), skipped=True)
+    run.record(STAGE, cfg.model_dump())
+    run.log(STAGE, event="start", backend=cfg.backend, model=cfg.model, classes=len(targets), dataset=dataset)
+    try:
+        doc = search(targets, cfg, totals=totals, progress=progress)
+    except NeighborLTError as e:
+        run.log(STAGE, event="failed", error=str(e), **getattr(e, "stats", {}))
+        raise
+    doc["dataset"] = dataset
+    atomic_write_json(out, doc)
+    st = doc["stats"]
+    run.log(STAGE, event="done", requests=st["requests"], cached=st["cached"], retries=st["retries"],
+            prompt_tokens=st["prompt_tokens"], completion_tokens=st["completion_tokens"],
+            auxiliary=st["auxiliary_classes"], unmatched=len(doc["unmatched"]), seconds=st["seconds"])
+    run.mark_done(STAGE, key, requests=st["requests"], cached=st["cached"], auxiliary=st["auxiliary_classes"])
+    logger.info("wrote %s: %d auxiliary classes for %d targets (%d requests, %d cached, %d unmatched)", out,
+                st["auxiliary_classes"], len(targets), st["requests"], st["cached"], len(doc["unmatched"]))
+    return NeighborsResult(out, doc)

@@ -1,0 +1,126 @@
+"""The training configuration (``TrainConfig``) and its result (``TrainResult``).
+
+Every field carries its unit and allowed values. The resolved config is written to
+``RUN/records/train.config.json`` by :func:`neighborlt.train.engine.run_train`, and its hash keys the run's
+completion marker and checkpoints, so a result can always be traced back to the options that made it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..errors import ConfigError
+
+# Fields that change how a run executes but not what it computes; they are left out of the config key so a
+# run can be resumed on another device or with another number of loader workers.
+EXECUTION_FIELDS = frozenset({"device", "num_workers", "eval_batch_size"})
+
+
+class TrainConfig(BaseModel):
+    """Options of one training run (stage ``train``).
+
+    Example:
+        >>> cfg = TrainConfig(protocol="cifar10-neighbours", model="resnet8_cifar", epochs=2, image_size=32)
+        >>> cfg.loss
+        'balanced_softmax'
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    # ---- data source -------------------------------------------------------------------------------------
+    protocol: str | None = None  # split-neighbour preset name ("cifar10-neighbours", ...); None: RUN/split.json
+    protocol_overrides: dict[str, Any] = Field(default_factory=dict)  # ProtocolConfig fields (n_max, seed, ...)
+    data_dir: str | None = None  # offline data folder; None: paths.resolve_data_dir()
+    neighbors: str | None = None  # neighbors.json path; None: RUN/neighbors.json when present
+    use_aux: Literal["auto", "neighbors", "wordnet", "none"] = "auto"  # auxiliary relation; auto: neighbors if
+    #   neighbors.json exists and the protocol has a pool, else none
+    aux_cap: int | None = Field(50, ge=1)  # M: images per auxiliary class per epoch (redrawn each epoch); None=all
+    max_test_per_class: int | None = Field(None, ge=1)  # evaluate on at most this many test images/class (speed)
+
+    # ---- model -------------------------------------------------------------------------------------------
+    model: str = "resnet32_cifar"  # train.models name: resnet32_cifar | resnet8_cifar | efficientnet_lite0 | timm
+    init: str = "random"  # random | pretrained | path to a .safetensors/.pt checkpoint
+    image_size: int = Field(32, ge=8)  # pixels, square input side
+    frozen: bool = False  # frozen-feature protocol: extract backbone features once, train only a head
+    head: Literal["linear", "mlp"] = "linear"  # head trained on frozen features
+    head_hidden: int = Field(512, ge=1)  # hidden units of the MLP head
+    sync_bn: bool = False  # SyncBatchNorm under DDP (CUDA only; gloo/CPU has no SyncBatchNorm)
+
+    # ---- loss --------------------------------------------------------------------------------------------
+    loss: str = "balanced_softmax"  # losses.LOSSES name: ce | balanced_softmax | logit_adjusted | balanced_bce
+    #   | dro | neighbor_silencing
+    loss_params: dict[str, Any] = Field(default_factory=dict)  # extra keyword arguments of the loss (tau, ...)
+    lambda_s: float = Field(0.1, ge=0.0)  # neighbor_silencing weight of neighbour pairs (1.0 = Balanced-CE)
+
+    # ---- optimisation ------------------------------------------------------------------------------------
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # SGD for CIFAR ResNets, AdamW for ViTs / fine-tuning
+    lr: float = Field(0.1, gt=0.0)  # peak learning rate for the global batch
+    min_lr: float = Field(0.0, ge=0.0)  # cosine floor
+    weight_decay: float = Field(5e-4, ge=0.0)  # decoupled for AdamW, L2 for SGD
+    layer_decay: float | None = Field(None, gt=0.0, le=1.0)  # layer-wise lr decay (ViTs); None = off
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)  # SGD momentum
+    epochs: int = Field(200, ge=1)  # training epochs
+    warmup_epochs: float = Field(5.0, ge=0.0)  # linear warm-up, epochs (fractions allowed)
+    batch_size: int = Field(128, ge=1)  # GLOBAL images per optimizer micro-step (split over DDP ranks)
+    grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step
+    grad_clip: float | None = Field(None, gt=0.0)  # max global grad norm; None = no clipping
+    sampler: Literal["random", "class_balanced", "sqrt"] = "random"  # per-epoch sampling of training images
+
+    # ---- augmentation ------------------------------------------------------------------------------------
+    randaugment: str | None = None  # timm RandAugment spec, e.g. "rand-m9-mstd0.5"; None = flip + crop only
+    mixup: float = Field(0.0, ge=0.0)  # Mixup alpha (timm.data.Mixup); 0 = off
+    cutmix: float = Field(0.0, ge=0.0)  # CutMix alpha; 0 = off
+    mix_prob: float = Field(1.0, ge=0.0, le=1.0)  # probability of applying Mixup/CutMix to a batch
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)  # only with Mixup/CutMix (timm Mixup smoothing)
+
+    # ---- classifier --------------------------------------------------------------------------------------
+    classifier: Literal["joint", "retrain"] = "joint"  # joint: L+K rows (export drops K); retrain: + cRT
+    crt_epochs: int = Field(10, ge=1)  # cRT: epochs of the target-only classifier on frozen features
+    crt_lr: float = Field(0.1, gt=0.0)  # cRT: SGD learning rate (cosine, no warm-up)
+
+    # ---- execution ---------------------------------------------------------------------------------------
+    seed: int = 0  # seeds model init, sampling, augmentation; recorded in env.json
+    deterministic: bool = True  # torch.use_deterministic_algorithms + per-(seed, epoch) RNG streams
+    amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
+    num_workers: int = Field(0, ge=0)  # DataLoader worker processes per rank
+    eval_every: int = Field(1, ge=0)  # evaluate on the test set every N epochs (0 = only at the end)
+    eval_batch_size: int = Field(256, ge=1)  # images per inference batch
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if self.frozen and (self.cutmix > 0 or self.randaugment):
+            raise ConfigError("frozen-feature training sees no images: drop --cutmix/--randaugment or --frozen")
+        if self.frozen and self.init == "random":
+            raise ConfigError("--frozen needs trained backbone weights: pass --init pretrained or a checkpoint path")
+        if self.label_smoothing > 0 and self.mixup == 0 and self.cutmix == 0:
+            raise ConfigError("--label-smoothing is applied through Mixup/CutMix targets: set --mixup or --cutmix")
+        return self
+
+    def key(self) -> str:
+        """Hash of every field that affects the result (execution-only fields excluded)."""
+        from ..rundir import config_hash
+
+        return config_hash(self.model_dump(mode="json", exclude=set(EXECUTION_FIELDS)))
+
+
+class TrainResult(BaseModel):
+    """What :func:`run_train` returns."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_dir: str  # the run directory
+    model_path: str | None  # RUN/train/model.safetensors (None when interrupted)
+    crt_model_path: str | None = None  # RUN/train/crt/model.safetensors with --classifier retrain
+    epochs_done: int  # completed epochs
+    interrupted: bool = False  # True when SIGTERM stopped the run (checkpoint saved; resume with --resume)
+    skipped: bool = False  # True when an identical finished run was found and nothing was trained
+    metrics: dict[str, float | None] = Field(default_factory=dict)  # last test metrics (overall/many/medium/few, %)
+    crt_metrics: dict[str, float | None] = Field(default_factory=dict)  # test metrics of the cRT classifier
+    num_classes: int = 0  # L + K
+    num_target_classes: int = 0  # L
+    wall_s: float = 0.0  # seconds spent training in this call
+    world_size: int = 1  # DDP processes

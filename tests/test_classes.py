@@ -1,0 +1,89 @@
+"""Stage 1 (classes): files and schema, idempotence, config change refusal, --skip-corrupt logging, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from data.make_fixtures import image_folder
+from typer.testing import CliRunner
+
+from neighborlt.classes import ClassesConfig, run_classes
+from neighborlt.cli import app
+from neighborlt.errors import ConfigError
+from neighborlt.rundir import RunDir, read_json
+
+runner = CliRunner()
+
+
+def test_run_classes_protocol_files_and_idempotence(tmp_path: Path, data_dir: Path) -> None:
+    run = RunDir(tmp_path / "run")
+    cfg = ClassesConfig(protocol="cifar10-neighbours", data_dir=str(data_dir))
+    res = run_classes(cfg, run)
+    assert not res.skipped and res.num_targets == 5 and res.num_pool == 5
+    doc = read_json(run.path("classes.json"))
+    assert doc["schema"] == 1 and doc["dataset"] == "cifar10-neighbours"
+    assert doc["thresholds"] == {"many": 100, "few": 20}
+    assert [c["shot"] for c in doc["classes"]] == ["many", "many", "medium", "few", "few"]
+    assert doc["classes"][0] == {"index": 0, "name": "cat", "id": "cat", "wnid": None, "synonyms": ["cat"],
+                                 "train_count": 500, "test_count": 1000, "shot": "many"}
+    assert doc["totals"] == {"many": 658, "medium": 50, "few": 20}
+    split = read_json(run.path("split.json"))
+    assert split["siblings"]["cat"] == ["dog"] and [r["count"] for r in split["pool"]] == [5000] * 5
+    assert run.path("records", "classes.config.json").is_file() and run.path("records", "classes.env.json").is_file()
+    before = run.path("classes.json").stat().st_mtime_ns
+    again = run_classes(cfg, run)
+    assert again.skipped and again.train_counts == res.train_counts
+    assert run.path("classes.json").stat().st_mtime_ns == before
+    with pytest.raises(ConfigError, match="different classes config.*--force"):
+        run_classes(ClassesConfig(protocol="cifar10-neighbours", data_dir=str(data_dir), seed=5), run)
+    forced = run_classes(ClassesConfig(protocol="cifar10-neighbours", data_dir=str(data_dir), seed=5, force=True), run)
+    assert not forced.skipped and read_json(run.path("split.json"))["protocol"]["seed"] == 5
+
+
+def test_run_classes_plain_dataset_skip_corrupt(tmp_path: Path) -> None:
+    root = image_folder(tmp_path / "ds", {"apple": 4, "pear": 3})
+    (root / "apple" / "002.png").write_bytes(b"broken")
+    run = RunDir(tmp_path / "run")
+    res = run_classes(ClassesConfig(dataset=str(root), skip_corrupt=True), run)
+    assert res.train_counts == [3, 3] and res.skipped_corrupt == 1
+    events = [e for e in run.read_log("classes") if e.get("event") == "skipped_corrupt"]
+    assert events and events[0]["count"] == 1 and events[0]["files"][0].endswith("002.png")
+    assert read_json(run.path("classes.json"))["classes"][1]["name"] == "pear"
+
+
+def test_classes_config_needs_one_source() -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        ClassesConfig()
+    with pytest.raises(ValueError, match="exactly one"):
+        ClassesConfig(protocol="cifar10-lt", dataset="cifar10")
+    with pytest.raises(ValueError):
+        ClassesConfig(protocol="cifar10-lt", lr=0.1)  # extra fields are refused
+
+
+def test_cli_classes_and_summary(tmp_path: Path, data_dir: Path) -> None:
+    r = runner.invoke(app, ["classes", str(tmp_path / "run"), "--protocol", "cifar10-neighbours",
+                            "--data-dir", str(data_dir), "--n-max", "400", "--imbalance-ratio", "50"])
+    assert r.exit_code == 0, r.output
+    assert "5 target classes" in r.output
+    counts = [c["train_count"] for c in json.loads((tmp_path / "run" / "classes.json").read_text())["classes"]]
+    assert counts == [400, 150, 56, 21, 8]
+    r = runner.invoke(app, ["data", "summary", "--protocol", "cifar10-neighbours", "--data-dir", str(data_dir)])
+    assert r.exit_code == 0, r.output
+    assert "automobile" in r.output and "158" in r.output and "few" in r.output
+    r = runner.invoke(app, ["data", "summary", "--dataset", "omniglot", "--data-dir", str(data_dir), "--split",
+                            "test", "--many", "4", "--few", "2", "--limit", "4"])
+    assert r.exit_code == 0, r.output
+    assert "242 classes, 1210 images" in r.output.replace("\n", " ")
+
+
+def test_cli_error_is_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "neighborlt", "classes", str(tmp_path / "r"), "--dataset",
+                          str(tmp_path / "missing")], capture_output=True, text=True)
+    assert out.returncode == 2
+    err = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "missing" in err[0] and "no such file or folder" in err[0]

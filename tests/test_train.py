@@ -1,0 +1,139 @@
+"""The training engine end to end on the CIFAR-10 split-neighbour protocol (tiny subsets, 32 px): CLI outputs,
+auxiliary classes + cRT, the frozen-feature protocol and its cache, and configuration errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from neighborlt.errors import ConfigError
+from neighborlt.rundir import read_json
+from neighborlt.train.config import TrainConfig
+from neighborlt.train.engine import predict_logits, run_train
+
+torch.set_num_threads(2)
+
+TINY = ["--protocol", "cifar10-neighbours", "--protocol-set", "n_max=20", "--protocol-set", "imbalance_ratio=10",
+        "--max-test-per-class", "20", "--image-size", "32", "--batch-size", "16", "--lr", "0.05",
+        "--warmup-epochs", "0", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def small_aux(data_dir: Path):
+    """CIFAR-10 protocol shrunk: 5 long-tailed targets (20..2 images), 12 images of each of the 5 pool classes,
+    10 test images per target, WordNet sibling pairs."""
+    from neighborlt.data import build_protocol
+    from neighborlt.data.auxiliary import build_aux_training_set
+
+    proto = build_protocol("cifar10-neighbours", data_dir=data_dir, n_max=20, imbalance_ratio=10)
+    keep = np.concatenate([np.flatnonzero(proto.pool.labels == c)[:12] for c in range(proto.pool.num_classes)])
+    proto.pool = proto.pool.subset(np.sort(keep))
+    keep = np.concatenate([np.flatnonzero(proto.target_test.labels == c)[:10] for c in range(5)])
+    proto.target_test = proto.target_test.subset(np.sort(keep))
+    return build_aux_training_set(proto, relation="wordnet")
+
+
+def _cli(args: list[str]) -> int:
+    from neighborlt.cli import main
+
+    try:
+        main(args)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def test_cli_train_resnet8_writes_run_files(tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    args = ["train", str(run), *TINY, "--model", "resnet8_cifar", "--epochs", "2", "--use-aux", "none",
+            "--data-dir", str(data_dir), "--seed", "3"]
+    assert _cli(args) == 0
+    t = run / "train"
+    meta = read_json(t / "model.json")
+    assert meta["architecture"] == "resnet8_cifar" and meta["num_classes"] == meta["num_target_classes"] == 5
+    assert meta["class_names"] == ["cat", "automobile", "deer", "airplane", "bird"]
+    assert meta["classifier"] == {"weight": "fc.weight", "bias": "fc.bias"} and meta["frozen"] is None
+    assert (t / "checkpoint" / "last.pt").is_file()
+    rows = [json.loads(x) for x in (t / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[0]["target"] == 20 + 11 + 6 + 3 + 2 and rows[0]["auxiliary"] == 0
+    assert set(rows[-1]["test"]) >= {"overall", "many", "medium", "few"} and np.isfinite(rows[-1]["loss"])
+    cfg = read_json(run / "records" / "train.config.json")
+    env = read_json(run / "records" / "train.env.json")
+    assert cfg["model"] == "resnet8_cifar" and cfg["seed"] == 3 and env["seed"] == 3 and "git_commit" in env
+    assert env["packages"]["torch"] == torch.__version__.split("+")[0] or env["packages"]["torch"]
+    # predictions of the saved model reproduce the logged test accuracy
+    from neighborlt.data import build_protocol
+
+    proto = build_protocol("cifar10-neighbours", data_dir=data_dir, n_max=20, imbalance_ratio=10)
+    test = proto.target_test.subset(np.sort(np.concatenate(
+        [np.flatnonzero(proto.target_test.labels == c)[:20] for c in range(5)])))
+    logits = predict_logits(run, test)
+    assert logits.shape == (100, 5)
+    assert (logits.argmax(1) == test.labels).mean() * 100 == pytest.approx(rows[-1]["test"]["overall"])
+    # the same command again is skipped; a changed one is refused without --force
+    capsys.readouterr()
+    assert _cli(args) == 0 and "skipped" in capsys.readouterr().out
+    assert _cli([*args, "--lr", "0.01"]) == 2
+    assert "--force" in capsys.readouterr().err
+
+
+def test_aux_training_neighbor_silencing_and_crt(tmp_path: Path, small_aux) -> None:
+    cfg = TrainConfig(model="resnet8_cifar", epochs=2, batch_size=16, lr=0.05, warmup_epochs=0, aux_cap=8,
+                      loss="neighbor_silencing", lambda_s=0.1, classifier="retrain", crt_epochs=3)
+    res = run_train(cfg, tmp_path, data=small_aux, progress=False)
+    assert (res.num_classes, res.num_target_classes) == (10, 5) and not res.interrupted
+    meta = read_json(tmp_path / "train" / "model.json")
+    assert meta["num_classes"] == 10 and meta["num_target_classes"] == 5
+    assert meta["class_names"][5:] == ["dog", "truck", "horse", "ship", "frog"]
+    rows = [json.loads(x) for x in (tmp_path / "train" / "log.jsonl").read_text().splitlines()]
+    assert all(r["auxiliary"] == 5 * 8 and r["target"] == 42 for r in rows)
+    crt = read_json(tmp_path / "train" / "crt" / "model.json")
+    assert crt["num_classes"] == 5 and crt["classifier_mode"] == "retrain"
+    full = predict_logits(tmp_path / "train", small_aux.test)
+    retrained = predict_logits(tmp_path / "train" / "crt", small_aux.test)
+    assert full.shape == (50, 10) and retrained.shape == (50, 5)
+    assert (retrained.argmax(1) == small_aux.test.labels).mean() * 100 == pytest.approx(res.crt_metrics["overall"])
+    # cRT keeps the backbone: every non-classifier tensor is identical
+    from neighborlt.train.checkpoint import load_weights
+
+    a, b = load_weights(tmp_path / "train" / "model.safetensors"), load_weights(tmp_path / "train" / "crt" /
+                                                                               "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("fc."))
+    assert b["fc.weight"].shape == (5, a["fc.weight"].shape[1])
+
+
+def test_frozen_features_reuse_cache(tmp_path: Path, small_aux) -> None:
+    from neighborlt.paths import cache_dir
+
+    cfg = TrainConfig(model="efficientnet_lite0", init="pretrained", frozen=True, head="mlp", head_hidden=32,
+                      image_size=32, epochs=3, batch_size=16, lr=0.05, warmup_epochs=0, loss="balanced_softmax")
+    r1 = run_train(cfg, tmp_path / "a", data=small_aux, progress=False)
+    files = {p: p.stat().st_mtime_ns for p in (cache_dir() / "features").rglob("*.npy")}
+    assert len(files) >= 2  # train and test features
+    r2 = run_train(cfg.model_copy(update={"seed": 1}), tmp_path / "b", data=small_aux, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in (cache_dir() / "features").rglob("*.npy")} == files
+    meta = read_json(tmp_path / "a" / "train" / "model.json")
+    assert meta["architecture"] == "feature_head" and meta["frozen"]["backbone"] == "efficientnet_lite0"
+    logits = predict_logits(tmp_path / "a" / "train", small_aux.test)
+    assert logits.shape == (50, 10)
+    assert (logits[:, :5].argmax(1) == small_aux.test.labels).mean() * 100 == pytest.approx(r1.metrics["overall"])
+    assert r1.model_path and r2.model_path
+
+
+def test_config_errors(tmp_path: Path, small_aux, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(ConfigError, match="pretrained"):
+        TrainConfig(frozen=True, init="random")
+    with pytest.raises(ConfigError, match="choose one of"):
+        run_train(TrainConfig(model="resnet8_cifar", loss="no_such_loss", epochs=1), tmp_path / "x", data=small_aux,
+                  progress=False)
+    with pytest.raises(ConfigError, match="split.json"):
+        run_train(TrainConfig(model="resnet8_cifar", epochs=1), tmp_path / "empty", progress=False)
+    assert _cli(["train", str(tmp_path / "y"), "--lr", "-1"]) == 2
+    assert "error: --lr" in capsys.readouterr().err
+    assert _cli(["train", str(tmp_path / "y"), "--loss-param", "tau"]) == 2
+    assert "key=value" in capsys.readouterr().err
