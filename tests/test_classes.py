@@ -83,7 +83,7 @@ def test_cli_error_is_one_line(tmp_path: Path) -> None:
     import sys
 
     out = subprocess.run([sys.executable, "-m", "neighborlt", "classes", str(tmp_path / "r"), "--dataset",
-                          str(tmp_path / "missing")], capture_output=True, text=True)
+                          str(tmp_path / "missing")], capture_output=True, text=True, check=False)
     assert out.returncode == 2
     err = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "missing" in err[0] and "no such file or folder" in err[0]

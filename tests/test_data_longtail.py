@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -25,7 +27,7 @@ def test_long_tail_counts_reference_totals() -> None:
 def test_long_tail_counts_properties(c: int, n_max: int, ratio: float) -> None:
     counts = long_tail_counts(c, n_max, ratio)
     assert len(counts) == c and counts[0] == n_max
-    assert all(a >= b for a, b in zip(counts, counts[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(counts))
     assert int(n_max / ratio) - 1 <= counts[-1] <= n_max / ratio + 1e-9  # the tail is n_max / ratio
 
 

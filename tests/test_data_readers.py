@@ -232,7 +232,7 @@ def test_cifar_hostile_pickle_and_bad_labels(tmp_path: Path) -> None:
     root = cifar_pickles(tmp_path / "c", "cifar10")
 
     class Evil:
-        def __reduce__(self):  # noqa: D105 - would run a command if the unpickler trusted globals
+        def __reduce__(self):
             return (os.system, ("echo pwned",))
 
     with open(root / "test_batch", "wb") as f:
@@ -283,3 +283,22 @@ def test_real_omniglot(data_dir: Path) -> None:
     assert tr.num_classes == 242 and len(tr) == 242 * 15 and len(te) == 242 * 5
     assert tr.class_names[0] == "Balinese/character01"
     assert tr.array.dtype == np.uint8 and tr.array.min() == 0 and tr.array.max() == 255
+
+
+@pytest.mark.slow
+def test_real_tiny_imagenet(data_dir: Path) -> None:
+    from PIL import Image
+
+    from neighborlt.data import as_array
+
+    tr, va = load_dataset("tiny-imagenet", "train", data_dir), load_dataset("tiny-imagenet", "test", data_dir)
+    assert tr.num_classes == 200 and len(tr) == 100_000 and tr.counts().tolist() == [500] * 200
+    assert va.counts().tolist() == [50] * 200 and va.class_ids == tr.class_ids
+    assert tr.class_ids[0] == "n02124075" and tr.class_names[0] == "Egyptian cat"  # official wnids.txt order
+    assert tr.class_names[tr.class_ids.index("n01443537")] == "goldfish"
+    assert "Carassius auratus" in tr.synonyms["n01443537"]
+    x = as_array(va, 32)  # decoded once per session (cached on disk, memory-mapped)
+    assert x.shape == (10_000, 32, 32, 3)
+    gray = next(i for i, p in enumerate(va.paths) if Image.open(p).mode == "L")
+    assert np.array_equal(x[gray, :, :, 0], x[gray, :, :, 2])
+    assert as_array(va, 32) is not x and np.array_equal(as_array(va, 32)[:50], x[:50])

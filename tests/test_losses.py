@@ -288,3 +288,8 @@ def test_dro_bad_params(kw: dict[str, object]) -> None:
 def test_neighbor_silencing_is_registered_with_pairs() -> None:
     loss = LOSSES.create("neighbor_silencing", class_counts=COUNTS, neighbor_pairs=PAIRS, lambda_s=0.2)
     assert isinstance(loss, NeighborSilencingCE) and loss.num_pairs == 4 and loss.lambda_s == 0.2
+
+
+def test_balanced_bce_bad_smoothing() -> None:
+    with pytest.raises(ConfigError, match="smoothing"):
+        BalancedBCE(COUNTS, smoothing=1.0)

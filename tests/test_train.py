@@ -137,3 +137,37 @@ def test_config_errors(tmp_path: Path, small_aux, capsys: pytest.CaptureFixture)
     assert "error: --lr" in capsys.readouterr().err
     assert _cli(["train", str(tmp_path / "y"), "--loss-param", "tau"]) == 2
     assert "key=value" in capsys.readouterr().err
+
+
+def test_grad_accumulation_matches_larger_batch(tmp_path: Path, small_aux) -> None:
+    from neighborlt.train.checkpoint import load_weights
+
+    base = dict(model="efficientnet_lite0", init="pretrained", frozen=True, image_size=32, epochs=2, lr=0.05,
+                warmup_epochs=0, loss="balanced_softmax", eval_every=0)
+    run_train(TrainConfig(**base, batch_size=16), tmp_path / "big", data=small_aux, progress=False)
+    run_train(TrainConfig(**base, batch_size=8, grad_accum=2), tmp_path / "acc", data=small_aux, progress=False)
+    a = load_weights(tmp_path / "big" / "train" / "model.safetensors")
+    b = load_weights(tmp_path / "acc" / "train" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+
+
+def test_cli_trains_from_split_json_and_config_file(tmp_path: Path, data_dir: Path) -> None:
+    run = tmp_path / "run"
+    assert _cli(["classes", str(run), "--protocol", "cifar10-neighbours", "--n-max", "20", "--imbalance-ratio", "10",
+                 "--data-dir", str(data_dir)]) == 0
+    common = ["--data-dir", str(data_dir), "--max-test-per-class", "5", "--no-progress"]
+    assert _cli(["train", str(run), "--model", "resnet8_cifar", "--epochs", "1", "--batch-size", "16",
+                 "--use-aux", "none", "--loss", "logit_adjusted", "--loss-param", "tau=1.0", *common]) == 0
+    cfg = read_json(run / "records" / "train.config.json")
+    assert cfg["protocol"] is None and cfg["loss_params"] == {"tau": 1.0} and cfg["world_size"] == 1
+    assert read_json(run / "train" / "model.json")["num_classes"] == 5
+    # the recorded config re-creates the same run (skipped), and overrides on top of it start a new one
+    other = tmp_path / "other"
+    assert _cli(["classes", str(other), "--protocol", "cifar10-neighbours", "--n-max", "20", "--imbalance-ratio",
+                 "10", "--data-dir", str(data_dir)]) == 0
+    assert _cli(["train", str(other), "--config", str(run / "records" / "train.config.json"), "--seed", "5",
+                 "--no-progress"]) == 0
+    again = read_json(other / "records" / "train.config.json")
+    assert again["seed"] == 5 and {k: v for k, v in again.items() if k not in ("seed", "config_key")} == \
+        {k: v for k, v in cfg.items() if k not in ("seed", "config_key")}

@@ -41,10 +41,11 @@ class ClassesConfig(BaseModel):
     many: int | None = Field(None, ge=0)  # shot thresholds (many-shot > many, few-shot < few)
     few: int | None = Field(None, ge=0)
     skip_corrupt: bool = False  # drop undecodable images (counted in logs/classes.jsonl) instead of failing
+    download: bool = False  # fetch CIFAR through torchvision when missing (online)
     force: bool = False  # overwrite a run dir made with a different classes config
 
     @model_validator(mode="after")
-    def _one_source(self) -> "ClassesConfig":
+    def _one_source(self) -> ClassesConfig:
         if (self.protocol is None) == (self.dataset is None):
             raise ValueError("give exactly one of protocol (a preset) or dataset (a name or path)")
         return self
@@ -55,7 +56,7 @@ class ClassesConfig(BaseModel):
         assert src is not None
         return resolve_config(src, self.data_dir, seed=self.seed, imbalance_ratio=self.imbalance_ratio,
                               n_max=self.n_max, num_targets=self.num_targets, many=self.many, few=self.few,
-                              skip_corrupt=self.skip_corrupt or None)
+                              skip_corrupt=self.skip_corrupt or None, download=self.download or None)
 
 
 class ClassesResult(BaseModel):

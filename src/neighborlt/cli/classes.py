@@ -3,28 +3,30 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 
 def classes_cmd(
     run_dir: Annotated[Path, typer.Argument(help="Run directory (created if missing).")],
-    protocol: Annotated[Optional[str], typer.Option(
+    protocol: Annotated[str | None, typer.Option(
         "--protocol", "-p", help="Split-neighbour preset: tiny-imagenet-lt-neighbours, cifar10-neighbours, "
         "omniglot-neighbours, cifar10-lt, cifar100-lt.")] = None,
-    dataset: Annotated[Optional[str], typer.Option(
+    dataset: Annotated[str | None, typer.Option(
         "--dataset", "-d", help="A plain dataset (name or path): every class is a target, no pool.")] = None,
-    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Folder holding the datasets.")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed of the split and the long-tail sampling.")] = None,
-    imbalance_ratio: Annotated[Optional[float], typer.Option("--imbalance-ratio", help="n_max / n_min.")] = None,
-    n_max: Annotated[Optional[int], typer.Option("--n-max", help="Images of the head target class.")] = None,
-    num_targets: Annotated[Optional[int], typer.Option(
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Folder holding the datasets.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the split and the long-tail sampling.")] = None,
+    imbalance_ratio: Annotated[float | None, typer.Option("--imbalance-ratio", help="n_max / n_min.")] = None,
+    n_max: Annotated[int | None, typer.Option("--n-max", help="Images of the head target class.")] = None,
+    num_targets: Annotated[int | None, typer.Option(
         "--num-targets", help="Number of target classes (tiny-imagenet protocol).")] = None,
-    many: Annotated[Optional[int], typer.Option("--many", help="Many-shot: more than this many images.")] = None,
-    few: Annotated[Optional[int], typer.Option("--few", help="Few-shot: fewer than this many images.")] = None,
+    many: Annotated[int | None, typer.Option("--many", help="Many-shot: more than this many images.")] = None,
+    few: Annotated[int | None, typer.Option("--few", help="Few-shot: fewer than this many images.")] = None,
     skip_corrupt: Annotated[bool, typer.Option(
         "--skip-corrupt", help="Skip undecodable images (counted in RUN/logs/classes.jsonl).")] = False,
+    download: Annotated[bool, typer.Option(
+        "--download", help="Fetch CIFAR-10/100 through torchvision when no local copy exists (online).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite a run made with a different config.")] = False,
 ) -> None:
     """Stage 1: resolve the target classes; writes RUN/classes.json and RUN/split.json."""
@@ -37,7 +39,8 @@ def classes_cmd(
     try:
         cfg = ClassesConfig(protocol=protocol, dataset=dataset, data_dir=str(data_dir) if data_dir else None,
                             seed=seed, imbalance_ratio=imbalance_ratio, n_max=n_max, num_targets=num_targets,
-                            many=many, few=few, skip_corrupt=skip_corrupt, force=force)
+                            many=many, few=few, skip_corrupt=skip_corrupt, download=download,
+                            force=force)
     except ValidationError as e:
         err = e.errors()[0]
         loc = "-".join(str(x) for x in err["loc"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -52,17 +52,17 @@ def _print_shots(counts: list[int], many: int, few: int) -> None:
 
 @data_app.command("summary")
 def summary_cmd(
-    dataset: Annotated[Optional[str], typer.Option(
+    dataset: Annotated[str | None, typer.Option(
         "--dataset", "-d", help="cifar10 | cifar100 | tiny-imagenet | omniglot | a path.")] = None,
-    protocol: Annotated[Optional[str], typer.Option(
+    protocol: Annotated[str | None, typer.Option(
         "--protocol", "-p", help="Split-neighbour preset, e.g. cifar10-neighbours, tiny-imagenet-lt-neighbours.")] = None,
     split: Annotated[str, typer.Option("--split", help="Dataset split (with --dataset).")] = "train",
-    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Folder holding the datasets.")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Protocol seed.")] = None,
-    imbalance_ratio: Annotated[Optional[float], typer.Option("--imbalance-ratio", help="n_max / n_min.")] = None,
-    n_max: Annotated[Optional[int], typer.Option("--n-max", help="Images of the head class.")] = None,
-    many: Annotated[Optional[int], typer.Option("--many", help="Many-shot: more than this many images.")] = None,
-    few: Annotated[Optional[int], typer.Option("--few", help="Few-shot: fewer than this many images.")] = None,
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Folder holding the datasets.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Protocol seed.")] = None,
+    imbalance_ratio: Annotated[float | None, typer.Option("--imbalance-ratio", help="n_max / n_min.")] = None,
+    n_max: Annotated[int | None, typer.Option("--n-max", help="Images of the head class.")] = None,
+    many: Annotated[int | None, typer.Option("--many", help="Many-shot: more than this many images.")] = None,
+    few: Annotated[int | None, typer.Option("--few", help="Few-shot: fewer than this many images.")] = None,
     limit: Annotated[int, typer.Option("--limit", help="Show at most this many class rows (0: all).")] = 40,
     skip_corrupt: Annotated[bool, typer.Option("--skip-corrupt", help="Decode all images; skip corrupt ones.")] = False,
     download: Annotated[bool, typer.Option("--download", help="Fetch CIFAR through torchvision if missing.")] = False,
@@ -77,7 +77,7 @@ def summary_cmd(
         raise ConfigError("give exactly one of --dataset or --protocol")
     if protocol is not None:
         p = build_protocol(protocol, data_dir, seed=seed, imbalance_ratio=imbalance_ratio, n_max=n_max,
-                           many=many, few=few, skip_corrupt=skip_corrupt or None)
+                           many=many, few=few, skip_corrupt=skip_corrupt or None, download=download or None)
         tr = p.target_train
         counts = tr.counts().tolist()
         shots = shot_groups(counts, p.config.many, p.config.few).tolist()
@@ -101,7 +101,7 @@ def summary_cmd(
         _print_shots(counts, m, f)
         skipped = set(s.skipped)
     if skipped:
-        typer.echo(f"skipped {len(skipped)} corrupt images (first: {sorted(skipped)[0]})")
+        typer.echo(f"skipped {len(skipped)} corrupt images (first: {min(skipped)})")
 
 
 @data_app.command("decode")
@@ -109,7 +109,7 @@ def decode_cmd(
     dataset: Annotated[str, typer.Argument(help="cifar10 | cifar100 | tiny-imagenet | omniglot | a path.")],
     size: Annotated[int, typer.Option("--size", help="Side length of the decoded images.")] = 32,
     split: Annotated[str, typer.Option("--split", help="Dataset split.")] = "train",
-    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Folder holding the datasets.")] = None,
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Folder holding the datasets.")] = None,
     skip_corrupt: Annotated[bool, typer.Option("--skip-corrupt", help="Skip corrupt images.")] = False,
 ) -> None:
     """Decode a dataset once into the uint8 array cache (later training runs reuse it)."""

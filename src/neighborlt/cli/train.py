@@ -6,7 +6,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -31,59 +31,59 @@ def _pairs(items: list[str] | None, flag: str) -> dict[str, Any]:
 
 def train_cmd(
     run_dir: Annotated[Path, typer.Argument(help="Run directory (reads split.json/neighbors.json, writes train/).")],
-    config: Annotated[Optional[Path], typer.Option(
+    config: Annotated[Path | None, typer.Option(
         "--config", help="JSON file of TrainConfig fields (e.g. RUN/records/train.config.json); "
                          "options given here override it.")] = None,
-    protocol: Annotated[Optional[str], typer.Option(
+    protocol: Annotated[str | None, typer.Option(
         "--protocol", help="Split-neighbour preset (cifar10-neighbours, tiny-imagenet-lt-neighbours, ...); "
                            "default: RUN/split.json.")] = None,
-    protocol_set: Annotated[Optional[list[str]], typer.Option(
+    protocol_set: Annotated[list[str] | None, typer.Option(
         "--protocol-set", help="Protocol override key=value (n_max=50, seed=1, ...); repeatable.")] = None,
-    data_dir: Annotated[Optional[str], typer.Option("--data-dir", help="Offline data folder.")] = None,
-    neighbors: Annotated[Optional[str], typer.Option(
+    data_dir: Annotated[str | None, typer.Option("--data-dir", help="Offline data folder.")] = None,
+    neighbors: Annotated[str | None, typer.Option(
         "--neighbors", help="neighbors.json (default RUN/neighbors.json).")] = None,
-    use_aux: Annotated[Optional[str], typer.Option(
+    use_aux: Annotated[str | None, typer.Option(
         "--use-aux", help="Auxiliary relation: auto | neighbors | wordnet | none.")] = None,
-    aux_cap: Annotated[Optional[int], typer.Option("--aux-cap", help="M: images per auxiliary class per epoch.")] = None,
-    max_test_per_class: Annotated[Optional[int], typer.Option(
+    aux_cap: Annotated[int | None, typer.Option("--aux-cap", help="M: images per auxiliary class per epoch.")] = None,
+    max_test_per_class: Annotated[int | None, typer.Option(
         "--max-test-per-class", help="Evaluate on at most this many test images per class.")] = None,
-    model: Annotated[Optional[str], typer.Option(
+    model: Annotated[str | None, typer.Option(
         "--model", help="resnet32_cifar | resnet8_cifar | efficientnet_lite0 | any timm name.")] = None,
-    init: Annotated[Optional[str], typer.Option("--init", help="random | pretrained | checkpoint path.")] = None,
-    image_size: Annotated[Optional[int], typer.Option("--image-size", help="Input side in pixels.")] = None,
-    frozen: Annotated[Optional[bool], typer.Option(
+    init: Annotated[str | None, typer.Option("--init", help="random | pretrained | checkpoint path.")] = None,
+    image_size: Annotated[int | None, typer.Option("--image-size", help="Input side in pixels.")] = None,
+    frozen: Annotated[bool | None, typer.Option(
         "--frozen/--no-frozen", help="Frozen-feature protocol: train only a head on cached features.")] = None,
-    head: Annotated[Optional[str], typer.Option("--head", help="Head on frozen features: linear | mlp.")] = None,
-    loss: Annotated[Optional[str], typer.Option(
+    head: Annotated[str | None, typer.Option("--head", help="Head on frozen features: linear | mlp.")] = None,
+    loss: Annotated[str | None, typer.Option(
         "--loss", help="ce | balanced_softmax | logit_adjusted | balanced_bce | dro | neighbor_silencing.")] = None,
-    loss_param: Annotated[Optional[list[str]], typer.Option(
+    loss_param: Annotated[list[str] | None, typer.Option(
         "--loss-param", help="Loss keyword key=value (tau=1.0); repeatable.")] = None,
-    lambda_s: Annotated[Optional[float], typer.Option(
+    lambda_s: Annotated[float | None, typer.Option(
         "--lambda-s", help="neighbor_silencing weight of neighbour pairs.")] = None,
-    optimizer: Annotated[Optional[str], typer.Option("--optimizer", help="sgd | adamw.")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (global batch).")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option("--weight-decay", help="Weight decay.")] = None,
-    layer_decay: Annotated[Optional[float], typer.Option("--layer-decay", help="Layer-wise lr decay.")] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Training epochs.")] = None,
-    warmup_epochs: Annotated[Optional[float], typer.Option("--warmup-epochs", help="Linear warm-up epochs.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(
+    optimizer: Annotated[str | None, typer.Option("--optimizer", help="sgd | adamw.")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate (global batch).")] = None,
+    weight_decay: Annotated[float | None, typer.Option("--weight-decay", help="Weight decay.")] = None,
+    layer_decay: Annotated[float | None, typer.Option("--layer-decay", help="Layer-wise lr decay.")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Training epochs.")] = None,
+    warmup_epochs: Annotated[float | None, typer.Option("--warmup-epochs", help="Linear warm-up epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option(
         "--batch-size", help="Global batch size (split over DDP processes).")] = None,
-    grad_accum: Annotated[Optional[int], typer.Option("--grad-accum", help="Micro-batches per step.")] = None,
-    sampler: Annotated[Optional[str], typer.Option("--sampler", help="random | class_balanced | sqrt.")] = None,
-    randaugment: Annotated[Optional[str], typer.Option(
+    grad_accum: Annotated[int | None, typer.Option("--grad-accum", help="Micro-batches per step.")] = None,
+    sampler: Annotated[str | None, typer.Option("--sampler", help="random | class_balanced | sqrt.")] = None,
+    randaugment: Annotated[str | None, typer.Option(
         "--randaugment", help="timm RandAugment spec, e.g. rand-m9-mstd0.5.")] = None,
-    mixup: Annotated[Optional[float], typer.Option("--mixup", help="Mixup alpha (0 = off).")] = None,
-    cutmix: Annotated[Optional[float], typer.Option("--cutmix", help="CutMix alpha (0 = off).")] = None,
-    classifier: Annotated[Optional[str], typer.Option(
+    mixup: Annotated[float | None, typer.Option("--mixup", help="Mixup alpha (0 = off).")] = None,
+    cutmix: Annotated[float | None, typer.Option("--cutmix", help="CutMix alpha (0 = off).")] = None,
+    classifier: Annotated[str | None, typer.Option(
         "--classifier", help="joint (direct classifier at export) | retrain (cRT after training).")] = None,
-    crt_epochs: Annotated[Optional[int], typer.Option("--crt-epochs", help="cRT epochs.")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed.")] = None,
-    deterministic: Annotated[Optional[bool], typer.Option(
+    crt_epochs: Annotated[int | None, typer.Option("--crt-epochs", help="cRT epochs.")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
+    deterministic: Annotated[bool | None, typer.Option(
         "--deterministic/--no-deterministic", help="Deterministic kernels (exact resume).")] = None,
-    amp: Annotated[Optional[str], typer.Option("--amp", help="auto | bf16 | off.")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="auto | cpu | cuda | cuda:N.")] = None,
-    num_workers: Annotated[Optional[int], typer.Option("--num-workers", help="DataLoader workers.")] = None,
-    eval_every: Annotated[Optional[int], typer.Option(
+    amp: Annotated[str | None, typer.Option("--amp", help="auto | bf16 | off.")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N.")] = None,
+    num_workers: Annotated[int | None, typer.Option("--num-workers", help="DataLoader workers.")] = None,
+    eval_every: Annotated[int | None, typer.Option(
         "--eval-every", help="Evaluate every N epochs (0 = at the end only).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from RUN/train/checkpoint/last.pt.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Delete earlier training outputs and start over.")] = False,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .arrays import as_array, fingerprint
 from .base import ImageSet
 from .longtail import long_tail_counts, make_long_tailed
+from .protocol import PRESETS, Protocol, ProtocolConfig, build_protocol, load_protocol, split_record
 from .readers import (
     load_dataset,
     read_cifar_pickles,
@@ -14,12 +15,27 @@ from .readers import (
     read_split_file,
     read_tiny_imagenet,
 )
-from .protocol import PRESETS, Protocol, ProtocolConfig, build_protocol, load_protocol, split_record
 from .shots import shot_groups, shot_totals
 
 __all__ = [
-    "PRESETS", "ImageSet", "Protocol", "ProtocolConfig", "as_array", "build_protocol", "load_protocol",
-    "split_record", "fingerprint", "load_dataset", "long_tail_counts", "make_long_tailed",
-    "read_cifar_pickles", "read_image_folder", "read_inat_json", "read_omniglot", "read_split_file",
-    "read_tiny_imagenet", "shot_groups", "shot_totals",
+    "PRESETS",
+    "ImageSet",
+    "Protocol",
+    "ProtocolConfig",
+    "as_array",
+    "build_protocol",
+    "fingerprint",
+    "load_dataset",
+    "load_protocol",
+    "long_tail_counts",
+    "make_long_tailed",
+    "read_cifar_pickles",
+    "read_image_folder",
+    "read_inat_json",
+    "read_omniglot",
+    "read_split_file",
+    "read_tiny_imagenet",
+    "shot_groups",
+    "shot_totals",
+    "split_record",
 ]

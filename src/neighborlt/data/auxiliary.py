@@ -214,4 +214,4 @@ def build_aux_training_set(protocol: Protocol, neighbors: dict[str, Any] | None 
                           unmatched=unmatched)
 
 
-__all__ = ["AuxTrainingSet", "RELATIONS", "build_aux_training_set", "name_keys", "normalize_name"]
+__all__ = ["RELATIONS", "AuxTrainingSet", "build_aux_training_set", "name_keys", "normalize_name"]

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -84,7 +84,7 @@ class ImageSet:
         return img.convert("RGB")
 
     def subset(self, indices: Sequence[int] | np.ndarray, *, relabel: dict[int, int] | None = None,
-               class_names: list[str] | None = None, class_ids: list[str] | None = None) -> "ImageSet":
+               class_names: list[str] | None = None, class_ids: list[str] | None = None) -> ImageSet:
         """A new set with the given samples; optionally remap labels to a new class list."""
         idx = np.asarray(indices, dtype=np.int64)
         labels = self.labels[idx]

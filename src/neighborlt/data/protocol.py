@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ConfigError, DataError
 from ..rundir import read_json
@@ -67,21 +67,23 @@ class ProtocolConfig(BaseModel):
     sibling_k: int = Field(3, ge=0)  # nearest pool classes used as siblings when none shares a hypernym
     test_split: str = "test"
     skip_corrupt: bool = False
+    download: bool = False  # fetch CIFAR-10/100 through torchvision when no local copy exists
 
     def identity(self) -> dict[str, Any]:
-        """The fields that define the split (data_dir is where, not what)."""
-        return self.model_dump(mode="json", exclude={"data_dir"})
+        """The fields that define the split (data_dir and download say where the data is, not what it is)."""
+        return self.model_dump(mode="json", exclude={"data_dir", "download"})
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny-imagenet-lt-neighbours": dict(dataset="tiny-imagenet", num_targets=100, imbalance_ratio=100.0, n_max=500),
-    "cifar10-neighbours": dict(
-        dataset="cifar10", targets=["cat", "automobile", "deer", "airplane", "bird"],
-        pool=["dog", "truck", "horse", "ship", "frog"], imbalance_ratio=100.0, n_max=500,
-    ),
-    "omniglot-neighbours": dict(dataset="omniglot", imbalance_ratio=15.0, n_max=15, many=5, few=3),
-    "cifar10-lt": dict(dataset="cifar10", pool=[], imbalance_ratio=100.0, n_max=5000),
-    "cifar100-lt": dict(dataset="cifar100", pool=[], imbalance_ratio=100.0, n_max=500),
+    "tiny-imagenet-lt-neighbours": {"dataset": "tiny-imagenet", "num_targets": 100, "imbalance_ratio": 100.0,
+                                    "n_max": 500},
+    "cifar10-neighbours": {
+        "dataset": "cifar10", "targets": ["cat", "automobile", "deer", "airplane", "bird"],
+        "pool": ["dog", "truck", "horse", "ship", "frog"], "imbalance_ratio": 100.0, "n_max": 500,
+    },
+    "omniglot-neighbours": {"dataset": "omniglot", "imbalance_ratio": 15.0, "n_max": 15, "many": 5, "few": 3},
+    "cifar10-lt": {"dataset": "cifar10", "pool": [], "imbalance_ratio": 100.0, "n_max": 5000},
+    "cifar100-lt": {"dataset": "cifar100", "pool": [], "imbalance_ratio": 100.0, "n_max": 500},
 }
 CIFAR10_SIBLINGS = {"cat": ["dog"], "automobile": ["truck"], "deer": ["horse"], "airplane": ["ship"], "bird": ["frog"]}
 PRESET_ALIASES = {"tiny-imagenet-lt-neighbors": "tiny-imagenet-lt-neighbours", "cifar10-neighbors": "cifar10-neighbours",
@@ -134,9 +136,10 @@ def resolve_config(preset_or_cfg: str | ProtocolConfig, data_dir: str | os.PathL
     base.update(overrides)
     try:
         return ProtocolConfig(**base)
-    except Exception as e:  # pydantic ValidationError -> one line
-        msg = str(e).replace("\n", " ")
-        raise ConfigError(f"invalid protocol config: {msg}") from None
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        raise ConfigError(f"invalid protocol config: {loc}: {err['msg']} (got {err.get('input')!r})") from None
 
 
 def _index_by_id(image_set: ImageSet, ids: list[str], what: str) -> list[int]:
@@ -232,8 +235,9 @@ def build_protocol(preset_or_cfg: str | ProtocolConfig, data_dir: str | os.PathL
         [500, 158, 50, 15, 5]
     """
     cfg = resolve_config(preset_or_cfg, data_dir, **overrides)
-    train = load_dataset(cfg.dataset, "train", cfg.data_dir, skip_corrupt=cfg.skip_corrupt)
-    test = load_dataset(cfg.dataset, cfg.test_split, cfg.data_dir, skip_corrupt=cfg.skip_corrupt)
+    train = load_dataset(cfg.dataset, "train", cfg.data_dir, skip_corrupt=cfg.skip_corrupt, download=cfg.download)
+    test = load_dataset(cfg.dataset, cfg.test_split, cfg.data_dir, skip_corrupt=cfg.skip_corrupt,
+                        download=cfg.download)
     if train.class_ids != test.class_ids:
         raise DataError(f"{cfg.dataset}: train ({train.source}) and test ({test.source}) list different classes")
     stats: dict[str, Any] = {}
@@ -342,7 +346,7 @@ def load_protocol(run_dir: str | os.PathLike[str] | Any, data_dir: str | os.Path
         raise DataError(f"{path}: not a schema-{SPLIT_SCHEMA} split file; re-run `neighborlt classes`")
     try:
         cfg = ProtocolConfig(**doc["protocol"])
-    except Exception as e:
+    except (TypeError, ValidationError) as e:
         raise DataError(f"{path}: invalid protocol config ({str(e).splitlines()[0]}); re-run `neighborlt classes`") from None
     if data_dir is not None:
         cfg = cfg.model_copy(update={"data_dir": str(data_dir)})

@@ -13,9 +13,10 @@ import json
 import logging
 import os
 import pickle
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
@@ -208,7 +209,19 @@ def read_split_file(split_file: str | os.PathLike[str], root: str | os.PathLike[
 
 # --------------------------------------------------------------------------------------------------- ImageFolder
 def _list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    """Image files under ``folder`` (recursive, sorted); ``os.scandir`` avoids a stat per file on big trees."""
+    found: list[str] = []
+    stack = [str(folder)]
+    while stack:
+        with os.scandir(stack.pop()) as it:
+            for e in it:
+                if e.name.startswith("."):
+                    continue
+                if e.is_dir(follow_symlinks=False):
+                    stack.append(e.path)
+                elif e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:
+                    found.append(e.path)
+    return [Path(p) for p in sorted(found)]
 
 
 def read_image_folder(root: str | os.PathLike[str], *, skip_corrupt: bool = False, verify: bool = False) -> ImageSet:
@@ -284,7 +297,7 @@ def read_tiny_imagenet(root: str | os.PathLike[str], split: str = "train", *, sk
             d = root / "train" / w / "images"
             if not d.is_dir():
                 raise DataError(f"{d}: missing training folder for class {w} (listed in {wnids_file})")
-            files = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+            files = _list_images(d)
             paths.extend(files)
             labels.extend([i] * len(files))
         source = root / "train"
@@ -321,11 +334,11 @@ def read_tiny_imagenet(root: str | os.PathLike[str], split: str = "train", *, sk
 class _SafeUnpickler(pickle.Unpickler):
     """Unpickler for the CIFAR batches: plain containers and numpy arrays only (pickles are hostile bytes)."""
 
-    _ALLOWED = {
+    _ALLOWED: ClassVar[frozenset[tuple[str, str]]] = frozenset({
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
-    }
+    })
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self._ALLOWED:
@@ -501,7 +514,7 @@ def _cifar_download(name: str) -> Path:
     logger.info("downloading the official %s through torchvision into %s", name, target)
     try:
         cls(root=str(target), train=True, download=True)
-    except Exception as e:  # network errors come in many types
+    except (OSError, RuntimeError, ValueError) as e:  # URLError is an OSError; torchvision raises RuntimeError
         raise DataError(f"{name}: download through torchvision failed ({e}); check the connection or use --data-dir") from None
     return target / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
 

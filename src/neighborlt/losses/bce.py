@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from ._common import LOSSES, CountsLike, as_counts, check_target, register_counts, work_dtype
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class BalancedBCE(nn.Module):
         counts = as_counts(class_counts)
         self.num_classes = len(counts)
         if not 0.0 <= smoothing < 1.0:
-            raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+            raise ConfigError(f"balanced_bce smoothing must be in [0, 1), got {smoothing}")
         self.smoothing = float(smoothing)
         register_counts(self, counts)
         prior = (counts / counts.sum()).clamp(max=1.0 - 1e-12)

@@ -181,7 +181,8 @@ class DROLoss(nn.Module):
         if self.training and torch.is_grad_enabled():
             self._accumulate(features, labels)
         centroids, _ = self.current_centroids()
-        rob = self.robust_loss(features, labels, centroids.detach())
+        with torch.autocast(features.device.type, enabled=False):  # distances in float32 even under bf16 autocast
+            rob = self.robust_loss(features, labels, centroids.detach())
         return self.lambda_ce * ce + (1.0 - self.lambda_ce) * rob
 
     def extra_repr(self) -> str:

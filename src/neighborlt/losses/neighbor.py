@@ -268,7 +268,8 @@ class NeighborSilencingCE(nn.Module):
             vals = torch.full((self.pair_index.shape[1],), self.lambda_s - 1.0, dtype=dt, device=logits.device)
             adj = torch.sparse_coo_tensor(self.pair_index, vals, (self.num_classes, self.num_classes),
                                           is_coalesced=True, check_invariants=False)
-            corr_all = torch.sparse.mm(adj, out.exp().t()).t()  # [B, C]; adj is symmetric
+            with torch.autocast(logits.device.type, enabled=False):
+                corr_all = torch.sparse.mm(adj, out.exp().t()).t()  # [B, C]; adj is symmetric
             loss = loss + (dense * torch.log1p(corr_all)).sum(1)
         return loss.mean()
 

@@ -362,6 +362,7 @@ def _assemble(targets: list[TargetClass], cfg: NeighborsConfig, backend: Neighbo
         "per_class": cfg.per_class,
         "max_per_class": cfg.max_per_class,
         "per_shot": per_shot,
+        "relation": "many-to-many",  # an auxiliary class may have several parent targets
         "targets": rows,
         "auxiliary": sorted(aux.values(), key=lambda a: a["name"]),
         "unmatched": unmatched,

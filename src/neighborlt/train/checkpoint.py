@@ -54,7 +54,7 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
         return st_load(path.read_bytes())
     except FileNotFoundError:
         raise NeighborLTError(f"{path}: weights file not found; re-run `neighborlt train`") from None
-    except Exception as e:  # safetensors raises its own SafetensorError
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError (any failure = bad file)
         raise NeighborLTError(f"{path}: not a valid safetensors file ({e}); delete it and re-run training") from None
 
 
@@ -125,7 +125,7 @@ def load_checkpoint(ckpt_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict
         raise NeighborLTError(f"{last}: no checkpoint to resume from; run without --resume")
     try:
         state = torch.load(last, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any decoding failure is a bad checkpoint
         raise NeighborLTError(f"{last}: cannot read checkpoint ({e}); delete {ckpt_dir} and re-run") from None
     if not isinstance(state, dict) or state.get("schema") != CHECKPOINT_SCHEMA or "weights" not in state:
         raise NeighborLTError(f"{last}: not a neighborlt checkpoint (schema {CHECKPOINT_SCHEMA}); delete it")

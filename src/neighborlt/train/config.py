@@ -91,7 +91,7 @@ class TrainConfig(BaseModel):
     eval_batch_size: int = Field(256, ge=1)  # images per inference batch
 
     @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
+    def _check(self) -> TrainConfig:
         if self.frozen and (self.cutmix > 0 or self.randaugment):
             raise ConfigError("frozen-feature training sees no images: drop --cutmix/--randaugment or --frozen")
         if self.frozen and self.init == "random":

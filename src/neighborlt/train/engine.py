@@ -25,8 +25,9 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,7 +42,7 @@ from .config import TrainConfig, TrainResult
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainConfig", "TrainResult", "FeatureHead", "run_train", "predict_logits", "load_trained_model"]
+__all__ = ["FeatureHead", "TrainConfig", "TrainResult", "load_trained_model", "predict_logits", "run_train"]
 
 STAGE = "train"
 MODEL_SCHEMA = 1
@@ -534,6 +535,8 @@ def _run(cfg: TrainConfig, rd: RunDir, info: ddp.DistInfo, *, resume: bool, forc
         for g in optimizer.param_groups:
             g.setdefault("initial_lr", g["lr"])
     n_micro = _n_micro(len(sampler), per_rank, info)
+    if n_micro >= cfg.grad_accum:  # whole accumulation groups only: each step sees batch_size * grad_accum images
+        n_micro -= n_micro % cfg.grad_accum
     steps_per_epoch = math.ceil(n_micro / cfg.grad_accum)
     scheduler = build_scheduler(optimizer, cfg.epochs, steps_per_epoch, min(cfg.warmup_epochs, cfg.epochs),
                                 cfg.min_lr)

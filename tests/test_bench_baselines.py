@@ -1,0 +1,72 @@
+"""Smoke test of bench/baselines.py's grid plumbing: one loss, one seed, one epoch, a tiny CIFAR-10-LT subset,
+frozen efficientnet_lite0 features; the re-run must skip the finished run and give the same table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def baselines():
+    spec = importlib.util.spec_from_file_location("bench_baselines", ROOT / "bench" / "baselines.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_baselines"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_frozen_grid_runs_resumes_and_writes_table(baselines, data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    argv = ["--regime", "frozen", "--datasets", "cifar10-lt-r100", "--losses", "balanced_softmax", "--seeds", "0",
+            "--epochs", "1", "--max-train-per-class", "8", "--max-test-per-class", "4", "--out", str(out),
+            "--threads", "0", "--data-dir", str(data_dir), "--no-progress"]
+    doc = baselines.main(argv)
+
+    run = out / "cifar10-lt-r100" / "frozen-e1-sub8x4" / "balanced_softmax" / "seed0"
+    assert (run / "records" / "train.done.json").exists()
+    assert (run / "train" / "model.json").exists()
+    saved = json.loads((out / "baselines.json").read_text())
+    assert len(saved["rows"]) == 1
+    row = saved["rows"][0]
+    assert (row["dataset"], row["loss"], row["regime"], row["label"]) == ("cifar10-lt-r100", "balanced_softmax",
+                                                                          "frozen", "Balanced-CE")
+    first = row["seeds"]["0"]
+    assert first["skipped"] is False
+    assert 0.0 <= first["overall"] <= 100.0
+    assert len(first["per_class"]) == 10 and first["worst"] == min(first["per_class"])
+    # 8 images per class (< 20): every class is few-shot, so overall == few and many/medium are empty
+    assert first["few"] == pytest.approx(first["overall"]) and first["many"] is None and first["medium"] is None
+    assert saved["datasets"]["cifar10-lt-r100"]["train_images"] == 80
+    assert saved["datasets"]["cifar10-lt-r100"]["test_images"] == 40
+    md = (out / "baselines.md").read_text()
+    assert "| CIFAR-10-LT ρ=100 | frozen (1 ep) | Balanced-CE |" in md
+    assert "NOT comparable" in md and "70.4" in md
+    assert md == doc["markdown"]
+
+    again = baselines.main(argv)  # finished run: skipped, same numbers
+    second = again["rows"][0]["seeds"][0]
+    assert second["skipped"] is True
+    assert second["overall"] == first["overall"] and second["per_class"] == first["per_class"]
+
+
+def test_arguments_and_regime_configs(baselines) -> None:
+    args = baselines.parse_args(["--regime", "scratch"])
+    assert args.epochs == 200 and args.out == Path("runs/bench_scratch")
+    from neighborlt.train import TrainConfig
+
+    cfg = TrainConfig(**baselines.train_config("scratch", "dro", "cifar10-lt-r100", 30, 1, "cpu", 0))
+    assert (cfg.model, cfg.optimizer, cfg.warmup_epochs, cfg.classifier, cfg.image_size) == (
+        "resnet32_cifar", "sgd", 3.0, "retrain", 32)
+    cfg = TrainConfig(**baselines.train_config("frozen", "logit_adjusted", "tiny-imagenet-lt", 30, 0, "cpu", 0))
+    assert cfg.frozen and cfg.head == "mlp" and cfg.loss_params == {"tau": 1.0}
+    with pytest.raises(SystemExit):
+        baselines.parse_args(["--losses", "focal"])
+    with pytest.raises(SystemExit):
+        baselines.parse_args(["--epochs", "0"])
