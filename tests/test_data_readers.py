@@ -47,6 +47,9 @@ def test_split_file_with_class_names(tmp_path: Path) -> None:
 def test_split_file_indexed_names_and_no_names(tmp_path: Path) -> None:
     f = split_file(tmp_path, [1, 0, 1], None)
     assert read_split_file(f).class_names == ["0", "1"]
+    f.write_text("images/000.jpg\t1\nimages/001.jpg   0\n")  # tabs and runs of spaces separate the label too
+    assert read_split_file(f).labels.tolist() == [1, 0]
+    f = split_file(tmp_path, [1, 0, 1], None)
     (tmp_path / "names.txt").write_text("1 dog\n0 cat\n")
     assert read_split_file(f, class_names_file=tmp_path / "names.txt").class_names == ["cat", "dog"]
 

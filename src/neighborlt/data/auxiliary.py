@@ -67,6 +67,7 @@ class AuxTrainingSet:
         pairs: int64 [P, 2] (target index, auxiliary index in L..L+K-1).
         aux_parents: auxiliary class name -> target class names that proposed it.
         unmatched: proposed auxiliary names that match no pool class.
+        thresholds: the protocol's (many, few) shot thresholds, for reporting.
     """
 
     train: ImageSet
@@ -75,6 +76,7 @@ class AuxTrainingSet:
     pairs: np.ndarray
     aux_parents: dict[str, list[str]] = field(default_factory=dict)
     unmatched: list[str] = field(default_factory=list)
+    thresholds: tuple[int, int] = (100, 20)  # the protocol's shot thresholds (many-shot > [0], few-shot < [1])
 
     @property
     def num_auxiliary(self) -> int:
@@ -147,9 +149,10 @@ def build_aux_training_set(protocol: Protocol, neighbors: dict[str, Any] | None 
         raise ConfigError(f"unknown auxiliary relation {relation!r}; choose one of: {', '.join(RELATIONS)}")
     tt, test = protocol.target_train, protocol.target_test
     L = tt.num_classes
+    thresholds = (int(protocol.config.many), int(protocol.config.few))
     empty_pairs = np.zeros((0, 2), dtype=np.int64)
     if relation == "none":
-        return AuxTrainingSet(train=tt, test=test, num_target=L, pairs=empty_pairs)
+        return AuxTrainingSet(train=tt, test=test, num_target=L, pairs=empty_pairs, thresholds=thresholds)
     pool = protocol.pool
     if pool is None or pool.num_classes == 0:
         raise ConfigError(f"relation {relation!r} needs a protocol with an auxiliary pool; "
@@ -211,6 +214,7 @@ def build_aux_training_set(protocol: Protocol, neighbors: dict[str, Any] | None 
     logger.info("auxiliary set (%s): %d targets + %d auxiliary classes (%d images), %d pairs, %d unmatched names",
                 relation, L, len(aux_pool), len(idx), len(pairs), len(unmatched))
     return AuxTrainingSet(train=train, test=test, num_target=L, pairs=pairs, aux_parents=aux_parents,
+                          thresholds=thresholds,
                           unmatched=unmatched)
 
 

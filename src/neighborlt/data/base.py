@@ -95,6 +95,7 @@ class ImageSet:
                 raise ValueError("relabel needs class_names")
             names = class_names
             ids = class_ids or class_names
+        keep_ids = set(ids)
         return ImageSet(
             class_names=list(names),
             labels=labels,
@@ -102,6 +103,6 @@ class ImageSet:
             array=self.array[idx] if self.array is not None else None,
             class_ids=list(ids),
             source=self.source,
-            synonyms={k: list(v) for k, v in self.synonyms.items() if k in set(ids)},
+            synonyms={k: list(v) for k, v in self.synonyms.items() if k in keep_ids},
             skipped=list(self.skipped),
         )

@@ -178,8 +178,8 @@ def read_split_file(split_file: str | os.PathLike[str], root: str | os.PathLike[
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        rel, _, lab = line.rpartition(" ")
-        rel = rel.strip()
+        parts = line.rsplit(None, 1)  # the label is the last field; paths may contain spaces
+        rel, lab = (parts[0].strip(), parts[1]) if len(parts) == 2 else ("", line)
         if not rel or not lab.lstrip("-").isdigit():
             raise DataError(f"{where(split_file, ln)}: expected 'relative/path label', got {line[:80]!r}")
         y = int(lab)

@@ -93,7 +93,8 @@ def train_balanced_classifier(feats: torch.Tensor, labels: np.ndarray, num_class
 
 def run_crt(cfg: Any, model: nn.Module, meta: dict[str, Any], aux: Any, test: Any, train_x: torch.Tensor | None,
             test_x: torch.Tensor | None, out_dir: Path, device: torch.device,
-            train_counts: np.ndarray) -> tuple[Path, dict[str, float | None]]:
+            train_counts: np.ndarray,
+            thresholds: tuple[int, int] = (100, 20)) -> tuple[Path, dict[str, float | None]]:
     """Re-train a target-only classifier on the frozen backbone of ``model`` and write it to ``out_dir``.
 
     Args:
@@ -107,6 +108,7 @@ def run_crt(cfg: Any, model: nn.Module, meta: dict[str, Any], aux: Any, test: An
         out_dir: ``RUN/train/crt``.
         device: where to compute features.
         train_counts: target train counts (for the shot groups).
+        thresholds: the protocol's (many, few) shot thresholds.
 
     Returns:
         ``(path of crt/model.safetensors, test metrics in %)``.
@@ -137,7 +139,7 @@ def run_crt(cfg: Any, model: nn.Module, meta: dict[str, Any], aux: Any, test: An
     new_model.load_state_dict(state)
     with torch.no_grad():
         logits = fc(f_test).numpy()
-    metrics = _test_metrics(logits, np.asarray(test.labels), L, train_counts)
+    metrics = _test_metrics(logits, np.asarray(test.labels), L, train_counts, thresholds)
     path = ckpt.save_weights(out_dir / "model.safetensors", new_model)
     atomic_write_json(out_dir / "model.json", {**new_meta, "crt": {"epochs": cfg.crt_epochs, "lr": cfg.crt_lr},
                                               "test": metrics})

@@ -342,7 +342,7 @@ def predict_logits(run_dir_or_export_dir: str | os.PathLike[str], image_set: Any
 
 
 def _test_metrics(logits: np.ndarray, labels: np.ndarray, num_target: int,
-                  train_counts: np.ndarray) -> dict[str, float | None]:
+                  train_counts: np.ndarray, thresholds: tuple[int, int] = (100, 20)) -> dict[str, float | None]:
     """Accuracy (%) of the target rows (auxiliary rows masked), split into many/medium/few when evaluate exists."""
     pred = logits[:, :num_target].argmax(1)
     try:
@@ -350,7 +350,8 @@ def _test_metrics(logits: np.ndarray, labels: np.ndarray, num_target: int,
     except ImportError:
         return {"overall": float((pred == labels).mean() * 100.0)}
     # a shot group without classes has no accuracy (None)
-    return {k: None if v is None else float(v) for k, v in shot_accuracy(pred, labels, train_counts).items()}
+    return {k: None if v is None else float(v) for k, v in shot_accuracy(pred, labels, train_counts, many=thresholds[0],
+                                                                          few=thresholds[1]).items()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -483,6 +484,7 @@ def _run(cfg: TrainConfig, rd: RunDir, info: ddp.DistInfo, *, resume: bool, forc
     L, C = int(aux.num_target), int(aux.train.num_classes)
     labels = np.asarray(aux.train.labels, dtype=np.int64)
     train_counts = aux.train.counts()[:L]
+    thresholds = tuple(getattr(aux, "thresholds", (100, 20)))  # the protocol's shot thresholds
     frozen_info: dict[str, Any] | None = None
     if cfg.frozen:
         from .features import extract_features
@@ -644,6 +646,16 @@ def _run(cfg: TrainConfig, rd: RunDir, info: ddp.DistInfo, *, resume: bool, forc
                 bar.advance(task)
                 if not last_of_group:
                     continue
+                if loss_params and info.world_size > 1:
+                    # the loss lives outside DDP: average its learnable parameters' gradients (DRO-LT margins)
+                    # across ranks so every rank takes the same step
+                    import torch.distributed as dist
+
+                    for p in loss_params:
+                        if p.grad is None:
+                            p.grad = torch.zeros_like(p)
+                        dist.all_reduce(p.grad)
+                        p.grad /= info.world_size
                 if cfg.grad_clip:
                     nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 optimizer.step()
@@ -662,7 +674,8 @@ def _run(cfg: TrainConfig, rd: RunDir, info: ddp.DistInfo, *, resume: bool, forc
             is_last = epoch + 1 == cfg.epochs
             do_eval = is_last or (cfg.eval_every > 0 and (epoch + 1) % cfg.eval_every == 0)
             if do_eval and info.is_main:
-                metrics = _evaluate(model, test, test_x if cfg.frozen else None, cfg, dev, amp, L, train_counts)
+                metrics = _evaluate(model, test, test_x if cfg.frozen else None, cfg, dev, amp, L, train_counts,
+                                    thresholds)
             if info.is_main:
                 row = {"epoch": epoch + 1, "epochs": cfg.epochs, "loss": train_loss,
                        "lr": float(scheduler.get_last_lr()[0]), **sampler.epoch_counts(epoch),
@@ -698,7 +711,7 @@ def _run(cfg: TrainConfig, rd: RunDir, info: ddp.DistInfo, *, resume: bool, forc
 
             crt_path, crt_metrics = run_crt(cfg, model, meta, aux, test,
                                             train_x if cfg.frozen else None, test_x if cfg.frozen else None,
-                                            tdir / "crt", dev, train_counts)
+                                            tdir / "crt", dev, train_counts, thresholds)
             result.crt_model_path, result.crt_metrics = str(crt_path), crt_metrics
         rd.mark_done(STAGE, key, metrics=metrics, crt_metrics=result.crt_metrics, epochs=cfg.epochs,
                      wall_s=wall, world_size=info.world_size, relation=relation)
@@ -731,7 +744,8 @@ def _worker_init(worker_id: int) -> None:
 
 
 def _evaluate(model: nn.Module, test: Any, test_x: torch.Tensor | None, cfg: TrainConfig, dev: torch.device,
-              amp: bool, L: int, train_counts: np.ndarray) -> dict[str, float | None]:
+              amp: bool, L: int, train_counts: np.ndarray,
+              thresholds: tuple[int, int] = (100, 20)) -> dict[str, float | None]:
     was_training = model.training
     if test_x is not None:
         logits = _logits_of(model, _tensor_batches(test_x, cfg.eval_batch_size), dev, amp)
@@ -739,7 +753,7 @@ def _evaluate(model: nn.Module, test: Any, test_x: torch.Tensor | None, cfg: Tra
         logits = _logits_of(model, _image_batches(test, cfg.image_size, cfg.eval_batch_size, cfg.num_workers),
                             dev, amp)
     model.train(was_training)
-    return _test_metrics(logits, np.asarray(test.labels), L, train_counts)
+    return _test_metrics(logits, np.asarray(test.labels), L, train_counts, thresholds)
 
 
 def _append_jsonl(path: Path, row: dict[str, Any]) -> None:

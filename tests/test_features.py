@@ -1,0 +1,155 @@
+"""Datasets/transforms and the frozen-feature cache (reuse and invalidation) on real CIFAR-10 images."""
+
+from __future__ import annotations
+
+import io
+import logging
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from neighborlt.data.base import ImageSet
+from neighborlt.errors import ConfigError
+from neighborlt.paths import cache_dir
+from neighborlt.train.data import ImageSetDataset, build_transform
+from neighborlt.train.features import extract_features
+from neighborlt.train.models import create_model, model_normalization
+
+CLASSES = ["airplane", "cat", "ship", "truck"]
+
+
+def read_cifar_test_images(archive, classes: list[str], per_class: int) -> ImageSet:
+    """The first ``per_class`` CIFAR-10 test JPEGs of each class, read straight from the archive (the test split
+    comes first in it, so this stops early instead of extracting 60,000 files)."""
+    want: dict[str, list[np.ndarray]] = {c: [] for c in classes}
+    with tarfile.open(archive, "r:gz") as tar:
+        for member in tar:
+            parts = member.name.split("/")
+            if len(parts) == 4 and parts[1] == "train":
+                break
+            if member.isfile() and len(parts) == 4 and parts[2] in want and len(want[parts[2]]) < per_class:
+                with Image.open(io.BytesIO(tar.extractfile(member).read())) as im:
+                    want[parts[2]].append(np.asarray(im.convert("RGB")))
+    labels = np.repeat(np.arange(len(classes)), [len(want[c]) for c in classes])
+    return ImageSet(class_names=classes, labels=labels, array=np.stack([a for c in classes for a in want[c]]),
+                    source=str(archive))
+
+
+@pytest.fixture(scope="module")
+def images(data_dir) -> ImageSet:
+    torch.set_num_threads(2)
+    s = read_cifar_test_images(data_dir / "cifar10.tar.gz", CLASSES, 8)
+    assert len(s) == 32 and s.array.shape == (32, 32, 32, 3)
+    return s
+
+
+def _feature_files() -> set[str]:
+    return {p.name for p in (cache_dir() / "features").rglob("*.npy")}
+
+
+def test_transforms(images: ImageSet) -> None:
+    img = images.load(0)
+    ev = build_transform(32, train=False)
+    x = ev(img)
+    assert x.shape == (3, 32, 32)
+    torch.testing.assert_close(ev(img), x)  # deterministic
+    tr = build_transform(32, train=True, randaugment="rand-m9-mstd0.5-inc1")
+    torch.manual_seed(0)
+    outs = [tr(img) for _ in range(4)]
+    assert all(o.shape == (3, 32, 32) for o in outs)
+    assert any(not torch.equal(outs[0], o) for o in outs[1:])  # random crop/flip/RandAugment
+    big = build_transform(96, train=True)(img)  # large sizes: random resized crop
+    assert big.shape == (3, 96, 96)
+    mean, std = model_normalization("efficientnet_lite0")
+    half = build_transform(32, train=False, normalization=(mean, std))(img)
+    torch.testing.assert_close(half, torch.from_numpy(np.asarray(img)).permute(2, 0, 1).float() / 127.5 - 1)
+    with pytest.raises(ConfigError, match="invalid RandAugment config 'rand-x9'"):
+        build_transform(32, train=True, randaugment="rand-x9")
+
+
+def test_image_set_dataset(images: ImageSet) -> None:
+    ds = ImageSetDataset(images, build_transform(24, train=False), 24)
+    assert len(ds) == 32
+    x, y = ds[9]
+    assert x.shape == (3, 24, 24) and y == 1 and isinstance(y, int)
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=8)))
+    assert batch[0].shape == (8, 3, 24, 24) and batch[1].tolist() == [0] * 8
+
+
+def test_feature_cache_reuse_and_invalidation(images: ImageSet, tmp_path, caplog) -> None:
+    before = _feature_files()
+    f1 = extract_features("efficientnet_lite0", "pretrained", images, 32, batch_size=10)
+    assert f1.shape == (32, 1280) and f1.dtype == np.float32 and np.isfinite(f1).all()
+    new = _feature_files() - before
+    assert len(new) == 1
+    path = next((cache_dir() / "features").rglob(next(iter(new))))
+
+    # Reuse: poison the cached file; an unchanged request returns exactly what is on disk.
+    sentinel = np.full_like(f1, 7.0)
+    np.save(path, sentinel)
+    with caplog.at_level(logging.INFO, logger="neighborlt.train.features"):
+        again = extract_features("efficientnet_lite0", "pretrained", images, 32, batch_size=32)
+    assert "from cache" in caplog.text
+    np.testing.assert_array_equal(again, sentinel)  # batch size is not part of the key
+    np.save(path, f1)
+
+    # Invalidation: each changed key part extracts again into a new file.
+    n = len(_feature_files())
+    f_size = extract_features("efficientnet_lite0", "pretrained", images, 40)  # transform / image size
+    assert len(_feature_files()) == n + 1 and not np.allclose(f_size, f1)
+    changed = images.array.copy()
+    changed[3] = 255 - changed[3]
+    other = ImageSet(class_names=images.class_names, labels=images.labels, array=changed)
+    f_data = extract_features("efficientnet_lite0", "pretrained", other, 32)  # data
+    assert len(_feature_files()) == n + 2
+    np.testing.assert_allclose(np.delete(f_data, 3, 0), np.delete(f1, 3, 0), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(f_data[3], f1[3], atol=1e-3)
+    # weights: a checkpoint whose backbone differs by one tensor
+    m = create_model("efficientnet_lite0", 4, init="pretrained")
+    with torch.no_grad():
+        m.net._conv_head.weight.mul_(1.1)
+    ckpt = tmp_path / "tuned.safetensors"
+    save_file(m.state_dict(), str(ckpt))
+    f_w = extract_features("efficientnet_lite0", str(ckpt), images, 32)
+    assert len(_feature_files()) == n + 3 and not np.allclose(f_w, f1)
+    # the classifier is not part of the key: same backbone, other head -> the cached file
+    m2 = create_model("efficientnet_lite0", 9, init="pretrained")
+    ckpt2 = tmp_path / "head_only.safetensors"
+    save_file(m2.state_dict(), str(ckpt2))
+    np.testing.assert_array_equal(extract_features("efficientnet_lite0", str(ckpt2), images, 32), f1)
+    assert len(_feature_files()) == n + 3
+
+    # A corrupt cache file is re-extracted, not trusted.
+    path.write_bytes(b"garbage")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="neighborlt.train.features"):
+        np.testing.assert_allclose(extract_features("efficientnet_lite0", "pretrained", images, 32), f1, atol=1e-5)
+    assert "unreadable" in caplog.text
+
+
+def test_features_equal_eval_transform_path(images: ImageSet) -> None:
+    """The batched extraction equals forward_features on the eval transform of ImageSetDataset."""
+    feats = extract_features("resnet8_cifar", _seeded_checkpoint(), images, 32)
+    model = create_model("resnet8_cifar", 1, init=_seeded_checkpoint()).eval()
+    ds = ImageSetDataset(images, build_transform(32, train=False, normalization=model_normalization("resnet8_cifar")),
+                         32)
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    with torch.no_grad():
+        ref = model.forward_features(x).numpy()
+    np.testing.assert_allclose(feats, ref, rtol=1e-4, atol=1e-5)
+
+
+_CKPT: list[str] = []
+
+
+def _seeded_checkpoint() -> str:
+    if not _CKPT:
+        torch.manual_seed(3)
+        path = cache_dir() / "test-resnet8-seed3.safetensors"
+        save_file(create_model("resnet8_cifar", 1).state_dict(), str(path))
+        _CKPT.append(str(path))
+    return _CKPT[0]
