@@ -69,7 +69,7 @@ REGIMES: dict[str, dict[str, Any]] = {
                     weight_decay=2e-4, batch_size=128, sampler="random", eval_every=10, crt_epochs=10,
                     crt_lr=0.1),
 }
-DEFAULT_EPOCHS = {"frozen": 30, "scratch": 200}
+DEFAULT_EPOCHS = {"frozen": 15, "scratch": 200}
 
 ANCHORS = [
     ("CIFAR-10-LT ρ=100", "ResNet-32, CE, 200 epochs", 70.4, "Cao et al. 2019 (LDAM), Table 2"),
@@ -101,7 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS))
     p.add_argument("--losses", nargs="+", choices=list(LOSSES), default=list(LOSSES))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, default=None, help="default: 30 (frozen), 200 (scratch)")
+    p.add_argument("--epochs", type=int, default=None, help="default: 15 (frozen), 200 (scratch)")
     p.add_argument("--out", type=Path, default=None, help="default: runs/bench_<regime>")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (0 = leave torch's default)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")

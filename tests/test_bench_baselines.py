@@ -13,6 +13,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture()
+def one_thread():
+    """The script sets torch's thread count (1: no OpenMP barrier stalls on a shared 2-core machine); restore it."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def baselines():
     spec = importlib.util.spec_from_file_location("bench_baselines", ROOT / "bench" / "baselines.py")
@@ -22,11 +32,11 @@ def baselines():
     return mod
 
 
-def test_frozen_grid_runs_resumes_and_writes_table(baselines, data_dir: Path, tmp_path: Path) -> None:
+def test_frozen_grid_runs_resumes_and_writes_table(baselines, data_dir: Path, tmp_path: Path, one_thread) -> None:
     out = tmp_path / "bench"
     argv = ["--regime", "frozen", "--datasets", "cifar10-lt-r100", "--losses", "balanced_softmax", "--seeds", "0",
             "--epochs", "1", "--max-train-per-class", "8", "--max-test-per-class", "4", "--out", str(out),
-            "--threads", "0", "--data-dir", str(data_dir), "--no-progress"]
+            "--threads", "1", "--data-dir", str(data_dir), "--no-progress"]
     doc = baselines.main(argv)
 
     run = out / "cifar10-lt-r100" / "frozen-e1-sub8x4" / "balanced_softmax" / "seed0"

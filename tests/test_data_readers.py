@@ -305,3 +305,49 @@ def test_real_tiny_imagenet(data_dir: Path) -> None:
     gray = next(i for i, p in enumerate(va.paths) if Image.open(p).mode == "L")
     assert np.array_equal(x[gray, :, :, 0], x[gray, :, :, 2])
     assert as_array(va, 32) is not x and np.array_equal(as_array(va, 32)[:50], x[:50])
+
+
+@pytest.mark.network
+def test_cifar_download_through_torchvision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--download fetches, checks and reads the official-format archive (served from 127.0.0.1 here)."""
+    import functools
+    import hashlib
+    import http.server
+    import threading
+
+    import torchvision
+
+    src = cifar_pickles(tmp_path / "src" / "cifar-10-batches-py", "cifar10")
+    served = tmp_path / "www"
+    served.mkdir()
+    with tarfile.open(served / "cifar-10-python.tar.gz", "w:gz") as tf:
+        tf.add(src, arcname="cifar-10-batches-py")
+
+    def md5(p: Path) -> str:
+        return hashlib.md5(p.read_bytes()).hexdigest()
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        cls = torchvision.datasets.CIFAR10
+        monkeypatch.setattr(cls, "url", f"http://127.0.0.1:{server.server_port}/cifar-10-python.tar.gz")
+        monkeypatch.setattr(cls, "tgz_md5", md5(served / "cifar-10-python.tar.gz"))
+        monkeypatch.setattr(cls, "train_list", [[f"data_batch_{i}", md5(src / f"data_batch_{i}")] for i in range(1, 6)])
+        monkeypatch.setattr(cls, "test_list", [["test_batch", md5(src / "test_batch")]])
+        empty = tmp_path / "no-data"
+        empty.mkdir()
+        with pytest.raises(DataError, match="--download"):
+            load_dataset("cifar10", "train", empty)
+        tr = load_dataset("cifar10", "train", empty, download=True)
+        assert tr.num_classes == 3 and len(tr) == 30
+        assert load_dataset("cifar10", "test", empty).counts().tolist() == [2, 2, 2]  # found in the cache now
+        monkeypatch.setenv("NEIGHBORLT_CACHE", str(tmp_path / "fresh-cache"))  # nothing downloaded there yet
+        monkeypatch.setattr(cls, "tgz_md5", "0" * 32)
+        monkeypatch.setattr(cls, "test_list", [["test_batch", "0" * 32]])
+        with pytest.raises(DataError, match="cifar10: download from .* failed"):
+            load_dataset("cifar10", "train", empty, download=True)
+    finally:
+        server.shutdown()
+        server.server_close()

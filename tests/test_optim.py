@@ -25,7 +25,7 @@ def test_schedule_values(warmup_epochs: float, min_lr: float) -> None:
     p = torch.nn.Parameter(torch.zeros(3))
     opt = torch.optim.SGD([p], lr=0.4)
     sched = build_scheduler(opt, epochs=10, steps_per_epoch=7, warmup_epochs=warmup_epochs, min_lr=min_lr)
-    warmup = int(round(warmup_epochs * 7))
+    warmup = round(warmup_epochs * 7)
     for t in range(75):  # beyond the end: stays at min_lr
         assert sched.get_last_lr()[0] == pytest.approx(expected_lr(t, 0.4, 70, warmup, min_lr), abs=1e-12), t
         opt.step()
@@ -37,11 +37,11 @@ def test_schedule_state_dict_round_trip() -> None:
         opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], lr=1e-3)
         return opt, build_scheduler(opt, epochs=5, steps_per_epoch=10, warmup_epochs=1, min_lr=1e-5)
 
-    opt_a, a = make()
+    _opt_a, a = make()
     for _ in range(23):
         a.step()
     state = a.state_dict()
-    opt_b, b = make()
+    _opt_b, b = make()
     b.load_state_dict(state)
     assert b.get_last_lr() == a.get_last_lr()
     for _ in range(30):

@@ -55,12 +55,12 @@ def test_random_sampler_uses_all_targets_once_and_caps_auxiliary() -> None:
 def test_auxiliary_images_are_redrawn_each_epoch() -> None:
     labels = make_labels()
     s = build_sampler("random", labels, num_target_classes=L, aux_cap=50, seed=0)
-    cls3 = [set(i for i in s.epoch_indices(e).tolist() if labels[i] == 3) for e in range(20)]
+    cls3 = [{i for i in s.epoch_indices(e).tolist() if labels[i] == 3} for e in range(20)]
     assert all(len(c) == 50 for c in cls3)
     assert cls3[0] != cls3[1]
     assert len(set().union(*cls3)) > 150  # 20 fresh draws of 50 out of 200 cover most of the class
     # a class under the cap contributes all its images every epoch
-    cls4 = [set(i for i in s.epoch_indices(e).tolist() if labels[i] == 4) for e in range(3)]
+    cls4 = [{i for i in s.epoch_indices(e).tolist() if labels[i] == 4} for e in range(3)]
     assert cls4[0] == cls4[1] == cls4[2] and len(cls4[0]) == 30
 
 

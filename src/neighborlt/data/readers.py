@@ -506,17 +506,28 @@ def _missing(name: str, candidates: list[str], data_dir: Any, how: str) -> DataE
 
 
 def _cifar_download(name: str) -> Path:
-    """Fetch the official CIFAR python pickles through torchvision into the cache."""
+    """Fetch the official CIFAR python pickles through torchvision into ``cache_dir()/downloads``.
+
+    Only torchvision's download + md5 check + extraction is used; the batches are then read by our restricted
+    unpickler (torchvision's dataset class would ``pickle.load`` them unrestricted).
+    """
     import torchvision
+    from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 
     target = cache_dir() / "downloads"
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-    logger.info("downloading the official %s through torchvision into %s", name, target)
-    try:
-        cls(root=str(target), train=True, download=True)
-    except (OSError, RuntimeError, ValueError) as e:  # URLError is an OSError; torchvision raises RuntimeError
-        raise DataError(f"{name}: download through torchvision failed ({e}); check the connection or use --data-dir") from None
-    return target / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    folder = target / cls.base_folder
+    if not all(check_integrity(str(folder / f), md5) for f, md5 in cls.train_list + cls.test_list):
+        logger.info("downloading the official %s from %s into %s", name, cls.url, target)
+        try:
+            download_and_extract_archive(cls.url, str(target), filename=cls.filename, md5=cls.tgz_md5)
+        except (OSError, RuntimeError, ValueError) as e:  # URLError is an OSError; a bad checksum a RuntimeError
+            raise DataError(f"{name}: download from {cls.url} failed ({e}); check the connection or use "
+                            "--data-dir") from None
+        bad = [f for f, md5 in cls.train_list + cls.test_list if not check_integrity(str(folder / f), md5)]
+        if bad:
+            raise DataError(f"{folder / bad[0]}: checksum mismatch after download; delete {target} and retry")
+    return folder
 
 
 def _load_path(path: Path, split: str, skip_corrupt: bool) -> ImageSet:

@@ -24,8 +24,22 @@ _LAZY = {
 }
 
 __all__ = [
-    "MODELS", "create_model", "classifier_keys", "model_normalization", "build_optimizer", "build_scheduler", "EpochSampler",
-    "build_sampler", "effective_class_counts", *_LAZY,
+    "MODELS",
+    "EpochSampler",
+    "ImageSetDataset",
+    "TrainConfig",
+    "TrainResult",
+    "build_optimizer",
+    "build_sampler",
+    "build_scheduler",
+    "build_transform",
+    "classifier_keys",
+    "create_model",
+    "effective_class_counts",
+    "extract_features",
+    "model_normalization",
+    "predict_logits",
+    "run_train",
 ]
 
 

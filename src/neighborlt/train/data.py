@@ -8,7 +8,8 @@ RandAugment and ImageNet normalisation.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch

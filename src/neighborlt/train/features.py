@@ -94,7 +94,7 @@ def _extract(model: nn.Module, images: np.ndarray, batch_size: int, device: str,
     s = torch.tensor(std, device=device).view(1, 3, 1, 1)
     out = np.empty((len(images), model.num_features), dtype=np.float32)  # type: ignore[arg-type]
     for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).to(device)
+        batch = torch.from_numpy(np.array(images[start:start + batch_size])).to(device)  # copy: mmap is read-only
         x = (batch.permute(0, 3, 1, 2).float().div_(255.0) - m) / s
         out[start:start + len(batch)] = model.forward_features(x).float().cpu().numpy()  # type: ignore[operator]
     return out

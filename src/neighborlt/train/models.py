@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -191,7 +192,7 @@ class TimmModel(nn.Module):
         super().__init__()
         self.timm_model = model
         self.name = name
-        self.num_features = int(getattr(model, "num_features"))
+        self.num_features = int(model.num_features)
         head = model.get_classifier()  # type: ignore[operator]
         if not isinstance(head, nn.Linear):
             raise ConfigError(
@@ -382,12 +383,12 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str, 
     state = {prefix + k: v for k, v in state.items()}
     if not (set(state) & set(own)):
         for p in ("timm_model.", "net."):
-            if set(p + k for k in state) & set(own):
+            if {p + k for k in state} & set(own):
                 state = {p + k: v for k, v in state.items()}
                 break
     w_key, b_key = classifier_keys(model)
     head_keys = {w_key, b_key}
-    for k in list(head_keys):
+    for k in head_keys:
         if k in state and state[k].shape != own[k].shape:
             logger.info(
                 "%s: classifier %s has shape %s, the model needs %s; re-initialising the classifier",

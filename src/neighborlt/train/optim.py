@@ -129,5 +129,5 @@ def build_scheduler(optimizer: torch.optim.Optimizer, epochs: int, steps_per_epo
     if warmup_epochs < 0 or warmup_epochs > epochs:
         raise ConfigError(f"warmup_epochs must be in 0..{epochs}, got {warmup_epochs}")
     total = epochs * steps_per_epoch
-    warmup = int(round(warmup_epochs * steps_per_epoch))
+    warmup = round(warmup_epochs * steps_per_epoch)
     return IterationScheduler(optimizer, total, warmup, min_lr)
