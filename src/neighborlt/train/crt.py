@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def backbone_features(model: nn.Module, inputs: Any, *, image_size: int, batch_size: int, device: torch.device,
-                      num_workers: int = 0) -> torch.Tensor:
+                      num_workers: int = 0, model_name: str | None = None) -> torch.Tensor:
     """Pooled features ``model.forward_features`` of an ImageSet (eval transform) or of a feature tensor.
 
     Args:
@@ -36,6 +36,7 @@ def backbone_features(model: nn.Module, inputs: Any, *, image_size: int, batch_s
         batch_size: images per batch.
         device: where to run.
         num_workers: DataLoader workers (images only).
+        model_name: the architecture, for its input normalisation (None: ImageNet statistics).
 
     Returns:
         float32 CPU tensor [N, D].
@@ -44,7 +45,7 @@ def backbone_features(model: nn.Module, inputs: Any, *, image_size: int, batch_s
 
     model.eval().to(device)
     batches = (_tensor_batches(inputs, batch_size) if isinstance(inputs, torch.Tensor)
-               else _image_batches(inputs, image_size, batch_size, num_workers))
+               else _image_batches(inputs, image_size, batch_size, num_workers, model_name))
     out = [model.forward_features(x.to(device)).float().cpu() for x in batches]  # type: ignore[operator]
     return torch.cat(out)
 
@@ -125,9 +126,10 @@ def run_crt(cfg: Any, model: nn.Module, meta: dict[str, Any], aux: Any, test: An
                                    device=device)
     else:
         f_train = backbone_features(model, aux.train.subset(tgt), image_size=cfg.image_size,
-                                    batch_size=cfg.eval_batch_size, device=device, num_workers=cfg.num_workers)
+                                    batch_size=cfg.eval_batch_size, device=device, num_workers=cfg.num_workers,
+                                    model_name=cfg.model)
         f_test = backbone_features(model, test, image_size=cfg.image_size, batch_size=cfg.eval_batch_size,
-                                   device=device, num_workers=cfg.num_workers)
+                                   device=device, num_workers=cfg.num_workers, model_name=cfg.model)
     fc = train_balanced_classifier(f_train, labels, L, epochs=cfg.crt_epochs, lr=cfg.crt_lr,
                                    weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, seed=cfg.seed)
     new_meta = {**meta, "num_classes": L, "class_names": meta["class_names"][:L],

@@ -292,10 +292,13 @@ def _logits_of(model: nn.Module, batches: Iterator[torch.Tensor], device: torch.
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
-def _image_batches(image_set: Any, image_size: int, batch_size: int, num_workers: int) -> Iterator[torch.Tensor]:
+def _image_batches(image_set: Any, image_size: int, batch_size: int, num_workers: int,
+                   model_name: str | None = None) -> Iterator[torch.Tensor]:
     from .data import ImageSetDataset, build_transform
+    from .models import model_normalization
 
-    ds = ImageSetDataset(image_set, build_transform(image_size, train=False), image_size)
+    norm = model_normalization(model_name) if model_name else None  # the input statistics the weights expect
+    ds = ImageSetDataset(image_set, build_transform(image_size, train=False, normalization=norm), image_size)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     for x, _y in loader:
         yield x
@@ -337,8 +340,8 @@ def predict_logits(run_dir_or_export_dir: str | os.PathLike[str], image_set: Any
                                  batch_size=batch_size, device=str(dev))
         return _logits_of(model, _tensor_batches(torch.from_numpy(np.asarray(feats, np.float32)), batch_size),
                           dev, amp).astype(np.float32)
-    return _logits_of(model, _image_batches(image_set, int(meta["image_size"]), batch_size, num_workers),
-                      dev, amp).astype(np.float32)
+    return _logits_of(model, _image_batches(image_set, int(meta["image_size"]), batch_size, num_workers,
+                                            meta.get("architecture")), dev, amp).astype(np.float32)
 
 
 def _test_metrics(logits: np.ndarray, labels: np.ndarray, num_target: int,
@@ -508,11 +511,12 @@ def _run(cfg: TrainConfig, rd: RunDir, info: ddp.DistInfo, *, resume: bool, forc
         dataset: Any = None
     else:
         from .data import ImageSetDataset, build_transform
-        from .models import create_model
+        from .models import create_model, model_normalization
 
         model = create_model(cfg.model, C, init=cfg.init, image_size=cfg.image_size)
-        dataset = ImageSetDataset(aux.train, build_transform(cfg.image_size, train=True,
-                                                             randaugment=cfg.randaugment), cfg.image_size)
+        dataset = ImageSetDataset(aux.train, build_transform(cfg.image_size, train=True, randaugment=cfg.randaugment,
+                                                             normalization=model_normalization(cfg.model)),
+                                  cfg.image_size)
     model.to(dev)
 
     sampler = build_sampler(cfg.sampler, labels, num_target_classes=L, aux_cap=cfg.aux_cap if C > L else None,
@@ -750,7 +754,8 @@ def _evaluate(model: nn.Module, test: Any, test_x: torch.Tensor | None, cfg: Tra
     if test_x is not None:
         logits = _logits_of(model, _tensor_batches(test_x, cfg.eval_batch_size), dev, amp)
     else:
-        logits = _logits_of(model, _image_batches(test, cfg.image_size, cfg.eval_batch_size, cfg.num_workers),
+        logits = _logits_of(model, _image_batches(test, cfg.image_size, cfg.eval_batch_size, cfg.num_workers,
+                                                  cfg.model),
                             dev, amp)
     model.train(was_training)
     return _test_metrics(logits, np.asarray(test.labels), L, train_counts, thresholds)
