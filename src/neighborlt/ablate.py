@@ -18,9 +18,10 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -94,7 +95,7 @@ def _spec(cfg: AblationConfig, name: str, *, aux: bool, per_class: int | None = 
 
 def grid_rows(cfg: AblationConfig, grid: str) -> list[Row]:
     """The rows of one grid; runs shared by several rows (direct vs cRT classifier) are trained once."""
-    ns = dict(loss="neighbor_silencing", lambda_s=cfg.lambda_s)
+    ns = {"loss": "neighbor_silencing", "lambda_s": cfg.lambda_s}
     if grid == "table6":
         base = _spec(cfg, "balce", aux=False, loss="balanced_softmax")
         dag = _spec(cfg, "balce_aux_crt", aux=True, loss="balanced_softmax", classifier="retrain")

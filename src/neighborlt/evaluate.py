@@ -32,7 +32,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .data.shots import shot_groups
 from .errors import ConfigError, DataError, NeighborLTError
-from .rundir import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, config_hash, read_json
+from .rundir import (
+    RunDir,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    config_hash,
+    file_sha256,
+    read_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -536,16 +544,6 @@ class EvalConfig(BaseModel):
     out: Path | None = Field(None, description="output folder (default RUN/eval)")
 
 
-def _file_sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _classes_json(run: RunDir) -> tuple[list[str], np.ndarray, dict[str, int]] | None:
     """Class names, training counts and shot thresholds from ``RUN/classes.json`` (None when absent)."""
     p = run.path("classes.json")
@@ -594,17 +592,17 @@ def run_eval(cfg: EvalConfig, run_dir: str | os.PathLike[str] | RunDir) -> dict[
         pred_path = Path(cfg.predictions)
         if not pred_path.is_file():
             raise DataError(f"{pred_path}: predictions file not found; pass an existing .npz or .csv file")
-        inputs = {"predictions": _file_sha256(pred_path)}
+        inputs = {"predictions": file_sha256(pred_path)}
         if run.path("classes.json").exists():
-            inputs["classes"] = _file_sha256(run.path("classes.json"))
+            inputs["classes"] = file_sha256(run.path("classes.json"))
     else:
         from .export import model_dir_for, read_model_info
 
         mdir = model_dir_for(run, cfg.model)
         info = read_model_info(mdir)
-        inputs = {"weights": _file_sha256(mdir / str(info.get("weights", "model.safetensors")))}
+        inputs = {"weights": file_sha256(mdir / str(info.get("weights", "model.safetensors")))}
         if run.path("split.json").exists():
-            inputs["split"] = _file_sha256(run.path("split.json"))
+            inputs["split"] = file_sha256(run.path("split.json"))
     key = config_hash({"cfg": cfg, "inputs": inputs})
     if run.is_done(stage, key) and (out_dir / "metrics.json").exists():
         logger.info("eval: up to date (%s), skipping", out_dir / "metrics.json")

@@ -14,7 +14,6 @@ source weights (sha256) and the dropped classes.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Sequence
@@ -24,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from .errors import ConfigError, DataError, NeighborLTError
-from .rundir import RunDir, atomic_write_bytes, atomic_write_json, config_hash, read_json
+from .rundir import RunDir, atomic_write_bytes, atomic_write_json, config_hash, file_sha256, read_json
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -34,14 +33,6 @@ logger = logging.getLogger(__name__)
 WEIGHTS = "model.safetensors"
 INFO = "model.json"
 STAGE = "export"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _as_run(run_dir: str | os.PathLike[str] | RunDir) -> RunDir:
@@ -195,7 +186,7 @@ def export_direct(run_dir: str | os.PathLike[str] | RunDir, *, force: bool = Fal
     num_target = info.get("num_target_classes", num_classes)
     if not isinstance(num_target, int) or isinstance(num_target, bool) or not 1 <= num_target <= num_classes:
         raise DataError(f"{info_path}: 'num_target_classes' must be 1..{num_classes}, got {num_target!r}; re-run training")
-    src_sha = _sha256(weights_path)
+    src_sha = file_sha256(weights_path)
     key = config_hash({"weights": src_sha, "info": info})
     out_dir = run.path("export")
     if not force and run.is_done(STAGE, key) and (out_dir / WEIGHTS).is_file() and (out_dir / INFO).is_file():

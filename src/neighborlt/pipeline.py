@@ -113,14 +113,14 @@ def summary_markdown(cfg: PipelineConfig, method: dict[str, Any], baseline: dict
                      neighbors: dict[str, Any]) -> str:
     """A short markdown comparison of the method and the baseline (top-1 %, target classes only)."""
     tr = cfg.train
+    source = "neighbour names" if cfg.relation == "neighbors" else "protocol's WordNet siblings"
     lines = [
         f"# neighborlt run: {cfg.protocol}",
         "",
-        f"Model {tr.get('model')} ({'frozen features' if tr.get('frozen') else 'trained'}), "
-        f"{tr.get('epochs')} epochs, {tr.get('image_size')} px, seed {cfg.seed}; neighbours from the "
-        f"{neighbors.get('backend')} backend: {len(neighbors.get('auxiliary', []))} auxiliary names; auxiliary "
-        f"classes for training from the {'neighbour names' if cfg.relation == 'neighbors' else 'protocol WordNet siblings'}"
-        " found in the local pool.",
+        (f"Model {tr.get('model')} ({'frozen features' if tr.get('frozen') else 'trained'}), "
+         f"{tr.get('epochs')} epochs, {tr.get('image_size')} px, seed {cfg.seed}; neighbours from the "
+         f"{neighbors.get('backend')} backend: {len(neighbors.get('auxiliary', []))} auxiliary names; auxiliary "
+         f"classes for training from the {source} found in the local pool."),
         "",
         "| run | overall | many | medium | few |",
         "|---|---|---|---|---|",

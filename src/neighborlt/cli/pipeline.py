@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -38,13 +38,13 @@ def _validated(cls, **kw):
 def run_cmd(
     run_dir: Annotated[Path, typer.Argument(help="Run directory (created; re-running resumes).")],
     protocol: Annotated[str, typer.Option(help="Split-neighbour preset.")] = "cifar10-neighbours",
-    data_dir: Annotated[Optional[Path], typer.Option(help="Offline datasets folder.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Offline datasets folder.")] = None,
     seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
     loss: Annotated[str, typer.Option(help="Loss with auxiliary classes.")] = "neighbor_silencing",
     lambda_s: Annotated[float, typer.Option(help="Neighbor-silencing weight λs.")] = 0.1,
     aux_cap: Annotated[int, typer.Option(help="M: images per auxiliary class per epoch.")] = 50,
-    neighbors: Annotated[Optional[str], typer.Option(help="NeighborsConfig fields as JSON.")] = None,
-    train: Annotated[Optional[str], typer.Option(help="TrainConfig fields as JSON (merged over the demo's).")] = None,
+    neighbors: Annotated[str | None, typer.Option(help="NeighborsConfig fields as JSON.")] = None,
+    train: Annotated[str | None, typer.Option(help="TrainConfig fields as JSON (merged over the demo's).")] = None,
     baseline: Annotated[bool, typer.Option(help="Also train Balanced-CE without auxiliary data.")] = True,
     relation: Annotated[str, typer.Option(help="neighbors (pool classes named in neighbors.json) or wordnet "
                                                "(the protocol's sibling relation).")] = "neighbors",
@@ -63,7 +63,7 @@ def run_cmd(
 
 def demo_cmd(
     run_dir: Annotated[Path, typer.Option("--run-dir", help="Where the demo run goes.")] = Path("runs/demo"),
-    data_dir: Annotated[Optional[Path], typer.Option(help="Offline datasets folder.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Offline datasets folder.")] = None,
 ) -> None:
     """The offline demo: CIFAR-10 split-neighbour protocol, WordNet neighbours, ResNet-8 from scratch."""
     run_cmd(run_dir, data_dir=data_dir, relation="wordnet")
@@ -78,9 +78,9 @@ def ablate_cmd(
     relation: Annotated[str, typer.Option(help="neighbors (search with --backend) or wordnet (protocol siblings).")]
     = "neighbors",
     backend: Annotated[str, typer.Option(help="Neighbour backend for relation 'neighbors'.")] = "wordnet",
-    data_dir: Annotated[Optional[Path], typer.Option(help="Offline datasets folder.")] = None,
-    train: Annotated[Optional[str], typer.Option(help="TrainConfig fields as JSON (merged over the demo's).")] = None,
-    protocol_overrides: Annotated[Optional[str], typer.Option(help="ProtocolConfig fields as JSON.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Offline datasets folder.")] = None,
+    train: Annotated[str | None, typer.Option(help="TrainConfig fields as JSON (merged over the demo's).")] = None,
+    protocol_overrides: Annotated[str | None, typer.Option(help="ProtocolConfig fields as JSON.")] = None,
     lambda_s: Annotated[float, typer.Option(help="λs where not swept.")] = 0.1,
     aux_cap: Annotated[int, typer.Option(help="M where not swept.")] = 50,
     per_class: Annotated[int, typer.Option(help="K where not swept.")] = 5,
