@@ -11,11 +11,18 @@ from neighborlt.paths import resolve_data_dir
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Caches go to a session temp dir unless NEIGHBORLT_CACHE is set (CI may point it somewhere reusable)."""
-    if not os.environ.get("NEIGHBORLT_CACHE"):
-        os.environ["NEIGHBORLT_CACHE"] = str(tmp_path_factory.mktemp("nlt-cache"))
+def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A fresh cache per test session (feature caches, neighbour answers, ...), except for the expensive and
+    content-keyed parts: extracted archives and decoded arrays are shared with the persistent cache
+    (``$NEIGHBORLT_CACHE``, which ``make test`` sets to ``.cache/``, else ``~/.cache/neighborlt``) so a session does
+    not re-extract 160k files. Tests never reach a model hub."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    persistent = Path(os.environ.get("NEIGHBORLT_CACHE") or Path.home() / ".cache" / "neighborlt")
+    session = tmp_path_factory.mktemp("nlt-cache")
+    for shared in ("extracted", "arrays"):
+        (persistent / shared).mkdir(parents=True, exist_ok=True)
+        (session / shared).symlink_to(persistent / shared, target_is_directory=True)
+    os.environ["NEIGHBORLT_CACHE"] = str(session)
 
 
 @pytest.fixture(scope="session")

@@ -122,6 +122,7 @@ def extract_archive(archive: str | os.PathLike[str], dest_root: str | os.PathLik
         raise DataError(f"{archive}: archive not found")
     root = Path(dest_root) if dest_root is not None else cache_dir() / "extracted"
     root.mkdir(parents=True, exist_ok=True)
+    root = root.resolve()  # canonical paths: fingerprints of the extracted files do not depend on symlinks
     stem = archive.name
     for suf in ARCHIVE_SUFFIXES:
         if stem.lower().endswith(suf):
