@@ -238,7 +238,10 @@ def _device_of(run: Path) -> str:
     env = json.loads(env_path.read_text())
     devs = env.get("devices") or ["?"]
     dev = devs[0]
-    return f"{dev} ({env.get('torch_threads')} threads)" if dev == "cpu" else dev
+    if dev != "cpu":
+        return dev
+    n = env.get("torch_threads")
+    return f"cpu ({n} thread{'' if n == 1 else 's'})"
 
 
 def run_grid(args: argparse.Namespace) -> dict[str, Any]:
@@ -365,7 +368,7 @@ def markdown(doc: dict[str, Any]) -> str:
     losses = {r["loss"] for r in doc["rows"]}
     if {"balanced_softmax", "logit_adjusted"} <= losses:
         lines += ["", ("LA with τ = 1 and Balanced-CE are the same loss: z + log π_c = z + log n_c − log N, and the "
-                       "per-sample constant −log N cancels in the softmax, so identical rows are expected.")]
+                       "per-sample constant −log N cancels in the softmax, so equal rows (up to float rounding) are expected.")]
     lines += ["", "Published anchors (top-1 %, end-to-end ResNet-32 from scratch, 200 epochs):", ""]
     lines += [f"* {d}, {what}: {acc} — {src}" for d, what, acc, src in doc["anchors"]]
     if regime == "frozen":

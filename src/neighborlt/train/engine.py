@@ -653,8 +653,6 @@ def _run(cfg: TrainConfig, rd: RunDir, info: ddp.DistInfo, *, resume: bool, forc
                 if loss_params and info.world_size > 1:
                     # the loss lives outside DDP: average its learnable parameters' gradients (DRO-LT margins)
                     # across ranks so every rank takes the same step
-                    import torch.distributed as dist
-
                     for p in loss_params:
                         if p.grad is None:
                             p.grad = torch.zeros_like(p)
