@@ -235,7 +235,7 @@ def run_ablation(cfg: AblationConfig, out_dir: str | os.PathLike[str], *, progre
                                           "data_dir": cfg.data_dir})
                     t0 = time.time()
                     res = run_train(tcfg, out / "runs" / name / f"seed{seed}",
-                                    data=data.training_set(row.run), progress=progress)
+                                    data=data.training_set(row.run), progress=progress, resume=True)
                     if res.interrupted:
                         raise ConfigError(f"training of {name} seed {seed} was interrupted; re-run to resume")
                     cache[k] = (res, time.time() - t0)

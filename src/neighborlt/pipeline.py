@@ -58,7 +58,7 @@ def _stage_train_eval(run: Path, train: dict[str, Any], progress: bool) -> dict[
     from .export import export_direct
     from .train import TrainConfig, run_train
 
-    res = run_train(TrainConfig(**train), run, progress=progress)
+    res = run_train(TrainConfig(**train), run, progress=progress, resume=True)  # continue an interrupted run
     if res.interrupted:
         from .errors import NeighborLTError
 
