@@ -31,6 +31,7 @@ DEMO_TRAIN: dict[str, Any] = {
     "optimizer": "sgd",
     "weight_decay": 5e-4,
     "eval_every": 0,
+    "threads": 1,  # tiny convolutions: one thread is as fast as two and never oversubscribes a shared machine
 }
 
 

@@ -83,6 +83,8 @@ def train_cmd(
     amp: Annotated[str | None, typer.Option("--amp", help="auto | bf16 | off.")] = None,
     device: Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N.")] = None,
     num_workers: Annotated[int | None, typer.Option("--num-workers", help="DataLoader workers.")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads per process (0: default; "
+                                                "1 when several runs share the cores).")] = None,
     eval_every: Annotated[int | None, typer.Option(
         "--eval-every", help="Evaluate every N epochs (0 = at the end only).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from RUN/train/checkpoint/last.pt.")] = False,
@@ -114,7 +116,7 @@ def train_cmd(
         "epochs": epochs, "warmup_epochs": warmup_epochs, "batch_size": batch_size, "grad_accum": grad_accum,
         "sampler": sampler, "randaugment": randaugment, "mixup": mixup, "cutmix": cutmix,
         "classifier": classifier, "crt_epochs": crt_epochs, "seed": seed, "deterministic": deterministic,
-        "amp": amp, "device": device, "num_workers": num_workers, "eval_every": eval_every,
+        "amp": amp, "device": device, "num_workers": num_workers, "threads": threads, "eval_every": eval_every,
     }
     fields = {**base, **{k: v for k, v in given.items() if v is not None}}
     if protocol_set:

@@ -440,6 +440,8 @@ def run_train(cfg: TrainConfig, run_dir: str | os.PathLike[str] | RunDir, *, res
         >>> run_train(cfg, "runs/c10").metrics["few"]  # doctest: +SKIP
     """
     rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     info = ddp.setup(cfg.device)
     try:
         with _determinism(cfg.deterministic):
