@@ -13,11 +13,11 @@ Every run is keyed by its resolved config, so re-running the same command only t
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,6 +181,16 @@ class _Data:
         return run_neighbors(cfg, d).doc
 
 
+def _train_seconds(run_dir: Path) -> float:
+    """Training time of a run: the sum of its epochs' times in ``train/log.jsonl`` (also right for runs that were
+    resumed, or skipped because they had finished earlier)."""
+    log = run_dir / "train" / "log.jsonl"
+    if not log.exists():
+        return float("nan")
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return float(sum(r.get("time_s", 0.0) for r in rows if "epoch" in r))
+
+
 def _summary(values: list[float]) -> tuple[float, float]:
     arr = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
     if arr.size == 0:
@@ -233,16 +243,15 @@ def run_ablation(cfg: AblationConfig, out_dir: str | os.PathLike[str], *, progre
                         on_run(name, seed)
                     tcfg = TrainConfig(**{**base_train, **dict(row.run.train), "seed": seed,
                                           "data_dir": cfg.data_dir})
-                    t0 = time.time()
-                    res = run_train(tcfg, out / "runs" / name / f"seed{seed}",
-                                    data=data.training_set(row.run), progress=progress, resume=True)
+                    run_dir = out / "runs" / name / f"seed{seed}"
+                    res = run_train(tcfg, run_dir, data=data.training_set(row.run), progress=progress, resume=True)
                     if res.interrupted:
                         raise ConfigError(f"training of {name} seed {seed} was interrupted; re-run to resume")
-                    cache[k] = (res, time.time() - t0)
+                    cache[k] = (res, _train_seconds(run_dir))
                 res, wall = cache[k]
                 metrics = getattr(res, row.source) or {}
                 per_seed[seed] = {s: metrics.get(s) for s in SPLITS}
-                walls.append(res.wall_s or wall)
+                walls.append(wall)
             if baseline is None:
                 baseline = per_seed
             entry: dict[str, Any] = {"label": row.label, "run": folder[_canonical(row.run)], "classifier": row.source,

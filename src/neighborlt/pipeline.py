@@ -42,6 +42,8 @@ class PipelineConfig(BaseModel):
 
     protocol: str = "cifar10-neighbours"  # split-neighbour preset (neighborlt.data.PRESETS)
     data_dir: str | None = None  # offline datasets folder (None: paths.resolve_data_dir())
+    protocol_overrides: dict[str, Any] = Field(default_factory=dict)  # ClassesConfig fields: n_max, imbalance_ratio,
+    #   seed (of the split), num_targets, many, few
     seed: int = 0  # training seed (the protocol split uses the preset's own seed)
     neighbors: dict[str, Any] = Field(default_factory=lambda: {"backend": "wordnet"})  # NeighborsConfig fields
     train: dict[str, Any] = Field(default_factory=lambda: dict(DEMO_TRAIN))  # TrainConfig fields
@@ -52,9 +54,10 @@ class PipelineConfig(BaseModel):
     #   neighbors.json, or the protocol's WordNet sibling relation (CIFAR-10's generic pool names such as "ship"
     #   rarely equal WordNet's specific neighbour names such as "brig", so its demo uses "wordnet")
     baseline: bool = True  # also train Balanced-CE without auxiliary data (RUN/baseline) and compare
+    max_test_per_class: int | None = Field(None, ge=1)  # evaluate on at most N test images per class (quick runs)
 
 
-def _stage_train_eval(run: Path, train: dict[str, Any], progress: bool) -> dict[str, Any]:
+def _stage_train_eval(run: Path, train: dict[str, Any], progress: bool, max_test: int | None) -> dict[str, Any]:
     from .evaluate import EvalConfig, run_eval
     from .export import export_direct
     from .train import TrainConfig, run_train
@@ -65,7 +68,7 @@ def _stage_train_eval(run: Path, train: dict[str, Any], progress: bool) -> dict[
 
         raise NeighborLTError(f"{run}: training was interrupted; re-run the same command to resume")
     export_direct(run)
-    return run_eval(EvalConfig(), run)
+    return run_eval(EvalConfig(max_test_per_class=max_test), run)
 
 
 def run_pipeline(cfg: PipelineConfig, run_dir: str | os.PathLike[str], *, progress: bool = True) -> dict[str, Any]:
@@ -80,21 +83,23 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | os.PathLike[str], *, progre
 
     rd = RunDir(run_dir)
     rd.record("pipeline", cfg, seed=cfg.seed)
-    run_classes(ClassesConfig(protocol=cfg.protocol, data_dir=cfg.data_dir), rd)
+    run_classes(ClassesConfig(protocol=cfg.protocol, data_dir=cfg.data_dir, **cfg.protocol_overrides), rd)
     nres = run_neighbors(NeighborsConfig(**cfg.neighbors), rd)
     n_aux = len(nres.doc.get("auxiliary", []))
     logger.info("neighbors: %d auxiliary names for %d target classes", n_aux, len(nres.doc.get("targets", [])))
 
-    common = {**cfg.train, "seed": cfg.seed, "data_dir": cfg.data_dir}
+    common = {**cfg.train, "seed": cfg.seed, "data_dir": cfg.data_dir, "max_test_per_class": cfg.max_test_per_class}
     method = _stage_train_eval(rd.root, {**common, "use_aux": cfg.relation, "loss": cfg.loss,
-                                         "lambda_s": cfg.lambda_s, "aux_cap": cfg.aux_cap}, progress)
+                                         "lambda_s": cfg.lambda_s, "aux_cap": cfg.aux_cap}, progress,
+                               cfg.max_test_per_class)
     baseline = None
     if cfg.baseline:
         bdir = rd.path("baseline")
         bdir.mkdir(exist_ok=True)
         for name in ("classes.json", "split.json"):
             shutil.copyfile(rd.path(name), bdir / name)
-        baseline = _stage_train_eval(bdir, {**common, "use_aux": "none", "loss": "balanced_softmax"}, progress)
+        baseline = _stage_train_eval(bdir, {**common, "use_aux": "none", "loss": "balanced_softmax"}, progress,
+                                     cfg.max_test_per_class)
     summary = summary_markdown(cfg, method, baseline, nres.doc)
     atomic_write_text(rd.path("summary.md"), summary)
     atomic_write_json(rd.path("summary.json"), {"method": _headline(method),

@@ -1,0 +1,94 @@
+"""The whole pipeline (classes -> neighbors -> train -> export -> eval) and the experiment grids, end to end on a
+small CIFAR-10 split-neighbour protocol."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from neighborlt.ablate import AblationConfig, grid_rows, run_ablation
+from neighborlt.pipeline import DEMO_TRAIN, PipelineConfig, run_pipeline
+
+SMALL = {"n_max": 40, "imbalance_ratio": 10}  # 40/22/12/7/4 target images
+TRAIN = {**DEMO_TRAIN, "image_size": 16, "epochs": 2, "batch_size": 16, "warmup_epochs": 0}
+
+
+def test_pipeline_end_to_end(tmp_path: Path, data_dir: Path) -> None:
+    cfg = PipelineConfig(data_dir=str(data_dir), protocol_overrides=SMALL, train=TRAIN, relation="wordnet",
+                         aux_cap=8, max_test_per_class=20)
+    out = run_pipeline(cfg, tmp_path, progress=False)
+    for name in ("classes.json", "split.json", "neighbors.json", "summary.md", "summary.json",
+                 "export/model.safetensors", "eval/metrics.json", "baseline/eval/metrics.json"):
+        assert (tmp_path / name).is_file(), name
+    export = json.loads((tmp_path / "export" / "model.json").read_text())
+    assert export["num_classes"] == 5 and len(export["direct_classifier"]["dropped_classes"]) == 5
+    assert json.loads((tmp_path / "train" / "model.json").read_text())["num_classes"] == 10  # 5 target + 5 pool
+    for key in ("method", "baseline"):
+        m = out[key]
+        assert 0.0 <= m["overall"] <= 100.0 and sum(m["split_test_samples"].values()) == 100
+    summary = (tmp_path / "summary.md").read_text()
+    assert "Balanced-CE, no auxiliary data" in summary and "neighbor_silencing" in summary
+    # idempotent: a second call trains nothing (weights untouched)
+    mtime = (tmp_path / "train" / "model.safetensors").stat().st_mtime_ns
+    again = run_pipeline(cfg, tmp_path, progress=False)
+    assert (tmp_path / "train" / "model.safetensors").stat().st_mtime_ns == mtime
+    assert again["method"]["overall"] == out["method"]["overall"]
+
+
+def test_table6_grid_shares_runs_and_reports_paired_deltas(tmp_path: Path, data_dir: Path) -> None:
+    cfg = AblationConfig(grids=["table6"], protocol="cifar10-neighbours", protocol_overrides=SMALL,
+                         data_dir=str(data_dir), seeds=[0, 1], relation="wordnet", aux_cap=8,
+                         train={**TRAIN, "epochs": 1, "max_test_per_class": 10, "crt_epochs": 1})
+    rows = grid_rows(cfg, "table6")
+    assert len(rows) == 5 and len({r.run.name for r in rows}) == 3  # direct and cRT rows share their run
+    trained: list[tuple[str, int]] = []
+    (res,) = run_ablation(cfg, tmp_path, progress=False, on_run=lambda n, s: trained.append((n, s)))
+    assert sorted(trained) == sorted((n, s) for n in ("balce", "balce_aux_crt", "ns0.1_aux_crt") for s in (0, 1))
+    first = res.rows[0]
+    assert first["delta_overall"] == (0.0, 0.0)  # paired difference of the baseline with itself
+    for row in res.rows:
+        assert set(row["seeds"]) == {0, 1}
+        assert row["seeds"][0]["overall"] is not None and row["seeds"][0]["many"] is None  # no class has >100 images
+    crt = next(r for r in res.rows if r["classifier"] == "crt_metrics")
+    direct = next(r for r in res.rows if r["run"] == crt["run"] and r["classifier"] == "metrics")
+    assert crt["seeds"] != direct["seeds"]  # two classifiers of one run
+    table = (tmp_path / "table6.md").read_text()
+    assert table.count("\n| ") == 6 and "neighbor silencing" in table
+    assert (tmp_path / "table6.png").stat().st_size > 1000
+    # re-running only re-reads finished runs
+    trained.clear()
+    run_ablation(cfg, tmp_path, progress=False, on_run=lambda n, s: trained.append((n, s)))
+    assert len(trained) == 6
+    assert all(json.loads((tmp_path / "runs" / n / f"seed{s}" / "records" / "train.done.json").read_text())
+               for n, s in trained)
+
+
+def test_grid_definitions() -> None:
+    cfg = AblationConfig()
+    lam = grid_rows(cfg, "lambda")
+    assert [dict(r.run.train)["lambda_s"] for r in lam] == [0.01, 0.1, 0.2, 0.3, 0.5, 1.0]
+    assert [dict(r.run.train)["aux_cap"] for r in grid_rows(cfg, "cap")] == [10, 30, 50, 100, 150]
+    assert [r.run.per_class for r in grid_rows(cfg, "k")] == [1, 3, 5, 7, 8]
+    assert [r.run.split_ratio for r in grid_rows(cfg, "ratio")] == ["1:1:3", "0:1:3", "auto"]
+    losses = grid_rows(cfg, "losses")
+    assert [dict(r.run.train)["loss"] for r in losses][:5] == ["ce", "logit_adjusted", "balanced_bce", "dro",
+                                                              "balanced_softmax"]
+    assert not any(r.run.aux for r in losses[:5]) and losses[5].run.aux
+
+
+@pytest.mark.parametrize("args, message", [
+    (["ablate", "OUT", "--seeds", "0,x"], "--seeds '0,x': expected comma-separated integers"),
+    (["ablate", "OUT", "--train", "{epochs: 3}"], "--train: not valid JSON"),
+    (["ablate", "OUT", "--grid", "nope"], "grids.0"),
+    (["run", "OUT", "--train", "[1]"], "--train: expected a JSON object"),
+])
+def test_cli_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    args = [a.replace("OUT", str(tmp_path / "out")) for a in args]
+    proc = subprocess.run([sys.executable, "-m", "neighborlt", *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
