@@ -261,7 +261,10 @@ def run_ablation(cfg: AblationConfig, out_dir: str | os.PathLike[str], *, progre
                 entry[f"delta_{s}"] = _summary([per_seed[sd][s] - baseline[sd][s] for sd in cfg.seeds
                                                 if per_seed[sd][s] is not None and baseline[sd][s] is not None])
             table_rows.append(entry)
-        gr = GridResult(grid=grid, rows=table_rows, markdown=_markdown(cfg, grid, table_rows))
+        md = _markdown(cfg, grid, table_rows)
+        if grid == "table6":
+            md += _silencing_vs_dagger(table_rows, cfg.seeds)
+        gr = GridResult(grid=grid, rows=table_rows, markdown=md)
         atomic_write_text(out / f"{grid}.md", gr.markdown)
         atomic_write_json(out / f"{grid}.json", {"config": cfg, "rows": table_rows})
         _plot(out / f"{grid}.png", grid, table_rows)
@@ -283,6 +286,20 @@ def _markdown(cfg: AblationConfig, grid: str, rows: list[dict[str, Any]]) -> str
                                                                f"{r['wall_s_mean']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
+
+
+def _silencing_vs_dagger(rows: list[dict[str, Any]], seeds: list[int]) -> str:
+    """Paired same-seed differences neighbor silencing − † (plain Balanced-CE with the same auxiliary data), per
+    classifier: the extra gain of silencing over just adding the auxiliary classes."""
+    lines = ["", "Neighbor silencing − † (same classifier, paired over seeds):", ""]
+    for source, dag_i, ns_i in (("direct", 3, 4), ("cRT", 1, 2)):
+        dag, ns = rows[dag_i]["seeds"], rows[ns_i]["seeds"]
+        parts = []
+        for s in SPLITS:
+            vals = [ns[k][s] - dag[k][s] for k in seeds if ns[k][s] is not None and dag[k][s] is not None]
+            parts.append(f"{s} {_fmt(*_summary(vals))}")
+        lines.append(f"* {source} classifier: " + ", ".join(parts))
+    return "\n".join(lines) + "\n"
 
 
 def _plot(path: Path, grid: str, rows: list[dict[str, Any]]) -> None:
