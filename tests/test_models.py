@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import subprocess
 import sys
-import tarfile
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from cifar_helpers import read_cifar_test_images
 from safetensors.torch import save_file
 from torch import nn
 
-from neighborlt.data.base import ImageSet
 from neighborlt.errors import ConfigError, DataError
 from neighborlt.train.models import MODELS, classifier_keys, create_model, model_normalization
 
@@ -62,23 +59,6 @@ def test_resnet32_is_the_cifar_resnet32() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     assert 0.45e6 < n_params < 0.47e6  # 0.46M as reported by He et al. 2016, Table 6
     assert len([m for m in create_model("resnet8_cifar", 10).modules() if isinstance(m, nn.Conv2d)]) == 7
-
-
-def read_cifar_test_images(archive, classes: list[str], per_class: int) -> ImageSet:
-    """The first ``per_class`` CIFAR-10 test JPEGs of each class, read straight from the archive (the test split
-    comes first in it, so this stops early instead of extracting 60,000 files)."""
-    want = {c: [] for c in classes}
-    with tarfile.open(archive, "r:gz") as tar:
-        for member in tar:
-            parts = member.name.split("/")
-            if len(parts) == 4 and parts[1] == "train":
-                break
-            if member.isfile() and len(parts) == 4 and parts[2] in want and len(want[parts[2]]) < per_class:
-                with Image.open(io.BytesIO(tar.extractfile(member).read())) as im:
-                    want[parts[2]].append(np.asarray(im.convert("RGB")))
-    labels = np.repeat(np.arange(len(classes)), [len(want[c]) for c in classes])
-    return ImageSet(class_names=classes, labels=labels, array=np.stack([a for c in classes for a in want[c]]),
-                    source=str(archive))
 
 
 @pytest.fixture(scope="module")

@@ -88,7 +88,8 @@ def test_grid_definitions() -> None:
 ])
 def test_cli_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
     args = [a.replace("OUT", str(tmp_path / "out")) for a in args]
-    proc = subprocess.run([sys.executable, "-m", "neighborlt", *args], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "neighborlt", *args], capture_output=True, text=True, timeout=120,
+                          check=False)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr

@@ -142,8 +142,8 @@ def test_config_errors(tmp_path: Path, small_aux, capsys: pytest.CaptureFixture)
 def test_grad_accumulation_matches_larger_batch(tmp_path: Path, small_aux) -> None:
     from neighborlt.train.checkpoint import load_weights
 
-    base = dict(model="efficientnet_lite0", init="pretrained", frozen=True, image_size=32, epochs=2, lr=0.05,
-                warmup_epochs=0, loss="balanced_softmax", eval_every=0)
+    base = {"model": "efficientnet_lite0", "init": "pretrained", "frozen": True, "image_size": 32, "epochs": 2, "lr": 0.05,
+                "warmup_epochs": 0, "loss": "balanced_softmax", "eval_every": 0}
     run_train(TrainConfig(**base, batch_size=16), tmp_path / "big", data=small_aux, progress=False)
     run_train(TrainConfig(**base, batch_size=8, grad_accum=2), tmp_path / "acc", data=small_aux, progress=False)
     a = load_weights(tmp_path / "big" / "train" / "model.safetensors")

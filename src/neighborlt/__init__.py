@@ -10,4 +10,4 @@ from .registry import Registry
 from .rundir import RunDir
 
 __version__ = "0.1.0"
-__all__ = ["ConfigError", "DataError", "NeighborLTError", "Registry", "RunDir", "resolve_data_dir", "__version__"]
+__all__ = ["ConfigError", "DataError", "NeighborLTError", "Registry", "RunDir", "__version__", "resolve_data_dir"]
