@@ -195,13 +195,13 @@ def _summary(values: list[float]) -> tuple[float, float]:
     arr = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
     if arr.size == 0:
         return float("nan"), float("nan")
-    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else 0.0
+    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else float("nan")  # one seed: no std
 
 
 def _fmt(mean: float, std: float) -> str:
     if math.isnan(mean):
         return "–"
-    return f"{mean:.1f} ± {std:.1f}"
+    return f"{mean:.1f}" if math.isnan(std) else f"{mean:.1f} ± {std:.1f}"
 
 
 def run_ablation(cfg: AblationConfig, out_dir: str | os.PathLike[str], *, progress: bool = True,

@@ -56,7 +56,9 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, (list, tuple, set)):
         return [to_jsonable(v) for v in obj]
     if hasattr(obj, "tolist"):  # numpy / torch
-        return obj.tolist()
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, float) and obj != obj:  # NaN is not JSON: write null
+        return None
     return obj
 
 
