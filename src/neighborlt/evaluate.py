@@ -72,37 +72,28 @@ def _as_predictions(predictions: Any, n: int, num_outputs: int, what: str) -> np
         raise DataError(f"{what}: predictions must be class indices [N] or logits [N, C], got shape {p.shape}")
     if len(p) != n:
         raise DataError(f"{what}: {len(p)} predictions but {n} labels; both must describe the same test samples")
-    if len(p) and not np.issubdtype(p.dtype, np.integer):
-        if np.issubdtype(p.dtype, np.floating) and np.all(np.isfinite(p)) and np.all(p == np.round(p)):
-            p = p.astype(np.int64)
-        else:
-            raise DataError(f"{what}: predictions must be integer class indices, got dtype {p.dtype}")
-    p = p.astype(np.int64)
-    if len(p) and (p.min() < 0 or p.max() >= num_outputs):
-        bad = int(np.flatnonzero((p < 0) | (p >= num_outputs))[0])
-        raise DataError(
-            f"{what}: prediction {int(p[bad])} of sample {bad} is out of range 0..{num_outputs - 1}; "
-            "predictions must be class indices of the model"
-        )
-    return p
+    return _class_indices(p, num_outputs, what, "prediction", "predictions must be class indices of the model")
+
+
+def _class_indices(a: np.ndarray, upper: int, what: str, kind: str, fix: str) -> np.ndarray:
+    """``a`` as int64 class indices in ``0..upper-1`` (integral floats accepted); else a one-line DataError."""
+    integral = np.issubdtype(a.dtype, np.integer) or (
+        np.issubdtype(a.dtype, np.floating) and np.all(np.isfinite(a)) and np.all(a == np.round(a)))
+    if len(a) and not integral:
+        raise DataError(f"{what}: {kind}s must be integer class indices, got dtype {a.dtype}")
+    a = a.astype(np.int64)
+    if len(a) and (a.min() < 0 or a.max() >= upper):
+        bad = int(np.flatnonzero((a < 0) | (a >= upper))[0])
+        raise DataError(f"{what}: {kind} {int(a[bad])} of sample {bad} is out of range 0..{upper - 1}; {fix}")
+    return a
 
 
 def _check_labels(labels: Any, num_classes: int, what: str) -> np.ndarray:
     y = np.asarray(labels)
     if y.ndim != 1:
         raise DataError(f"{what}: labels must be a 1-D array of class indices, got shape {y.shape}")
-    if len(y) and not np.issubdtype(y.dtype, np.integer):
-        if np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
-            y = y.astype(np.int64)
-        else:
-            raise DataError(f"{what}: labels must be integer class indices, got dtype {y.dtype}")
-    y = y.astype(np.int64)
-    if len(y) and (y.min() < 0 or y.max() >= num_classes):
-        bad = int(np.flatnonzero((y < 0) | (y >= num_classes))[0])
-        raise DataError(
-            f"{what}: label {int(y[bad])} of sample {bad} is out of range 0..{num_classes - 1} "
-            f"({num_classes} classes have training counts); fix the labels or the class list"
-        )
+    y = _class_indices(y, num_classes, what, "label",
+                       f"{num_classes} classes have training counts; fix the labels or the class list")
     return y
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import subprocess
@@ -57,7 +58,7 @@ def to_jsonable(obj: Any) -> Any:
         return [to_jsonable(v) for v in obj]
     if hasattr(obj, "tolist"):  # numpy / torch
         return to_jsonable(obj.tolist())
-    if isinstance(obj, float) and obj != obj:  # NaN is not JSON: write null
+    if isinstance(obj, float) and math.isnan(obj):  # NaN is not JSON: write null
         return None
     return obj
 
