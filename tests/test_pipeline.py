@@ -83,7 +83,7 @@ def test_grid_definitions() -> None:
 @pytest.mark.parametrize("args, message", [
     (["ablate", "OUT", "--seeds", "0,x"], "--seeds '0,x': expected comma-separated integers"),
     (["ablate", "OUT", "--train", "{epochs: 3}"], "--train: not valid JSON"),
-    (["ablate", "OUT", "--grid", "nope"], "grids.0"),
+    (["ablate", "OUT", "--grid", "nope"], "--grids-0"),
     (["run", "OUT", "--train", "[1]"], "--train: expected a JSON object"),
 ])
 def test_cli_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from ._common import build_config
+
 
 def classes_cmd(
     run_dir: Annotated[Path, typer.Argument(help="Run directory (created if missing).")],
@@ -30,21 +32,13 @@ def classes_cmd(
     force: Annotated[bool, typer.Option("--force", help="Overwrite a run made with a different config.")] = False,
 ) -> None:
     """Stage 1: resolve the target classes; writes RUN/classes.json and RUN/split.json."""
-    from pydantic import ValidationError
-
     from ..classes import ClassesConfig, run_classes
     from ..data.shots import shot_totals
-    from ..errors import ConfigError
 
-    try:
-        cfg = ClassesConfig(protocol=protocol, dataset=dataset, data_dir=str(data_dir) if data_dir else None,
-                            seed=seed, imbalance_ratio=imbalance_ratio, n_max=n_max, num_targets=num_targets,
-                            many=many, few=few, skip_corrupt=skip_corrupt, download=download,
-                            force=force)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = "-".join(str(x) for x in err["loc"])
-        raise ConfigError(f"{'--' + loc + ': ' if loc else ''}{err['msg']}") from None
+    cfg = build_config(ClassesConfig, protocol=protocol, dataset=dataset,
+                       data_dir=str(data_dir) if data_dir else None, seed=seed, imbalance_ratio=imbalance_ratio,
+                       n_max=n_max, num_targets=num_targets, many=many, few=few, skip_corrupt=skip_corrupt,
+                       download=download, force=force)
     res = run_classes(cfg, run_dir)
     from ..rundir import read_json
 

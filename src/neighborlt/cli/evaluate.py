@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from ._common import build_config
+
 logger = logging.getLogger(__name__)
 
 
@@ -32,18 +34,11 @@ def eval_cmd(
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default RUN/eval).")] = None,
 ) -> None:
     """Write metrics.json, per_class.csv, report.md and per_class.png for a run."""
-    from pydantic import ValidationError
-
     from ..errors import ConfigError
     from ..evaluate import EvalConfig, run_eval
 
-    try:
-        cfg = EvalConfig(predictions=predictions, model=model, many=many, few=few, batch_size=batch_size,
-                         max_test_per_class=max_test_per_class,
-                         device=device, data_dir=data_dir, out=out)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise ConfigError(f"--{'-'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
+    cfg = build_config(EvalConfig, predictions=predictions, model=model, many=many, few=few, batch_size=batch_size,
+                       max_test_per_class=max_test_per_class, device=device, data_dir=data_dir, out=out)
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: run directory not found; pass an existing run directory")
     run_eval(cfg, run_dir)

@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from ._common import build_config
+
 
 def _json_opt(text: str | None, what: str) -> dict:
     from ..errors import ConfigError
@@ -21,18 +23,6 @@ def _json_opt(text: str | None, what: str) -> dict:
     if not isinstance(val, dict):
         raise ConfigError(f"{what}: expected a JSON object such as '{{\"epochs\": 10}}'")
     return val
-
-
-def _validated(cls, **kw):
-    from pydantic import ValidationError
-
-    from ..errors import ConfigError
-
-    try:
-        return cls(**kw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise ConfigError(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}") from None
 
 
 def run_cmd(
@@ -52,7 +42,7 @@ def run_cmd(
     """Run classes -> neighbors -> train -> export -> eval (and the baseline) into RUN_DIR."""
     from ..pipeline import DEMO_TRAIN, PipelineConfig, run_pipeline
 
-    cfg = _validated(PipelineConfig, protocol=protocol, data_dir=str(data_dir) if data_dir else None, seed=seed,
+    cfg = build_config(PipelineConfig, protocol=protocol, data_dir=str(data_dir) if data_dir else None, seed=seed,
                      loss=loss, lambda_s=lambda_s, aux_cap=aux_cap, baseline=baseline, relation=relation,
                      neighbors={"backend": "wordnet", **_json_opt(neighbors, "--neighbors")},
                      train={**DEMO_TRAIN, **_json_opt(train, "--train")})
@@ -95,7 +85,7 @@ def ablate_cmd(
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise ConfigError(f"--seeds {seeds!r}: expected comma-separated integers such as 0,1,2") from None
-    cfg = _validated(AblationConfig, grids=grid, protocol=protocol, seeds=seed_list, relation=relation,
+    cfg = build_config(AblationConfig, grids=grid, protocol=protocol, seeds=seed_list, relation=relation,
                      neighbors_backend=backend, data_dir=str(data_dir) if data_dir else None,
                      train={**DEMO_TRAIN, **_json_opt(train, "--train")}, lambda_s=lambda_s, aux_cap=aux_cap,
                      per_class=per_class, protocol_overrides=_json_opt(protocol_overrides, "--protocol-overrides"))

@@ -10,6 +10,8 @@ from typing import Annotated, Any
 
 import typer
 
+from ._common import build_config
+
 logger = logging.getLogger(__name__)
 
 
@@ -92,8 +94,6 @@ def train_cmd(
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide the progress bar.")] = False,
 ) -> None:
     """Train on the target (+ auxiliary) classes; writes RUN/train/{model.safetensors, model.json, log.jsonl}."""
-    from pydantic import ValidationError
-
     from ..errors import ConfigError
     from ..rundir import read_json
     from ..train.config import TrainConfig
@@ -125,12 +125,7 @@ def train_cmd(
         fields["loss_params"] = {**fields.get("loss_params", {}), **_pairs(loss_param, "--loss-param")}
     if aux_cap is not None and aux_cap <= 0:
         fields["aux_cap"] = None  # --aux-cap 0: use every auxiliary image
-    try:
-        cfg = TrainConfig(**fields)
-    except ValidationError as e:
-        err = e.errors()[0]
-        loc = "-".join(str(x) for x in err["loc"]).replace("_", "-")
-        raise ConfigError(f"--{loc}: {err['msg']}") from None
+    cfg = build_config(TrainConfig, **fields)
     result = run_train(cfg, run_dir, resume=resume, force=force, progress=not no_progress)
     if result.interrupted:
         typer.echo(f"interrupted after {result.epochs_done} epochs; checkpoint saved in {run_dir / 'train'}; "

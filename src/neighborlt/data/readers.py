@@ -552,6 +552,15 @@ def _load_path(path: Path, split: str, skip_corrupt: bool) -> ImageSet:
     return read_image_folder(path, skip_corrupt=skip_corrupt)
 
 
+# Local names a CIFAR copy may have (offline ImageFolder archive, official pickles), and where --download puts it.
+_CIFAR_FILES: dict[str, tuple[list[str], str]] = {
+    "cifar10": (["cifar10.tar.gz", "cifar10", "cifar-10-batches-py", "cifar-10-python.tar.gz"],
+                "downloads/cifar-10-batches-py"),
+    "cifar100": (["cifar-100-python", "cifar-100-python.tar.gz", "cifar100.tar.gz", "cifar100"],
+                 "downloads/cifar-100-python"),
+}
+
+
 def load_dataset(name: str, split: str = "train", data_dir: str | os.PathLike[str] | None = None, *,
                  skip_corrupt: bool = False, download: bool = False) -> ImageSet:
     """Load a dataset by name or path.
@@ -580,20 +589,11 @@ def load_dataset(name: str, split: str = "train", data_dir: str | os.PathLike[st
     """
     if split == "val" and name not in ("tiny-imagenet",):
         split = "test" if name in ("cifar10", "cifar100", "omniglot") else split
-    if name == "cifar10":
-        cands = ["cifar10.tar.gz", "cifar10", "cifar-10-batches-py", "cifar-10-python.tar.gz"]
-        found = _find(cands, data_dir) or _find(["downloads/cifar-10-batches-py"], None)
+    if name in _CIFAR_FILES:
+        cands, downloaded = _CIFAR_FILES[name]
+        found = _find(cands, data_dir) or _find([downloaded], None)
         if found is None and download:
-            found = _cifar_download("cifar10")
-        if found is None:
-            raise _missing(name, cands, data_dir, "pass download=True (CLI: --download) to fetch the official copy "
-                           "through torchvision, or put it in --data-dir")
-        return _load_path(found, split, skip_corrupt)
-    if name == "cifar100":
-        cands = ["cifar-100-python", "cifar-100-python.tar.gz", "cifar100.tar.gz", "cifar100"]
-        found = _find(cands, data_dir) or _find(["downloads/cifar-100-python"], None)
-        if found is None and download:
-            found = _cifar_download("cifar100")
+            found = _cifar_download(name)
         if found is None:
             raise _missing(name, cands, data_dir, "pass download=True (CLI: --download) to fetch the official copy "
                            "through torchvision, or put it in --data-dir")
