@@ -90,9 +90,15 @@ def setup(device: str = "auto") -> DistInfo:
 
 
 def cleanup(info: DistInfo) -> None:
-    """Destroy the process group if :func:`setup` created it."""
+    """Destroy the process group if :func:`setup` created it.
+
+    All ranks meet at a barrier first: a rank that tears gloo down while its peer is still finishing a collective
+    makes the peer abort ("terminate called without an active exception", seen once in CI here)."""
     if info.initialized_here and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def wrap(model: nn.Module, info: DistInfo, *, sync_bn: bool = False) -> nn.Module:
