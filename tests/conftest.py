@@ -17,7 +17,7 @@ def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     (``$NEIGHBORLT_CACHE``, which ``make test`` sets to ``.cache/``, else ``~/.cache/neighborlt``) so a session does
     not re-extract 160k files. Tests never reach a model hub."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    persistent = Path(os.environ.get("NEIGHBORLT_CACHE") or Path.home() / ".cache" / "neighborlt")
+    persistent = Path(os.environ.get("NEIGHBORLT_CACHE") or Path.home() / ".cache" / "neighborlt").resolve()
     session = tmp_path_factory.mktemp("nlt-cache")
     for shared in ("extracted", "arrays"):
         (persistent / shared).mkdir(parents=True, exist_ok=True)

@@ -93,3 +93,29 @@ def test_cli_errors_are_one_line(tmp_path: Path, args: list[str], message: str) 
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+
+
+def test_pool_vocabulary_limits_neighbours_to_pool_classes(tmp_path: Path, data_dir: Path) -> None:
+    """With --neighbors-vocabulary pool the backend can only name pool classes, so every proposed name reaches
+    training (nothing unmatched) and K / the split ratio change the neighbour pairs."""
+    from neighborlt.ablate import _Data
+
+    cfg = AblationConfig(grids=["k", "ratio"], protocol="cifar10-neighbours",
+                         data_dir=str(data_dir), relation="neighbors", neighbors_backend="embedding",
+                         neighbors_vocabulary="pool")
+    data = _Data(cfg, tmp_path)
+    pool = set(data.protocol.pool.class_names)
+    sets = {row.label: data.training_set(row.run) for g in ("k", "ratio") for row in grid_rows(cfg, g)}
+    assert (tmp_path / "neighbors" / "pool_vocabulary.txt").read_text().split("\n")[:-1] == \
+        data.protocol.pool.class_names
+    for label, aux in sets.items():
+        assert aux.unmatched == [], label
+        assert set(aux.train.class_names[aux.num_target:]) <= pool and aux.num_auxiliary > 0
+    k1, k3 = sets["K = 1"], sets["K = 3"]
+    assert len(k1.pairs) < len(k3.pairs)
+    # 0:1:3 asks nothing for head classes: the head target (cat, 500 images) has no neighbour pair
+    head = list(data.protocol.target_train.class_names).index("cat")
+    assert head not in set(sets["ratio 0:1:3"].pairs[:, 0].tolist())
+    assert head in set(sets["ratio 1:1:3"].pairs[:, 0].tolist())
+    with pytest.raises(Exception, match="no auxiliary pool"):
+        _Data(cfg.model_copy(update={"protocol": "cifar10-lt"}), tmp_path / "lt")._pool_vocabulary()

@@ -47,6 +47,10 @@ class AblationConfig(BaseModel):
     seeds: list[int] = [0, 1, 2]  # training seeds (the protocol split itself stays fixed)
     relation: Literal["neighbors", "wordnet"] = "neighbors"  # how auxiliary classes are found
     neighbors_backend: str = "wordnet"  # neighbour backend for relation "neighbors"
+    # "pool": the backend may only answer with the protocol's pool class names (the offline stand-in for "the LLM
+    # proposes names, retrieval finds images"), so K and the split ratio change the auxiliary set; needs a backend
+    # with a vocabulary (embedding). "backend": its own vocabulary (WordNet); names outside the pool are dropped.
+    neighbors_vocabulary: Literal["backend", "pool"] = "backend"
     per_class: int = Field(5, ge=1)  # K for the grids that do not sweep it
     split_ratio: str = "auto"  # head:medium:tail for the grids that do not sweep it
     lambda_s: float = Field(0.1, ge=0.0)  # for the grids that do not sweep it
@@ -176,9 +180,21 @@ class _Data:
         d = _neighbors_dir(self.out, spec)
         d.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self.out / "classes.json", d / "classes.json")
+        extra: dict[str, Any] = {}
+        if self.cfg.neighbors_vocabulary == "pool":
+            extra["vocabulary"] = str(self._pool_vocabulary())
         cfg = NeighborsConfig(backend=self.cfg.neighbors_backend, per_class=spec.per_class,
-                              split_ratio=spec.split_ratio)
+                              split_ratio=spec.split_ratio, **extra)
         return run_neighbors(cfg, d).doc
+
+    def _pool_vocabulary(self) -> Path:
+        """``OUT/neighbors/pool_vocabulary.txt``: one pool class name per line (what the backend may answer)."""
+        pool = self.protocol.pool
+        if pool is None or pool.num_classes == 0:
+            raise ConfigError(f"--neighbors-vocabulary pool: protocol {self.cfg.protocol!r} has no auxiliary pool")
+        path = self.out / "neighbors" / "pool_vocabulary.txt"
+        atomic_write_text(path, "".join(f"{name}\n" for name in pool.class_names))
+        return path
 
 
 def _train_seconds(run_dir: Path) -> float:

@@ -68,6 +68,9 @@ def ablate_cmd(
     relation: Annotated[str, typer.Option(help="neighbors (search with --backend) or wordnet (protocol siblings).")]
     = "neighbors",
     backend: Annotated[str, typer.Option(help="Neighbour backend for relation 'neighbors'.")] = "wordnet",
+    neighbors_vocabulary: Annotated[str, typer.Option(
+        help="backend (its own vocabulary) or pool (answers limited to the pool's class names; embedding backend)."
+    )] = "backend",
     data_dir: Annotated[Path | None, typer.Option(help="Offline datasets folder.")] = None,
     train: Annotated[str | None, typer.Option(help="TrainConfig fields as JSON (merged over the demo's).")] = None,
     protocol_overrides: Annotated[str | None, typer.Option(help="ProtocolConfig fields as JSON.")] = None,
@@ -86,7 +89,7 @@ def ablate_cmd(
     except ValueError:
         raise ConfigError(f"--seeds {seeds!r}: expected comma-separated integers such as 0,1,2") from None
     cfg = build_config(AblationConfig, grids=grid, protocol=protocol, seeds=seed_list, relation=relation,
-                     neighbors_backend=backend, data_dir=str(data_dir) if data_dir else None,
+                     neighbors_backend=backend, neighbors_vocabulary=neighbors_vocabulary, data_dir=str(data_dir) if data_dir else None,
                      train={**DEMO_TRAIN, **_json_opt(train, "--train")}, lambda_s=lambda_s, aux_cap=aux_cap,
                      per_class=per_class, protocol_overrides=_json_opt(protocol_overrides, "--protocol-overrides"))
     for res in run_ablation(cfg, out_dir, progress=not quiet):
