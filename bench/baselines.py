@@ -64,7 +64,13 @@ LOSSES: dict[str, tuple[str, dict[str, Any]]] = {
     "dro_t1": ("DRO-LT (T=1, Bal-CE term)", {"loss": "dro", "classifier": "retrain",
                                              "loss_params": {"temperature": 1.0, "lambda_ce": 0.5,
                                                              "ce": "balanced_softmax"}}),
+    # The DRO-LT paper's recipe: start from a network trained with plain CE, then train with the DRO-LT loss (paper
+    # T = 0.07) at a tenth of the learning rate for a third of the epochs, and re-train the classifier (cRT). Needs
+    # the finished `ce` run of the same dataset and seed (list `ce` first).
+    "dro_ft": ("DRO-LT (from the CE run)", {"loss": "dro", "classifier": "retrain", "warmup_epochs": 0.0,
+                                            "loss_params": {"temperature": 0.07, "lambda_ce": 0.5}}),
 }
+FINETUNE_FROM = {"dro_ft": "ce"}  # loss -> the run whose final weights it starts from
 
 # Hyper-parameters per regime (TrainConfig fields). Chosen, not tuned per loss: the same for every loss.
 REGIMES: dict[str, dict[str, Any]] = {
@@ -128,15 +134,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def train_config(regime: str, loss: str, dataset: str, epochs: int, seed: int, device: str,
-                 num_workers: int) -> dict[str, Any]:
-    """The TrainConfig fields of one run."""
-    cfg = {**REGIMES[regime], "loss": loss, **LOSSES[loss][1], "epochs": epochs, "seed": seed, "device": device,
+                 num_workers: int, init: str | None = None) -> dict[str, Any]:
+    """The TrainConfig fields of one run (``init``: the weights a fine-tuning loss such as ``dro_ft`` starts from)."""
+    cfg = {**REGIMES[regime], "loss": loss, "epochs": epochs, "seed": seed, "device": device,
            "num_workers": num_workers}
     if regime == "frozen":
         cfg["warmup_epochs"] = 1.0
     else:
         cfg["image_size"] = 64 if dataset == "tiny-imagenet-lt" else 32
         cfg["warmup_epochs"] = 5.0 if epochs >= 50 else float(max(1, epochs // 10))  # literature: 5 of 200
+    cfg.update(LOSSES[loss][1])
+    if loss in FINETUNE_FROM:
+        if init is None:
+            raise ValueError(f"{loss} fine-tunes the {FINETUNE_FROM[loss]} run: pass its weights as init")
+        cfg.update(init=init, epochs=max(1, epochs // 3), lr=cfg["lr"] / 10)
     return cfg
 
 
@@ -277,8 +288,14 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
             devices: set[str] = set()
             for seed in args.seeds:
                 run = out / ds / tag / loss / f"seed{seed}"
+                init = None
+                if loss in FINETUNE_FROM:
+                    init = out / ds / tag / FINETUNE_FROM[loss] / f"seed{seed}" / "train" / "model.safetensors"
+                    if not init.is_file():
+                        raise SystemExit(f"{init}: {loss} starts from the finished {FINETUNE_FROM[loss]} run of "
+                                         f"seed {seed}; list {FINETUNE_FROM[loss]} before {loss} in --losses")
                 cfg = TrainConfig(**train_config(args.regime, loss, ds, args.epochs, seed, args.device,
-                                                 args.num_workers))
+                                                 args.num_workers, init=str(init) if init else None))
                 logger.info("train %s / %s / %s seed %d -> %s", ds, tag, loss, seed, run)
                 res = run_train(cfg, run, resume=True, data=data, progress=not args.no_progress)
                 if res.interrupted:

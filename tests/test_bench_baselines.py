@@ -80,3 +80,20 @@ def test_arguments_and_regime_configs(baselines) -> None:
         baselines.parse_args(["--losses", "focal"])
     with pytest.raises(SystemExit):
         baselines.parse_args(["--epochs", "0"])
+
+
+def test_dro_finetune_starts_from_the_ce_run(baselines, data_dir: Path, tmp_path: Path, one_thread) -> None:
+    out = tmp_path / "bench"
+    argv = ["--regime", "scratch", "--datasets", "cifar10-lt-r100", "--seeds", "0", "--epochs", "3",
+            "--max-train-per-class", "4", "--max-test-per-class", "2", "--out", str(out), "--threads", "1",
+            "--data-dir", str(data_dir), "--no-progress"]
+    with pytest.raises(SystemExit, match="list ce before dro_ft"):
+        baselines.main([*argv, "--losses", "dro_ft"])
+    doc = baselines.main([*argv, "--losses", "ce", "dro_ft"])
+    tag = out / "cifar10-lt-r100" / "scratch-e3-sub4x2"
+    cfg = json.loads((tag / "dro_ft" / "seed0" / "records" / "train.config.json").read_text())
+    assert cfg["init"] == str(tag / "ce" / "seed0" / "train" / "model.safetensors")
+    assert (cfg["loss"], cfg["epochs"], cfg["lr"], cfg["classifier"]) == ("dro", 1, pytest.approx(0.01), "retrain")
+    assert cfg["loss_params"]["temperature"] == 0.07
+    labels = [r["label"] for r in doc["rows"]]
+    assert labels == ["CE", "DRO-LT (from the CE run) (direct)", "DRO-LT (from the CE run) + cRT"]
