@@ -44,7 +44,7 @@ def test_table6_grid_shares_runs_and_reports_paired_deltas(tmp_path: Path, data_
                          data_dir=str(data_dir), seeds=[0, 1], relation="wordnet", aux_cap=8,
                          train={**TRAIN, "epochs": 1, "max_test_per_class": 10, "crt_epochs": 1})
     rows = grid_rows(cfg, "table6")
-    assert len(rows) == 5 and len({r.run.name for r in rows}) == 3  # direct and cRT rows share their run
+    assert len(rows) == 6 and len({r.run.name for r in rows}) == 3  # direct and cRT rows share their run
     trained: list[tuple[str, int]] = []
     (res,) = run_ablation(cfg, tmp_path, progress=False, on_run=lambda n, s: trained.append((n, s)))
     assert sorted(trained) == sorted((n, s) for n in ("balce", "balce_aux_crt", "ns0.1_aux_crt") for s in (0, 1))
@@ -56,8 +56,15 @@ def test_table6_grid_shares_runs_and_reports_paired_deltas(tmp_path: Path, data_
     crt = next(r for r in res.rows if r["classifier"] == "crt_metrics")
     direct = next(r for r in res.rows if r["run"] == crt["run"] and r["classifier"] == "metrics")
     assert crt["seeds"] != direct["seeds"]  # two classifiers of one run
+    # the control row: cRT of the Bal-CE run (trained with the joint classifier), re-trained after the fact
+    control = res.rows[-1]
+    assert control["run"] == "balce" and control["classifier"] == "crt_metrics"
+    assert control["seeds"][0]["overall"] is not None and control["seeds"] != first["seeds"]
+    crt_dir = tmp_path / "runs" / "balce" / "seed0" / "train" / "crt"
+    assert json.loads((crt_dir / "model.json").read_text())["num_classes"] == 5
+    assert json.loads((crt_dir / "metrics.json").read_text()) == control["seeds"][0]
     table = (tmp_path / "table6.md").read_text()
-    assert table.count("\n| ") == 6 and "neighbor silencing" in table
+    assert table.count("\n| ") == 7 and "neighbor silencing" in table and "(control)" in table
     assert (tmp_path / "table6.png").stat().st_size > 1000
     # re-running only re-reads finished runs
     trained.clear()

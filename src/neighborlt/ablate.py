@@ -108,7 +108,10 @@ def grid_rows(cfg: AblationConfig, grid: str) -> list[Row]:
                 Row("+ auxiliary data, Bal-CE (†), cRT classifier", dag, "crt_metrics"),
                 Row("+ neighbor silencing, cRT classifier", nsr, "crt_metrics"),
                 Row("+ auxiliary data, Bal-CE (†), direct classifier", dag),
-                Row("+ neighbor silencing + direct classifier", nsr)]
+                Row("+ neighbor silencing + direct classifier", nsr),
+                # control: how much of the cRT rows' gain is the re-balanced classifier itself (cRT of the Bal-CE
+                # run's backbone, re-trained after the fact; no auxiliary data anywhere)
+                Row("Bal-CE (no auxiliary data), cRT classifier (control)", base, "crt_metrics")]
     if grid == "lambda":
         return [Row(f"λs = {lam:g}", _spec(cfg, f"ns{lam:g}_aux", aux=True, loss="neighbor_silencing", lambda_s=lam))
                 for lam in cfg.lambdas]
@@ -197,6 +200,33 @@ class _Data:
         return path
 
 
+def posthoc_crt(run_dir: Path, tcfg: Any, aux: Any) -> dict[str, float | None]:
+    """cRT of a finished joint-classifier run: re-train a class-balanced target classifier on its frozen backbone
+    (seconds; ``RUN/train/crt/``) and return the test metrics, cached in ``RUN/train/crt/metrics.json``."""
+    import torch
+
+    from .train.crt import run_crt
+    from .train.engine import _cap_test, load_trained_model
+
+    crt_dir = run_dir / "train" / "crt"
+    cached = crt_dir / "metrics.json"
+    if cached.is_file():
+        return read_json(cached)
+    if tcfg.frozen:
+        raise ConfigError(f"{run_dir}: cRT after the fact needs an image model; train frozen runs with "
+                          "classifier='retrain'")
+    model, meta = load_trained_model(run_dir / "train")
+    use_cuda = tcfg.device != "cpu" and torch.cuda.is_available()
+    device = torch.device("cuda" if use_cuda else "cpu")
+    L = int(aux.num_target)
+    counts = np.bincount(np.asarray(aux.train.labels), minlength=L)[:L]
+    test = _cap_test(aux.test, tcfg.max_test_per_class)  # the test set the run itself was scored on
+    _, metrics = run_crt(tcfg, model.to(device), meta, aux, test, None, None, crt_dir, device, counts,
+                         aux.thresholds)
+    atomic_write_json(cached, metrics)
+    return metrics
+
+
 def _train_seconds(run_dir: Path) -> float:
     """Training time of a run: the sum of its epochs' times in ``train/log.jsonl`` (also right for runs that were
     resumed, or skipped because they had finished earlier)."""
@@ -266,6 +296,11 @@ def run_ablation(cfg: AblationConfig, out_dir: str | os.PathLike[str], *, progre
                     cache[k] = (res, _train_seconds(run_dir))
                 res, wall = cache[k]
                 metrics = getattr(res, row.source) or {}
+                if row.source == "crt_metrics" and not metrics:  # a joint-classifier run: cRT after the fact
+                    metrics = posthoc_crt(out / "runs" / name / f"seed{seed}",
+                                          TrainConfig(**{**base_train, **dict(row.run.train), "seed": seed,
+                                                         "data_dir": cfg.data_dir}),
+                                          data.training_set(row.run))
                 per_seed[seed] = {s: metrics.get(s) for s in SPLITS}
                 walls.append(wall)
             if baseline is None:
