@@ -126,3 +126,17 @@ def test_pool_vocabulary_limits_neighbours_to_pool_classes(tmp_path: Path, data_
     assert head in set(sets["ratio 1:1:3"].pairs[:, 0].tolist())
     with pytest.raises(Exception, match="no auxiliary pool"):
         _Data(cfg.model_copy(update={"protocol": "cifar10-lt"}), tmp_path / "lt")._pool_vocabulary()
+
+
+def test_grid_rows_with_the_same_auxiliary_set_train_once(tmp_path: Path, data_dir: Path) -> None:
+    """K = 5 and K = 7 both use all 5 pool classes and the same pairs on this small protocol: one run, two rows."""
+    cfg = AblationConfig(grids=["k"], ks=[5, 7], protocol="cifar10-neighbours", protocol_overrides=SMALL,
+                         data_dir=str(data_dir), seeds=[0], relation="neighbors", neighbors_backend="embedding",
+                         neighbors_vocabulary="pool", aux_cap=8,
+                         train={**TRAIN, "epochs": 1, "max_test_per_class": 10})
+    trained: list[tuple[str, int]] = []
+    (res,) = run_ablation(cfg, tmp_path, progress=False, on_run=lambda n, s: trained.append((n, s)))
+    assert trained == [("ns0.1_aux_k5", 0)]
+    assert [r["run"] for r in res.rows] == ["ns0.1_aux_k5", "ns0.1_aux_k5"]
+    assert res.rows[0]["seeds"] == res.rows[1]["seeds"]
+    assert not (tmp_path / "runs" / "ns0.1_aux_k7").exists()

@@ -134,9 +134,13 @@ def grid_rows(cfg: AblationConfig, grid: str) -> list[Row]:
     raise ConfigError(f"unknown grid {grid!r}; choose one of: {', '.join(GRIDS)}")
 
 
-def _canonical(spec: RunSpec) -> tuple[Any, ...]:
-    """What makes two runs identical (the folder name does not)."""
-    return (spec.aux, spec.per_class if spec.aux else None, spec.split_ratio if spec.aux else None, spec.train)
+def _canonical(spec: RunSpec, data: _Data) -> tuple[Any, ...]:
+    """What makes two runs identical (the folder name does not): the training options and the auxiliary set they
+    see, i.e. its classes and neighbour pairs. Two neighbour settings that give the same set (K = 7 and K = 8 when the
+    pool has only 5 classes, say) therefore train once."""
+    aux = data.training_set(spec)
+    classes = tuple(aux.train.class_ids[aux.num_target:])
+    return (classes, tuple(map(tuple, np.asarray(aux.pairs).tolist())), spec.train)
 
 
 def _neighbors_dir(out: Path, spec: RunSpec) -> Path:
@@ -281,7 +285,7 @@ def run_ablation(cfg: AblationConfig, out_dir: str | os.PathLike[str], *, progre
             per_seed: dict[int, dict[str, float]] = {}
             walls = []
             for seed in cfg.seeds:
-                canon = _canonical(row.run)
+                canon = _canonical(row.run, data)
                 name = folder.setdefault(canon, row.run.name)
                 k = (canon, seed)
                 if k not in cache:
@@ -305,7 +309,7 @@ def run_ablation(cfg: AblationConfig, out_dir: str | os.PathLike[str], *, progre
                 walls.append(wall)
             if baseline is None:
                 baseline = per_seed
-            entry: dict[str, Any] = {"label": row.label, "run": folder[_canonical(row.run)], "classifier": row.source,
+            entry: dict[str, Any] = {"label": row.label, "run": folder[_canonical(row.run, data)], "classifier": row.source,
                                      "seeds": per_seed, "wall_s_mean": float(np.mean(walls))}
             for s in SPLITS:
                 entry[s] = _summary([per_seed[sd][s] for sd in cfg.seeds])
