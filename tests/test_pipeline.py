@@ -91,6 +91,7 @@ def test_grid_definitions() -> None:
     (["ablate", "OUT", "--seeds", "0,x"], "--seeds '0,x': expected comma-separated integers"),
     (["ablate", "OUT", "--train", "{epochs: 3}"], "--train: not valid JSON"),
     (["ablate", "OUT", "--grid", "nope"], "--grids-0"),
+    (["ablate", "OUT", "--neighbors-vocabulary", "pool"], "the pool vocabulary needs the embedding backend"),
     (["run", "OUT", "--train", "[1]"], "--train: expected a JSON object"),
 ])
 def test_cli_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:

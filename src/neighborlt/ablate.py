@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .errors import ConfigError
 from .rundir import RunDir, atomic_write_json, atomic_write_text, read_json
@@ -60,6 +60,13 @@ class AblationConfig(BaseModel):
     ks: list[int] = [1, 3, 5, 7, 8]
     ratios: list[str] = ["1:1:3", "0:1:3", "auto"]
     train: dict[str, Any] = Field(default_factory=dict)  # TrainConfig fields (model, epochs, image_size, ...)
+
+    @model_validator(mode="after")
+    def _vocabulary_needs_embedding(self) -> AblationConfig:
+        if self.neighbors_vocabulary == "pool" and self.neighbors_backend != "embedding":
+            raise ValueError(f"the pool vocabulary needs the embedding backend (got {self.neighbors_backend!r}); "
+                             "pass --backend embedding")
+        return self
 
 
 @dataclass(frozen=True)
@@ -309,8 +316,8 @@ def run_ablation(cfg: AblationConfig, out_dir: str | os.PathLike[str], *, progre
                 walls.append(wall)
             if baseline is None:
                 baseline = per_seed
-            entry: dict[str, Any] = {"label": row.label, "run": folder[_canonical(row.run, data)], "classifier": row.source,
-                                     "seeds": per_seed, "wall_s_mean": float(np.mean(walls))}
+            entry: dict[str, Any] = {"label": row.label, "run": folder[_canonical(row.run, data)],
+                                     "classifier": row.source, "seeds": per_seed, "wall_s_mean": float(np.mean(walls))}
             for s in SPLITS:
                 entry[s] = _summary([per_seed[sd][s] for sd in cfg.seeds])
                 entry[f"delta_{s}"] = _summary([per_seed[sd][s] - baseline[sd][s] for sd in cfg.seeds
