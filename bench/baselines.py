@@ -345,8 +345,9 @@ def _hp_line(regime: str, epochs: int) -> str:
     return (f"from scratch: ResNet-32 (resnet32_cifar), 32×32 (Tiny-ImageNet 64×64), random crop + flip; SGD lr 0.1, "
             f"momentum 0.9, wd 2e-4, batch 128, {epochs} epochs, {warm} warm-up + cosine, random sampling "
             "(the literature: 200 epochs, step decay at 160/180); DRO-LT: T=0.07 (paper), λ_CE=0.5, plain-CE term, "
-            "on the pooled features; variant T=1 with a Balanced-Softmax CE term; cRT = 10 epochs class-balanced "
-            "linear classifier (SGD lr 0.1)")
+            "on the pooled features; variant T=1 with a Balanced-Softmax CE term; DRO-LT from the CE run: the CE "
+            f"run's weights, then {max(1, epochs // 3)} epochs of DRO-LT (T=0.07) at lr 0.01, no warm-up; cRT = 10 "
+            "epochs class-balanced linear classifier (SGD lr 0.1)")
 
 
 def markdown(doc: dict[str, Any]) -> str:
