@@ -3,14 +3,11 @@ frozen efficientnet_lite0 features; the re-run must skip the finished run and gi
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from bench_helpers import load_bench
 
 
 @pytest.fixture()
@@ -25,11 +22,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def baselines():
-    spec = importlib.util.spec_from_file_location("bench_baselines", ROOT / "bench" / "baselines.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_baselines"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("baselines")
 
 
 def test_frozen_grid_runs_resumes_and_writes_table(baselines, data_dir: Path, tmp_path: Path, one_thread) -> None:

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from bench_helpers import load_bench
 
 
 @pytest.fixture(scope="module")
 def mod():
-    spec = importlib.util.spec_from_file_location("bench_neighbor_confusion", ROOT / "bench" / "neighbor_confusion.py")
-    m = importlib.util.module_from_spec(spec)
-    sys.modules["bench_neighbor_confusion"] = m
-    spec.loader.exec_module(m)
-    return m
+    return load_bench("neighbor_confusion")
 
 
 def test_confusion_figures(mod) -> None:
