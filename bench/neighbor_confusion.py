@@ -11,11 +11,14 @@ images:
 * ``margin``: mean logit margin z_y − max_{k paired with y} z_k over images whose class has a pair.
 
 The neighbour pairs are rebuilt from the folder's recorded ablation config (the Table 6 setting: its K and split
-ratio), and checked against the class ids each model was trained with.
+ratio), and checked against the class ids each model was trained with. ``--pairing visual`` (or ``random``) scores
+the same models against the pairs of the ``pairs`` grid instead (``neighborlt.data.auxiliary.repair``): how many of
+a model's confusions another pair set would have covered.
 
 Usage::
 
     .venv/bin/python bench/neighbor_confusion.py runs/ablate_tin30 [--runs balce_aux_crt ns0.1_aux_crt] [--seeds 0]
+        [--pairing relation|visual|random]
 """
 
 from __future__ import annotations
@@ -66,10 +69,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--runs", nargs="+", default=None, help="run names under OUT/runs (default: every joint "
                                                              "model with auxiliary outputs)")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the folder's seeds")
+    ap.add_argument("--pairing", choices=["relation", "visual", "random"], default="relation",
+                    help="which pairs 'paired' means (default: the folder's relation)")
     args = ap.parse_args(argv)
     cfg = AblationConfig(**read_json(args.out / "records" / "ablate.config.json"))
     data = _Data(cfg, args.out)
-    aux = data.training_set(_spec(cfg, "table6", aux=True))
+    aux = data.training_set(_spec(cfg, "table6", aux=True, pairing=args.pairing))
     L = int(aux.num_target)
     runs = args.runs or sorted(p.name for p in (args.out / "runs").iterdir()
                                if (p / "seed0" / "train" / "model.json").is_file()
@@ -77,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seeds = args.seeds if args.seeds is not None else cfg.seeds
     labels = np.asarray(aux.test.labels)
     rows: dict[str, dict[str, Any]] = {}
-    print(f"{args.out}: {L} targets, {aux.num_auxiliary} auxiliary classes, {len(aux.pairs)} pairs, "
+    print(f"{args.out}: {L} targets, {aux.num_auxiliary} auxiliary classes, {len(aux.pairs)} {args.pairing} pairs, "
           f"{len(labels)} test images")
     print("| run | seeds | " + " | ".join(COLUMNS) + " |")
     print("|---|---|" + "---|" * len(COLUMNS))
@@ -93,7 +98,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows[run] = {"seeds": per_seed, "mean": mean}
         print(f"| {run} | {','.join(map(str, seeds))} | " + " | ".join(
             f"{mean[k]:.3f}" if k == "paired mass" else f"{mean[k]:.1f}" for k in COLUMNS) + " |", flush=True)
-    (args.out / "neighbor_confusion.json").write_text(json.dumps(rows, indent=2))
+    suffix = "" if args.pairing == "relation" else f"_{args.pairing}"
+    (args.out / f"neighbor_confusion{suffix}.json").write_text(json.dumps(rows, indent=2))
     return rows
 
 

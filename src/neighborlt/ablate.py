@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,7 +32,7 @@ from .rundir import RunDir, atomic_write_json, atomic_write_text, read_json
 logger = logging.getLogger(__name__)
 
 SPLITS = ("overall", "many", "medium", "few")
-GRIDS = ("table6", "lambda", "cap", "k", "ratio", "losses")
+GRIDS = ("table6", "lambda", "cap", "k", "ratio", "losses", "pairs")
 
 
 class AblationConfig(BaseModel):
@@ -40,7 +40,7 @@ class AblationConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    grids: list[Literal["table6", "lambda", "cap", "k", "ratio", "losses"]] = ["table6"]
+    grids: list[Literal["table6", "lambda", "cap", "k", "ratio", "losses", "pairs"]] = ["table6"]
     protocol: str = "cifar10-neighbours"  # split-neighbour preset (neighborlt.data.PRESETS)
     protocol_overrides: dict[str, Any] = Field(default_factory=dict)  # n_max, imbalance_ratio, seed, ...
     data_dir: str | None = None
@@ -59,6 +59,13 @@ class AblationConfig(BaseModel):
     caps: list[int] = [10, 30, 50, 100, 150]
     ks: list[int] = [1, 3, 5, 7, 8]
     ratios: list[str] = ["1:1:3", "0:1:3", "auto"]
+    # grid "pairs": the relation's auxiliary set with its silenced pairs chosen again (same number per target):
+    # "visual" = the auxiliary classes whose prototypes of frozen pretrained features are closest to the target's,
+    # "random" = drawn at random (once, seed 0)
+    pairings: list[Literal["visual", "random"]] = ["visual", "random"]
+    pairing_model: str = "efficientnet_lite0"  # offline ImageNet weights: the stand-in for DINOv2 features
+    pairing_image_size: int = Field(64, ge=16)
+    pairing_images_per_class: int = Field(100, ge=1)  # prototype images per class (seeded sample)
     train: dict[str, Any] = Field(default_factory=dict)  # TrainConfig fields (model, epochs, image_size, ...)
 
     @model_validator(mode="after")
@@ -78,6 +85,7 @@ class RunSpec:
     per_class: int
     split_ratio: str
     train: tuple[tuple[str, Any], ...]  # TrainConfig overrides, sorted
+    pairing: str = "relation"  # which target/auxiliary pairs are silenced (neighborlt.data.auxiliary.repair)
 
 
 @dataclass(frozen=True)
@@ -97,11 +105,11 @@ class GridResult:
 
 
 def _spec(cfg: AblationConfig, name: str, *, aux: bool, per_class: int | None = None,
-          split_ratio: str | None = None, **train: Any) -> RunSpec:
+          split_ratio: str | None = None, pairing: str = "relation", **train: Any) -> RunSpec:
     if aux:
         train.setdefault("aux_cap", cfg.aux_cap)
     return RunSpec(name=name, aux=aux, per_class=per_class or cfg.per_class, split_ratio=split_ratio or cfg.split_ratio,
-                   train=tuple(sorted(train.items())))
+                   train=tuple(sorted(train.items())), pairing=pairing)
 
 
 def grid_rows(cfg: AblationConfig, grid: str) -> list[Row]:
@@ -138,6 +146,15 @@ def grid_rows(cfg: AblationConfig, grid: str) -> list[Row]:
         rows.append(Row(f"NS (λs={cfg.lambda_s:g}) + auxiliary data", _spec(cfg, f"ns{cfg.lambda_s:g}_aux", aux=True,
                                                                              **ns)))
         return rows
+    if grid == "pairs":
+        dag = _spec(cfg, "balce_aux_crt", aux=True, loss="balanced_softmax", classifier="retrain")
+        runs = [(f"NS, {cfg.relation} pairs", _spec(cfg, f"ns{cfg.lambda_s:g}_aux_crt", aux=True, classifier="retrain",
+                                                     **ns))]
+        runs += [(f"NS, {p} pairs", _spec(cfg, f"ns{cfg.lambda_s:g}_aux_crt_{p}", aux=True, classifier="retrain",
+                                          pairing=p, **ns)) for p in cfg.pairings]
+        return ([Row("† (λs = 1), direct classifier", dag)] + [Row(f"{lab}, direct classifier", r) for lab, r in runs]
+                + [Row("† (λs = 1), cRT classifier", dag, "crt_metrics")]
+                + [Row(f"{lab}, cRT classifier", r, "crt_metrics") for lab, r in runs])
     raise ConfigError(f"unknown grid {grid!r}; choose one of: {', '.join(GRIDS)}")
 
 
@@ -160,7 +177,7 @@ class _Data:
     def __init__(self, cfg: AblationConfig, out: Path) -> None:
         from .classes import ClassesConfig, run_classes
 
-        self.cfg, self.out = cfg, out
+        self.cfg, self.out = cfg, Path(out)
         ov = dict(cfg.protocol_overrides)
         run_classes(ClassesConfig(protocol=cfg.protocol, data_dir=cfg.data_dir, **ov), out)
         from .data import load_protocol
@@ -171,6 +188,11 @@ class _Data:
     def training_set(self, spec: RunSpec) -> Any:
         from .data.auxiliary import build_aux_training_set
 
+        if spec.aux and spec.pairing != "relation":
+            key = ("pairing", spec.pairing, spec.per_class, spec.split_ratio)
+            if key not in self._sets:
+                self._sets[key] = self._repaired(spec)
+            return self._sets[key]
         if not spec.aux:
             key: Any = "none"
         elif self.cfg.relation == "wordnet":
@@ -186,6 +208,33 @@ class _Data:
         else:
             aux = build_aux_training_set(self.protocol, neighbors=self._neighbors(spec), relation="neighbors")
         self._sets[key] = aux
+        return aux
+
+    def _repaired(self, spec: RunSpec) -> Any:
+        """The relation's auxiliary set with its pairs chosen again (``spec.pairing``); the pairs and their overlap
+        with the relation's go to ``OUT/pairs/<pairing>_k<K>_r<ratio>.json``."""
+        from dataclasses import replace
+
+        from .data.auxiliary import pairing_sample, repair
+
+        base = self.training_set(replace(spec, pairing="relation"))
+        feats = labels = None
+        if spec.pairing == "visual":
+            from .train.features import extract_features
+
+            idx = pairing_sample(base, self.cfg.pairing_images_per_class)
+            sample = base.train.subset(idx)
+            feats = extract_features(self.cfg.pairing_model, "pretrained", sample, self.cfg.pairing_image_size)
+            labels = sample.labels
+        aux = repair(base, spec.pairing, features=feats, feature_labels=labels)
+        names = aux.train.class_names
+        old = {tuple(p) for p in base.pairs.tolist()}
+        atomic_write_json(self.out / "pairs" / f"{spec.pairing}_{_neighbors_dir(self.out, spec).name}.json", {
+            "pairing": spec.pairing, "relation": self.cfg.relation, "model": self.cfg.pairing_model,
+            "image_size": self.cfg.pairing_image_size, "images_per_class": self.cfg.pairing_images_per_class,
+            "pairs": len(aux.pairs), "shared_with_relation": sum(tuple(p) in old for p in aux.pairs.tolist()),
+            "relation_pairs": len(base.pairs),
+            "pair_names": [[names[i], names[j]] for i, j in aux.pairs.tolist()]})
         return aux
 
     def _neighbors(self, spec: RunSpec) -> dict[str, Any]:
@@ -325,7 +374,11 @@ def run_ablation(cfg: AblationConfig, out_dir: str | os.PathLike[str], *, progre
             table_rows.append(entry)
         md = _markdown(cfg, grid, table_rows)
         if grid == "table6":
-            md += _silencing_vs_dagger(table_rows, cfg.seeds)
+            md += _silencing_vs_dagger(table_rows, cfg.seeds, (("direct classifier", 3, 4), ("cRT classifier", 1, 2)))
+        elif grid == "pairs":
+            n = len(table_rows) // 2
+            md += _silencing_vs_dagger(table_rows, cfg.seeds, [(table_rows[off + i]["label"], off, off + i)
+                                                                for off in (0, n) for i in range(1, n)])
         gr = GridResult(grid=grid, rows=table_rows, markdown=md)
         atomic_write_text(out / f"{grid}.md", gr.markdown)
         atomic_write_json(out / f"{grid}.json", {"config": cfg, "rows": table_rows})
@@ -350,17 +403,18 @@ def _markdown(cfg: AblationConfig, grid: str, rows: list[dict[str, Any]]) -> str
     return head + "\n".join(lines) + "\n"
 
 
-def _silencing_vs_dagger(rows: list[dict[str, Any]], seeds: list[int]) -> str:
+def _silencing_vs_dagger(rows: list[dict[str, Any]], seeds: list[int],
+                         comparisons: Sequence[tuple[str, int, int]]) -> str:
     """Paired same-seed differences neighbor silencing − † (plain Balanced-CE with the same auxiliary data), per
-    classifier: the extra gain of silencing over just adding the auxiliary classes."""
+    ``(label, † row, silencing row)``: the extra gain of silencing over just adding the auxiliary classes."""
     lines = ["", "Neighbor silencing − † (same classifier, paired over seeds):", ""]
-    for source, dag_i, ns_i in (("direct", 3, 4), ("cRT", 1, 2)):
+    for source, dag_i, ns_i in comparisons:
         dag, ns = rows[dag_i]["seeds"], rows[ns_i]["seeds"]
         parts = []
         for s in SPLITS:
             vals = [ns[k][s] - dag[k][s] for k in seeds if ns[k][s] is not None and dag[k][s] is not None]
             parts.append(f"{s} {_fmt(*_summary(vals))}")
-        lines.append(f"* {source} classifier: " + ", ".join(parts))
+        lines.append(f"* {source}: " + ", ".join(parts))
     return "\n".join(lines) + "\n"
 
 

@@ -61,7 +61,8 @@ def demo_cmd(
 
 def ablate_cmd(
     out_dir: Annotated[Path, typer.Argument(help="Experiment folder (created; re-running resumes).")],
-    grid: Annotated[list[str], typer.Option("--grid", help="table6 | lambda | cap | k | ratio | losses (repeat).")]
+    grid: Annotated[list[str], typer.Option("--grid", help="table6 | lambda | cap | k | ratio | losses | pairs "
+                                                           "(repeat).")]
     = ["table6"],  # noqa: B006
     protocol: Annotated[str, typer.Option(help="Split-neighbour preset.")] = "cifar10-neighbours",
     seeds: Annotated[str, typer.Option(help="Comma-separated training seeds.")] = "0,1,2",
@@ -77,6 +78,9 @@ def ablate_cmd(
     lambda_s: Annotated[float, typer.Option(help="λs where not swept.")] = 0.1,
     aux_cap: Annotated[int, typer.Option(help="M where not swept.")] = 50,
     per_class: Annotated[int, typer.Option(help="K where not swept.")] = 5,
+    pairing: Annotated[list[str], typer.Option("--pairing", help="Grid pairs: visual (prototype cosine of frozen "
+                                                                 "pretrained features) | random (repeat).")]
+    = ["visual", "random"],  # noqa: B006
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Table 6 and the λs / M / K / split-ratio / loss grids: mean ± std over seeds, markdown + plots."""
@@ -92,7 +96,7 @@ def ablate_cmd(
                      neighbors_backend=backend, neighbors_vocabulary=neighbors_vocabulary,
                      data_dir=str(data_dir) if data_dir else None,
                      train={**DEMO_TRAIN, **_json_opt(train, "--train")}, lambda_s=lambda_s, aux_cap=aux_cap,
-                     per_class=per_class, protocol_overrides=_json_opt(protocol_overrides, "--protocol-overrides"))
+                     per_class=per_class, pairings=pairing, protocol_overrides=_json_opt(protocol_overrides, "--protocol-overrides"))
     for res in run_ablation(cfg, out_dir, progress=not quiet):
         typer.echo(res.markdown)
 

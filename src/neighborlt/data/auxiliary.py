@@ -22,6 +22,7 @@ from .protocol import Protocol
 logger = logging.getLogger(__name__)
 
 RELATIONS = ("neighbors", "wordnet", "none")
+PAIRINGS = ("relation", "visual", "random")
 _SPACE = re.compile(r"[\s_\-]+")
 
 
@@ -218,4 +219,83 @@ def build_aux_training_set(protocol: Protocol, neighbors: dict[str, Any] | None 
                           unmatched=unmatched)
 
 
-__all__ = ["RELATIONS", "AuxTrainingSet", "build_aux_training_set", "name_keys", "normalize_name"]
+def class_prototypes(features: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Unit-norm class prototypes: the mean of each class's L2-normalised features, normalised again.
+
+    Args:
+        features: float [N, D].
+        labels: int [N] in ``0..num_classes-1``.
+        num_classes: C.
+
+    Returns:
+        float64 [C, D]; a class without samples gets a zero row (cosine 0 to everything).
+    """
+    f = np.asarray(features, dtype=np.float64)
+    f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    sums = np.zeros((num_classes, f.shape[1]))
+    np.add.at(sums, np.asarray(labels, dtype=np.int64), f)
+    return sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+
+
+def pairing_sample(aux: AuxTrainingSet, max_per_class: int = 100, seed: int = 0) -> np.ndarray:
+    """Indices into ``aux.train`` of at most ``max_per_class`` images per class (seeded): what the prototypes of
+    :func:`repair` are computed from."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(aux.train.labels)
+    keep = [rng.permutation(np.flatnonzero(labels == c))[:max_per_class] for c in range(aux.train.num_classes)]
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
+
+
+def repair(aux: AuxTrainingSet, pairing: str, *, features: np.ndarray | None = None,
+           feature_labels: np.ndarray | None = None, seed: int = 0) -> AuxTrainingSet:
+    """The same classes and images with other silenced pairs: each target keeps its number of pairs under the
+    relation (its degree), but its partners are chosen again among the auxiliary classes.
+
+    ``"visual"``: the auxiliary classes whose prototypes (:func:`class_prototypes` of ``features``, e.g. frozen
+    pretrained features, the filter stage's similarity) have the highest cosine to the target's prototype.
+    ``"random"``: drawn uniformly without replacement (``seed``), the control for "any pairs at all".
+    ``"relation"`` returns ``aux`` unchanged.
+
+    Args:
+        aux: an auxiliary training set with its relation pairs.
+        pairing: one of :data:`PAIRINGS`.
+        features: float [N, D] of some images of ``aux.train`` (``"visual"`` only).
+        feature_labels: their labels in ``aux.train``'s class indices.
+        seed: random pairing seed.
+
+    Raises:
+        ConfigError: unknown pairing, or ``"visual"`` without features covering every class.
+    """
+    if pairing not in PAIRINGS:
+        raise ConfigError(f"unknown pairing {pairing!r}; choose one of: {', '.join(PAIRINGS)}")
+    if pairing == "relation":
+        return aux
+    L, K = aux.num_target, aux.num_auxiliary
+    degree = np.bincount(np.asarray(aux.pairs[:, 0], dtype=np.int64), minlength=L) if len(aux.pairs) else \
+        np.zeros(L, dtype=np.int64)
+    if pairing == "visual":
+        if features is None or feature_labels is None or len(features) != len(feature_labels):
+            raise ConfigError("pairing 'visual' needs features and their labels (one label per feature row)")
+        present = np.bincount(np.asarray(feature_labels, dtype=np.int64), minlength=L + K)
+        if (present == 0).any():
+            missing = aux.train.class_names[int(np.flatnonzero(present == 0)[0])]
+            raise ConfigError(f"pairing 'visual': no features of class {missing!r}; pass features of every class")
+        proto = class_prototypes(features, feature_labels, L + K)
+        sim = proto[:L] @ proto[L:].T  # [L, K] cosine of target and auxiliary prototypes
+        order = np.argsort(-sim, axis=1, kind="stable")
+    else:
+        rng = np.random.default_rng(seed)
+        order = np.stack([rng.permutation(K) for _ in range(L)]) if K else np.zeros((L, 0), dtype=np.int64)
+    pairs = [(i, L + int(j)) for i in range(L) for j in order[i, :degree[i]]]
+    new_pairs = np.array(sorted(pairs), dtype=np.int64).reshape(-1, 2)
+    parents: dict[str, list[str]] = {}
+    for i, a in new_pairs.tolist():
+        parents.setdefault(aux.train.class_names[a], []).append(aux.train.class_names[i])
+    logger.info("pairing %s: %d pairs (%d shared with the relation's %d)", pairing, len(new_pairs),
+                len({tuple(p) for p in new_pairs.tolist()} & {tuple(p) for p in aux.pairs.tolist()}), len(aux.pairs))
+    return AuxTrainingSet(train=aux.train, test=aux.test, num_target=L, pairs=new_pairs, aux_parents=parents,
+                          unmatched=list(aux.unmatched), thresholds=aux.thresholds)
+
+
+__all__ = ["PAIRINGS", "RELATIONS", "AuxTrainingSet", "build_aux_training_set", "class_prototypes", "name_keys",
+           "normalize_name", "pairing_sample", "repair"]
