@@ -6,7 +6,11 @@ A third row, ``naive``, is the straightforward implementation that materialises 
 the adjusted logits per batch and runs ``F.cross_entropy`` on it (what the fused autograd function avoids).
 
 Time: the median (and min) of ``--reps`` forward+backward steps per loss after warm-up, run in blocks of 5
-consecutive steps that rotate over the losses. Peak memory: on CPU
+consecutive steps that rotate over the losses. On CPU, glibc's malloc by default returns freed B x C buffers to
+the OS and page-faults them in again on the next step, depending on its adaptive thresholds; that swings the
+medians between runs (Balanced Softmax at C = 1,000: 1.1 to 1.5 ms on an idle machine). ``--malloc steady``
+re-runs the script with ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` raised so that freed buffers are
+reused (the steady state of a long training loop), which times the arithmetic alone. Peak memory: on CPU
 the rise of the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) over one step, in a
 fresh subprocess per (C, loss) with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed buffers leave the resident set;
 on CUDA ``torch.cuda.max_memory_allocated`` over one step. Both count the step's own buffers above the inputs.
@@ -15,6 +19,7 @@ Usage::
 
     .venv/bin/python bench/loss_scaling.py                       # CPU (and CUDA when present)
     .venv/bin/python bench/loss_scaling.py --threads 2 --reps 30 --device cpu
+    .venv/bin/python bench/loss_scaling.py --malloc steady --reps 100 --device cpu
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ import torch.nn.functional as F
 from neighborlt.losses import BalancedSoftmaxCE, NeighborSilencingCE
 
 LOSS_NAMES = ("balanced_softmax", "neighbor_silencing", "naive")
+# glibc malloc tunables: buffers up to 1 GiB come from the heap and the heap is never trimmed below 4 GiB
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
 
 
 def problem(c: int, per_target: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -158,7 +165,8 @@ def peak_memory(name: str, b: int, c: int, lambda_s: float, device: str, threads
     """Run :func:`peak_memory_here` in a fresh subprocess (CPU) so earlier steps leave no resident buffers."""
     if device.startswith("cuda"):
         return peak_memory_here(name, b, c, lambda_s, device)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(threads))
+    env = {k: v for k, v in os.environ.items() if k not in STEADY_MALLOC}
+    env.update(MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(threads))
     code = (f"import torch, sys; torch.set_num_threads({threads}); sys.path.insert(0, {os.path.dirname(__file__)!r});"
             f"import loss_scaling as m; print(m.peak_memory_here({name!r}, {b}, {c}, {lambda_s}, 'cpu'))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
@@ -176,7 +184,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                     help="auto: CPU, plus CUDA when available")
     ap.add_argument("--json", help="also write the figures to this JSON file")
+    ap.add_argument("--malloc", choices=["default", "steady"], default="default",
+                    help="steady: re-run with glibc malloc thresholds raised so freed buffers are reused (see above)")
     args = ap.parse_args(argv)
+    if args.malloc == "steady" and os.environ.get("MALLOC_MMAP_THRESHOLD_") != STEADY_MALLOC["MALLOC_MMAP_THRESHOLD_"]:
+        script = os.path.abspath(__file__)
+        os.execve(sys.executable, [sys.executable, script, *(sys.argv[1:] if argv is None else argv)],
+                  {**os.environ, **STEADY_MALLOC})
     torch.set_num_threads(args.threads)
     devices = ["cpu", "cuda"] if args.device == "auto" else [args.device]
     if "cuda" in devices and not torch.cuda.is_available():
@@ -189,7 +203,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{'CPU Bal ms':>10} {'NS ms':>8} {'NS/Bal':>7} {'naive/Bal':>9} | {'Bal MiB':>7} {'NS MiB':>7} "
               f"{'naive MiB':>9}")
     print(f"B={args.batch}, 5 auxiliary neighbours per target, lambda_s={args.lambda_s}, torch {torch.__version__}, "
-          f"CPU threads {args.threads}; medians of {args.reps} forward+backward steps (blocks of 5, rotating); "
+          f"CPU threads {args.threads}, malloc {args.malloc}; medians of {args.reps} forward+backward steps "
+          "(blocks of 5, rotating); "
           f"wall = elapsed, CPU = process CPU time; MiB = peak extra memory of one step")
     print(header)
     print("-" * len(header))
