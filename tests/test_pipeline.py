@@ -90,7 +90,8 @@ def test_grid_definitions() -> None:
 @pytest.mark.parametrize("args, message", [
     (["ablate", "OUT", "--seeds", "0,x"], "--seeds '0,x': expected comma-separated integers"),
     (["ablate", "OUT", "--train", "{epochs: 3}"], "--train: not valid JSON"),
-    (["ablate", "OUT", "--grid", "nope"], "--grids-0"),
+    (["ablate", "OUT", "--grid", "nope"], "--grid 'nope': Input should be 'table6'"),
+    (["ablate", "OUT", "--pairing", "nearest"], "--pairing 'nearest': Input should be 'visual' or 'random'"),
     (["ablate", "OUT", "--neighbors-vocabulary", "pool"], "the pool vocabulary needs the embedding backend"),
     (["run", "OUT", "--train", "[1]"], "--train: expected a JSON object"),
 ])
