@@ -13,12 +13,14 @@ Every run is keyed by its resolved config, so re-running the same command only t
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import math
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +29,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .errors import ConfigError
-from .rundir import RunDir, atomic_write_json, atomic_write_text, read_json
+from .rundir import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -287,6 +289,29 @@ def posthoc_crt(run_dir: Path, tcfg: Any, aux: Any) -> dict[str, float | None]:
     return metrics
 
 
+@contextlib.contextmanager
+def _run_lock(run_dir: Path, *, wait: bool) -> Iterator[bool]:
+    """Hold ``RUN/.lock`` (an advisory ``flock``, released by the OS if the process dies) while a run trains, so that
+    several ``ablate`` processes can work through one folder; yields False when another holds it and ``wait`` is
+    False. Where ``fcntl`` is missing (Windows) it always yields True: run one process per folder there."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield True
+        return
+    with open(run_dir / ".lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _train_seconds(run_dir: Path) -> float:
     """Training time of a run: the sum of its epochs' times in ``train/log.jsonl`` (also right for runs that were
     resumed, or skipped because they had finished earlier)."""
@@ -333,6 +358,36 @@ def run_ablation(cfg: AblationConfig, out_dir: str | os.PathLike[str], *, progre
     results: list[GridResult] = []
     cache: dict[tuple[Any, int], Any] = {}
     folder: dict[Any, str] = {}  # identical runs in several grids (e.g. M = 50 and λs = 0.1) train once
+
+    def tcfg_of(spec: RunSpec, seed: int) -> Any:
+        return TrainConfig(**{**base_train, **dict(spec.train), "seed": seed, "data_dir": cfg.data_dir})
+
+    def train(spec: RunSpec, seed: int, name: str, *, wait: bool) -> bool:
+        run_dir = out / "runs" / name / f"seed{seed}"
+        with _run_lock(run_dir, wait=wait) as mine:
+            if not mine:  # another `ablate` process on this folder is training it: come back to it at the end
+                return False
+            if on_run:
+                on_run(name, seed)
+            res = run_train(tcfg_of(spec, seed), run_dir, data=data.training_set(spec), progress=progress,
+                            resume=True)
+        if res.interrupted:
+            raise ConfigError(f"training of {name} seed {seed} was interrupted; re-run to resume")
+        cache[(_canonical(spec, data), seed)] = (res, _train_seconds(run_dir))
+        return True
+
+    # every distinct run once, in grid order; runs that a parallel worker holds are trained (or, once it has
+    # finished them, just read) last, so several processes on one folder share the work
+    todo: dict[tuple[Any, int], tuple[RunSpec, str]] = {}
+    for grid in cfg.grids:
+        for row in grid_rows(cfg, grid):
+            canon = _canonical(row.run, data)
+            for seed in cfg.seeds:
+                todo.setdefault((canon, seed), (row.run, folder.setdefault(canon, row.run.name)))
+    busy = [(spec, seed, name) for (_, seed), (spec, name) in todo.items() if not train(spec, seed, name, wait=False)]
+    for spec, seed, name in busy:
+        train(spec, seed, name, wait=True)
+
     for grid in cfg.grids:
         rows = grid_rows(cfg, grid)
         table_rows = []
@@ -341,26 +396,13 @@ def run_ablation(cfg: AblationConfig, out_dir: str | os.PathLike[str], *, progre
             per_seed: dict[int, dict[str, float]] = {}
             walls = []
             for seed in cfg.seeds:
-                canon = _canonical(row.run, data)
-                name = folder.setdefault(canon, row.run.name)
-                k = (canon, seed)
-                if k not in cache:
-                    if on_run:
-                        on_run(name, seed)
-                    tcfg = TrainConfig(**{**base_train, **dict(row.run.train), "seed": seed,
-                                          "data_dir": cfg.data_dir})
-                    run_dir = out / "runs" / name / f"seed{seed}"
-                    res = run_train(tcfg, run_dir, data=data.training_set(row.run), progress=progress, resume=True)
-                    if res.interrupted:
-                        raise ConfigError(f"training of {name} seed {seed} was interrupted; re-run to resume")
-                    cache[k] = (res, _train_seconds(run_dir))
+                k = (_canonical(row.run, data), seed)
                 res, wall = cache[k]
                 metrics = getattr(res, row.source) or {}
                 if row.source == "crt_metrics" and not metrics:  # a joint-classifier run: cRT after the fact
-                    metrics = posthoc_crt(out / "runs" / name / f"seed{seed}",
-                                          TrainConfig(**{**base_train, **dict(row.run.train), "seed": seed,
-                                                         "data_dir": cfg.data_dir}),
-                                          data.training_set(row.run))
+                    run_dir = out / "runs" / folder[k[0]] / f"seed{seed}"
+                    with _run_lock(run_dir, wait=True):
+                        metrics = posthoc_crt(run_dir, tcfg_of(row.run, seed), data.training_set(row.run))
                 per_seed[seed] = {s: metrics.get(s) for s in SPLITS}
                 walls.append(wall)
             if baseline is None:
@@ -437,10 +479,10 @@ def _plot(path: Path, grid: str, rows: list[dict[str, Any]]) -> None:
     ax.set_title(grid, pad=22)
     ax.legend(fontsize=7, ncol=4, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    buf = io.BytesIO()  # through a unique temp file: parallel workers on one folder write the same plot
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def read_grid(out_dir: str | os.PathLike[str], grid: str) -> dict[str, Any]:
