@@ -92,11 +92,12 @@ def ablate_cmd(
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise ConfigError(f"--seeds {seeds!r}: expected comma-separated integers such as 0,1,2") from None
-    cfg = build_config(AblationConfig, repeated={"grids": "--grid", "pairings": "--pairing"}, grids=grid, protocol=protocol, seeds=seed_list, relation=relation,
-                     neighbors_backend=backend, neighbors_vocabulary=neighbors_vocabulary,
-                     data_dir=str(data_dir) if data_dir else None,
-                     train={**DEMO_TRAIN, **_json_opt(train, "--train")}, lambda_s=lambda_s, aux_cap=aux_cap,
-                     per_class=per_class, pairings=pairing, protocol_overrides=_json_opt(protocol_overrides, "--protocol-overrides"))
+    cfg = build_config(AblationConfig, repeated={"grids": "--grid", "pairings": "--pairing"}, grids=grid,
+                       protocol=protocol, seeds=seed_list, relation=relation, neighbors_backend=backend,
+                       neighbors_vocabulary=neighbors_vocabulary, data_dir=str(data_dir) if data_dir else None,
+                       train={**DEMO_TRAIN, **_json_opt(train, "--train")}, lambda_s=lambda_s, aux_cap=aux_cap,
+                       per_class=per_class, pairings=pairing,
+                       protocol_overrides=_json_opt(protocol_overrides, "--protocol-overrides"))
     for res in run_ablation(cfg, out_dir, progress=not quiet):
         typer.echo(res.markdown)
 
