@@ -161,3 +161,5 @@ def test_parallel_ablate_processes_share_one_folder(tmp_path: Path, data_dir: Pa
             assert epochs == [1], (name, seed, epochs)  # trained once, not twice over each other
     table = json.loads((tmp_path / "table6.json").read_text())["rows"]
     assert len(table) == 6 and all(set(r["seeds"]) == {"0", "1"} for r in table)
+    printed = [[line for line in out.splitlines() if line.startswith("| ")] for out in outs]
+    assert len(printed[0]) == 7 and printed[0] == printed[1]  # each process printed the same full table

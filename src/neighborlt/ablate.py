@@ -362,7 +362,8 @@ def run_ablation(cfg: AblationConfig, out_dir: str | os.PathLike[str], *, progre
     def tcfg_of(spec: RunSpec, seed: int) -> Any:
         return TrainConfig(**{**base_train, **dict(spec.train), "seed": seed, "data_dir": cfg.data_dir})
 
-    def train(spec: RunSpec, seed: int, name: str, *, wait: bool) -> bool:
+    def train(key: tuple[Any, int], spec: RunSpec, name: str, *, wait: bool) -> bool:
+        seed = key[1]
         run_dir = out / "runs" / name / f"seed{seed}"
         with _run_lock(run_dir, wait=wait) as mine:
             if not mine:  # another `ablate` process on this folder is training it: come back to it at the end
@@ -373,7 +374,7 @@ def run_ablation(cfg: AblationConfig, out_dir: str | os.PathLike[str], *, progre
                             resume=True)
         if res.interrupted:
             raise ConfigError(f"training of {name} seed {seed} was interrupted; re-run to resume")
-        cache[(_canonical(spec, data), seed)] = (res, _train_seconds(run_dir))
+        cache[key] = (res, _train_seconds(run_dir))
         return True
 
     # every distinct run once, in grid order; runs that a parallel worker holds are trained (or, once it has
@@ -384,9 +385,9 @@ def run_ablation(cfg: AblationConfig, out_dir: str | os.PathLike[str], *, progre
             canon = _canonical(row.run, data)
             for seed in cfg.seeds:
                 todo.setdefault((canon, seed), (row.run, folder.setdefault(canon, row.run.name)))
-    busy = [(spec, seed, name) for (_, seed), (spec, name) in todo.items() if not train(spec, seed, name, wait=False)]
-    for spec, seed, name in busy:
-        train(spec, seed, name, wait=True)
+    busy = [(key, spec, name) for key, (spec, name) in todo.items() if not train(key, spec, name, wait=False)]
+    for key, spec, name in busy:
+        train(key, spec, name, wait=True)
 
     for grid in cfg.grids:
         rows = grid_rows(cfg, grid)
