@@ -8,10 +8,11 @@ export NEIGHBORLT_CACHE ?= $(CURDIR)/.cache
 
 .PHONY: demo test install lint clean
 
-$(STAMP): pyproject.toml
+# constraints.txt pins the environment the test suite was run with, so a fresh machine installs what was tested.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

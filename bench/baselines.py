@@ -164,10 +164,10 @@ def build_data(name: str, data_dir: str | None, max_train: int | None, max_test:
     """Targets only (no auxiliary classes) of one dataset, optionally capped per class (memoised: a second grid in
     the same process reuses the loaded images)."""
     from neighborlt.data import build_protocol
-    from neighborlt.data.auxiliary import AuxTrainingSet, build_aux_training_set
+    from neighborlt.data.auxiliary import AuxTrainingSet, load_aux_training_set
 
     preset, overrides, _ = DATASETS[name]
-    aux = build_aux_training_set(build_protocol(preset, data_dir=data_dir, **overrides), relation="none")
+    aux = load_aux_training_set(build_protocol(preset, data_dir=data_dir, **overrides), None, ".")
     if aux.train.num_classes != aux.num_target:
         raise RuntimeError(f"{name}: relation 'none' gave {aux.train.num_classes - aux.num_target} auxiliary classes")
     if max_train is None and max_test is None:

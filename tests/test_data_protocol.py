@@ -3,6 +3,7 @@ auxiliary training set."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,10 @@ from data.make_fixtures import omniglot_npz, tiny_imagenet
 
 from neighborlt.classes import ClassesConfig, run_classes
 from neighborlt.data import build_protocol, load_protocol, shot_groups
-from neighborlt.data.auxiliary import build_aux_training_set, name_keys, normalize_name
+from neighborlt.data.auxiliary import load_aux_training_set
 from neighborlt.errors import ConfigError, DataError
+from neighborlt.filter import FilterConfig, run_filter
+from neighborlt.retrieve import RetrieveConfig, run_retrieve
 from neighborlt.rundir import RunDir, read_json
 
 
@@ -90,7 +93,7 @@ def test_split_json_round_trip_and_aux(tmp_path: Path, data_dir: Path) -> None:
     ref = build_protocol("cifar10-neighbours", data_dir, seed=3)
     assert p.target_train.paths == ref.target_train.paths and p.config == ref.config
 
-    aux = build_aux_training_set(p, relation="wordnet")
+    aux = _acquired(run, "wordnet")
     assert aux.num_target == 5 and aux.train.num_classes == 10
     assert aux.pairs.tolist() == [[0, 5], [1, 6], [2, 7], [3, 8], [4, 9]]
     assert aux.train.counts().tolist() == [500, 158, 50, 15, 5] + [5000] * 5
@@ -99,32 +102,39 @@ def test_split_json_round_trip_and_aux(tmp_path: Path, data_dir: Path) -> None:
     neighbors = {"targets": [{"index": 0, "name": "cat", "found": ["Dogs", "lynx"]}],
                  "auxiliary": [{"name": "TRUCK", "parents": ["Automobile", "cat"]},
                                {"name": "lynx", "parents": ["cat"]}, {"name": "ship", "parents": ["unicorn"]}]}
-    aux = build_aux_training_set(p, neighbors)
+    run.path("neighbors.json").write_text(json.dumps(neighbors))
+    aux = _acquired(run, "names")
     assert aux.train.class_names == ["cat", "automobile", "deer", "airplane", "bird", "truck", "dog"]
     assert aux.pairs.tolist() == [[0, 5], [0, 6], [1, 5]]
     assert aux.aux_parents == {"truck": ["automobile", "cat"], "dog": ["cat"]}
-    assert aux.unmatched == ["lynx"]
-    assert build_aux_training_set(p, relation="none").train.num_classes == 5
-    with pytest.raises(ConfigError, match="unknown auxiliary relation"):
-        build_aux_training_set(p, relation="siblings")
+    assert read_json(run.path("retrieve", "stats.json"))["source"]["unmatched_names"] == ["lynx"]
+    assert load_aux_training_set(p, None, run.root).train.num_classes == 5
+    run.path("neighbors.json").write_text(json.dumps({"auxiliary": [{"name": 3}]}))
     with pytest.raises(DataError, match="auxiliary\\[0\\] needs a string 'name'"):
-        build_aux_training_set(p, {"auxiliary": [{"name": 3}]})
+        run_retrieve(RetrieveConfig(), run)
 
     # a changed dataset is detected instead of silently giving another split
     doc = read_json(run.path("split.json"))
     doc["targets"][0]["train_count"] = 499
-    import json
-
     run.path("split.json").write_text(json.dumps(doc))
     with pytest.raises(DataError, match="no longer gives the recorded per-class counts"):
         load_protocol(run)
 
 
-def test_name_normalisation() -> None:
-    assert normalize_name("  Golden_Retriever ") == "golden retriever"
-    assert normalize_name("shih-tzu") == "shih tzu"
-    assert "butterfly" in name_keys("Butterflies") and "box" in name_keys("boxes")
-    assert name_keys("bus") == {"bus"} and name_keys("") == set()
+def _acquired(run: RunDir, match: str):
+    """retrieve (the protocol's local pool) -> filter (every rule off) -> the auxiliary training set."""
+    run_retrieve(RetrieveConfig(source="local", match=match, force=True), run)
+    run_filter(FilterConfig.keep_all(force=True), run)
+    return load_aux_training_set(load_protocol(run), run.path("filter", "aux_manifest.parquet"), run.root)
+
+
+def test_pool_matching_uses_the_one_normaliser() -> None:
+    from neighborlt.neighbors.parse import name_key
+
+    assert name_key("  Golden_Retrievers ") == "golden retriever"
+    assert name_key("shih-tzu") == "shih tzu"
+    assert name_key("Butterflies") == "butterfly" and name_key("boxes") == "box"
+    assert name_key("bus") == "bus" and name_key("") is None
 
 
 @pytest.mark.slow
@@ -148,7 +158,11 @@ def test_tiny_imagenet_lt_neighbours_real(data_dir: Path) -> None:
     syn = {n for c in p.pool.class_ids for n in p.pool.synonyms[c]}
     assert len(syn) > p.pool.num_classes  # words.txt synonyms are carried for name matching
     sib_names = {p.pool.class_names[p.pool.class_ids.index(s)] for s in p.siblings[p.config.targets[0]]}
-    aux = build_aux_training_set(p, {"auxiliary": [{"name": n, "parents": [tr.class_names[0]]} for n in sib_names]})
-    assert aux.num_auxiliary == len(sib_names) and not aux.unmatched
+    from neighborlt.retrieve.sources import AuxName, SourceContext, local_source
+
+    ctx = SourceContext(names=[AuxName(n, [tr.class_names[0]]) for n in sib_names], root=Path("."),
+                        load_protocol=lambda: p)
+    rows = list(local_source(RetrieveConfig(), ctx))
+    assert {r["name"] for r in rows} == sib_names and not ctx.stats["unmatched_names"]
     x_val = np.asarray(p.target_test.load(0))
     assert x_val.shape == (64, 64, 3)

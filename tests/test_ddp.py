@@ -87,8 +87,9 @@ def test_ddp_gradients_equal_single_process_on_concatenated_batch(tmp_path: Path
 def _small_aux(data_dir: Path):
     """The CIFAR-10 split-neighbour protocol, shrunk: 5 long-tailed targets (20..2 images), 5 pool classes of
     12 images each, WordNet sibling pairs."""
+    from aux_helpers import sibling_aux_set
+
     from neighborlt.data import build_protocol
-    from neighborlt.data.auxiliary import build_aux_training_set
 
     proto = build_protocol("cifar10-neighbours", data_dir=data_dir, n_max=20, imbalance_ratio=10)
     keep = np.concatenate([np.flatnonzero(proto.pool.labels == c)[:12] for c in range(proto.pool.num_classes)])
@@ -96,7 +97,7 @@ def _small_aux(data_dir: Path):
     keep = np.concatenate([np.flatnonzero(proto.target_test.labels == c)[:10]
                            for c in range(proto.target_test.num_classes)])
     proto.target_test = proto.target_test.subset(np.sort(keep))
-    return build_aux_training_set(proto, relation="wordnet")
+    return sibling_aux_set(proto)
 
 
 def _engine_worker(rank: int, world: int, port: int, run_dir: str, aux, cfg_json: str) -> None:

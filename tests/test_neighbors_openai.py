@@ -235,3 +235,141 @@ def test_cli_openai(tmp_path: Path) -> None:
     asked = {t["name"]: t["asked"] for t in doc["targets"]}
     assert asked == {"cat": 0, "dog": 1, "tiger": 3}
     assert {t["name"]: t["found"] for t in doc["targets"]}["tiger"] == ["lion", "leopard", "lynx"]
+
+
+# --- answer-quality guards, --retry-empty, the strict retry and JSON mode (issue 13) -----------------------------
+
+
+def test_example_copy_remarks_and_the_examples_own_class(tmp_path: Path) -> None:
+    answers = {  # what small local models answered with the paper's prompt
+        "automobile": '["husky", "alaskan malamute", "shiba inuus", "sedan"]',
+        "deer": '["Husky", "Alaskan Malamute", "elk", "moose"]',
+        "dog": '["wolf", "coyote", "dingo"]',  # one example name alone is a plausible answer
+        "cat": '["fox (not a cat)", "lynx", "tabby (synonym)", "racoon (not a mammal)"]',
+        "husky": '["alaskan malamute", "samoyed", "wolf"]',  # the example's own class keeps them
+    }
+    with ChatServer(lambda no, name, p, b: Reply(content=answers[name])) as srv:
+        doc = search([TargetClass(i, n) for i, n in enumerate(answers)],
+                     cfg_for(srv, tmp_path, per_class=5, split_ratio="1:1:1"))
+    found = {t["name"]: t["found"] for t in doc["targets"]}
+    assert found["automobile"] == ["shiba inuus", "sedan"] and found["deer"] == ["elk", "moose"]
+    assert found["dog"] == ["wolf", "coyote", "dingo"] and found["cat"] == ["fox", "lynx", "racoon"]
+    assert found["husky"] == ["alaskan malamute", "samoyed", "wolf"]
+    st = doc["stats"]
+    # "husky" is a target here, so the leak filter takes it first; "alaskan malamute" twice is the copy
+    assert st["dropped"]["target_class"] == 2 and st["dropped"]["example_copy"] == 2
+    assert st["dropped"]["retracted"] == 1 and st["repaired"]["remark"] == 2
+    with ChatServer(lambda no, name, p, b: Reply(content=answers[name])) as srv:  # the guard can be turned off
+        doc = search([TargetClass(0, "deer")], cfg_for(srv, tmp_path / "off", example_copy_min=0))
+    assert doc["targets"][0]["found"][:2] == ["husky", "alaskan malamute"] and "example_copy" not in \
+        doc["stats"]["dropped"]
+
+
+def test_generic_name_for_many_targets_is_dropped(tmp_path: Path) -> None:
+    names = [f"moth {i}" for i in range(10)]
+
+    def responder(no: int, name: str, prompt: str, body: dict) -> Reply:
+        shared = ["lynx"] if name in names[:3] else []  # 3 targets: at the cap, kept
+        return Reply(content=json.dumps(["animal", f"{name} lookalike", *shared]))
+
+    run = tmp_path / "run"
+    write_classes(run, names)
+    with ChatServer(responder) as srv:
+        res = run_neighbors(cfg_for(srv, tmp_path, split_ratio="1:1:1"), run)
+        st = res.doc["stats"]
+        assert st["generic_cap"] == 3 and st["generic_names"] == ["animal"] and st["dropped"]["generic"] == 10
+        assert all("animal" not in t["found"] for t in res.doc["targets"])
+        assert {a["name"]: len(a["parents"]) for a in res.doc["auxiliary"]}["lynx"] == 3
+        done = list(RunDir(run).read_log("neighbors"))[-1]
+        assert done["dropped"]["generic"] == 10 and done["generic_names"] == ["animal"]
+        off = search([TargetClass(i, n) for i, n in enumerate(names)],
+                     cfg_for(srv, tmp_path, split_ratio="1:1:1", generic_cap_fraction=0.0))
+        assert all("animal" in t["found"] for t in off["targets"]) and off["stats"]["generic_cap"] == 0
+    # offline backends share names between related targets by design: no cap
+    doc = search([TargetClass(0, "automobile"), TargetClass(1, "truck")],
+                 NeighborsConfig(backend="wordnet", cache_dir=str(tmp_path / "wn"), generic_cap_min=1,
+                                 generic_cap_fraction=1.0))
+    assert doc["stats"]["generic_cap"] == 0 and doc["stats"]["many_parent_auxiliary"] >= 1
+
+
+def test_strict_retry_after_an_answer_that_parses_to_nothing(tmp_path: Path) -> None:
+    def responder(no: int, name: str, prompt: str, body: dict) -> Reply:
+        if "JSON list of names only" in prompt:
+            return Reply(content='["wolf", "dingo"]')
+        return Reply(content="Sure! Dogs look a lot like several other animals.")
+
+    with ChatServer(responder) as srv:
+        doc = search([TargetClass(0, "dog")], cfg_for(srv, tmp_path))
+        assert [len(b["messages"]) for b in srv.bodies] == [1, 3]
+        assert srv.bodies[1]["messages"][1]["role"] == "assistant" and srv.calls == ["dog", "dog"]
+        assert doc["targets"][0]["found"] == ["wolf", "dingo"]
+        assert doc["stats"]["strict_retries"] == 1 and doc["stats"]["strict_recovered"] == 1
+        rec = json.loads(next((tmp_path / "cache").rglob("*.json")).read_text())
+        assert rec["extra"]["strict_retry"] == "recovered" and rec["extra"]["first_text"].startswith("Sure!")
+        off = search([TargetClass(0, "dog")], cfg_for(srv, tmp_path / "off", strict_retry=False))
+        assert off["targets"][0]["found"] == [] and len(srv.calls) == 3 and off["stats"]["strict_retries"] == 0
+
+
+def test_retry_empty_asks_cached_empty_and_refused_answers_again(tmp_path: Path) -> None:
+    targets = [TargetClass(0, "owl"), TargetClass(1, "newt")]
+
+    def refuse(no: int, name: str, prompt: str, body: dict) -> Reply:
+        if name == "owl":
+            return Reply(content="I'm sorry, I cannot help with that.")
+        return default_responder(no, name, prompt, body)
+
+    with ChatServer(refuse) as srv:
+        doc = search(targets, cfg_for(srv, tmp_path))
+        assert doc["targets"][0]["found"] == [] and doc["stats"]["strict_retries"] == 1
+    with ChatServer() as srv2:
+        again = search(targets, cfg_for(srv2, tmp_path))  # today's behaviour: the cache is trusted
+        assert srv2.calls == [] and again["targets"][0]["found"] == []
+        fixed = search(targets, cfg_for(srv2, tmp_path, retry_empty=True))
+        assert srv2.calls == ["owl"] and fixed["stats"]["retried_empty"] == 1 and fixed["stats"]["cached"] == 1
+        assert fixed["targets"][0]["found"][0] == "owl lookalike 1"
+        search(targets, cfg_for(srv2, tmp_path, retry_empty=True))  # now cached with names: not asked again
+        assert srv2.calls == ["owl"]
+
+
+def test_json_mode_used_where_supported_with_fallback(tmp_path: Path) -> None:
+    from neighborlt.neighbors.openai_backend import JSON_INSTRUCTION
+
+    targets = [TargetClass(i, n) for i, n in enumerate(["ant", "bee", "wasp"])]
+    with ChatServer() as srv:  # a server with JSON mode: every request carries response_format
+        doc = search(targets, cfg_for(srv, tmp_path / "a", json_mode="auto", concurrency=1))
+        assert all(b.get("response_format") == {"type": "json_object"} for b in srv.bodies) and len(srv.bodies) == 3
+        assert all(b["messages"][0]["content"].endswith(JSON_INSTRUCTION) for b in srv.bodies)
+    assert doc["stats"]["json_mode"] == "used" and doc["targets"][0]["found"][0] == "ant lookalike 1"
+    with ChatServer(reject_response_format=True) as srv:  # HTTP 400 once, then plain requests only
+        doc = search(targets, cfg_for(srv, tmp_path / "b", json_mode="auto", concurrency=1))
+        assert ["response_format" in b for b in srv.bodies] == [True, False, False, False]
+        assert doc["stats"]["json_mode"] == "rejected" and doc["stats"]["retries"] == 0
+        assert all(t["found"] for t in doc["targets"])
+        with pytest.raises(NeighborLTError, match="rejected response_format"):
+            search(targets[:1], cfg_for(srv, tmp_path / "c", json_mode="on"))
+        plain = search(targets[:1], cfg_for(srv, tmp_path / "d"))  # off (default): the paper's prompt, unchanged
+        assert "response_format" not in srv.bodies[-1] and "json_mode" not in plain["stats"]
+        assert srv.bodies[-1]["messages"][0]["content"].endswith("You should return:")
+
+
+def test_cli_quality_options_reach_the_config(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from neighborlt.cli import app
+
+    run = tmp_path / "run"
+    write_classes(run, ["cat", "dog"])
+    with ChatServer(reject_response_format=True) as srv:
+        res = CliRunner().invoke(app, ["neighbors", str(run), "--backend", "openai", "--model", "m",
+                                       "--base-url", srv.base_url, "--cache-dir", str(tmp_path / "c"),
+                                       "--json-mode", "auto", "--retry-empty", "--no-strict-retry",
+                                       "--example-copy-min", "3", "--generic-cap-fraction", "0.5",
+                                       "--generic-cap-min", "4", "--max-tokens", "64"], env={**os.environ})
+        assert res.exit_code == 0, res.output
+    rec = json.loads((run / "records" / "neighbors.config.json").read_text())
+    assert {k: rec[k] for k in ("json_mode", "retry_empty", "strict_retry", "example_copy_min",
+                                "generic_cap_fraction", "generic_cap_min", "max_tokens", "relevance_threshold")} == {
+        "json_mode": "auto", "retry_empty": True, "strict_retry": False, "example_copy_min": 3,
+        "generic_cap_fraction": 0.5, "generic_cap_min": 4, "max_tokens": 64, "relevance_threshold": None}
+    bad = CliRunner().invoke(app, ["neighbors", str(run), "--json-mode", "maybe"])
+    assert bad.exit_code != 0

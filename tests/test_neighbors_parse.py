@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -17,6 +18,7 @@ from neighborlt.neighbors import (
     normalise_name,
     parse_answer,
 )
+from neighborlt.neighbors.parse import split_enumeration, split_remark
 from neighborlt.neighbors.plan import resolve_ratio
 
 
@@ -73,6 +75,156 @@ def test_parser_fuzz_lists_of_hostile_items(items: list[str]) -> None:
     for text in (json.dumps(items), "\n".join(f"{i}. {x}" for i, x in enumerate(items)), ", ".join(items)):
         res = parse_answer(text)
         assert all(is_safe_name(n) and "/" not in n and "\\" not in n and ".." not in n for n in res.names)
+
+
+# --- the four failure classes of issue 13 ------------------------------------------------------------------------
+
+_words = st.text(alphabet="abcdefghijklmnopqrstuvwxyz", min_size=3, max_size=9)
+_names = st.lists(st.lists(_words, min_size=1, max_size=3).map(" ".join), min_size=1, max_size=12)
+
+
+def _expected(names: list[str]) -> list[str]:
+    out: list[str] = []
+    for n in names:
+        nm = normalise_name(n)
+        if nm is not None and nm.replace("-", " ") not in {o.replace("-", " ") for o in out}:
+            out.append(nm)
+    return out
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('["wolf", "red fox", "coy', ["wolf", "red fox"]),
+    ("['wolf', 'red fox', 'coy", ["wolf", "red fox"]),
+    ('Sure! You should return: ["wolf", "red fox",', ["wolf", "red fox"]),
+    ("[wolf, red fox, coy", ["wolf", "red fox"]),
+    ('{"categories": ["wolf", "jackal"', ["wolf", "jackal"]),
+    # an echoed (complete) example list, then the real answer cut off: the cut one is the answer
+    ('["alaskan malamute", "samoyed"]\nProvided category: "cat". You should return: ["lynx", "ocelot", "marg',
+     ["lynx", "ocelot"]),
+    ("[Note: I was cut off here", []),
+])
+def test_cut_off_list_keeps_complete_items(text: str, expected: list[str]) -> None:
+    res = parse_answer(text)
+    assert res.names == expected
+    if expected:
+        assert res.repaired["cut_off_list"] == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(_names, st.integers(min_value=0, max_value=10_000), st.sampled_from([", ", ",", ",\n  "]))
+def test_cut_off_list_property(names: list[str], cut: int, sep: str) -> None:
+    full = "[" + sep.join(json.dumps(n) for n in names) + "]"
+    cut = cut % (len(full) + 1)
+    text = full[:cut]
+    # an item is complete when its closing quote is inside the cut text
+    complete, pos = [], 1
+    for n in names:
+        end = pos + len(json.dumps(n))
+        if end <= cut:
+            complete.append(n)
+        pos = end + len(sep)
+    assert parse_answer(text).names == _expected(complete)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[wolf; red fox; coyote]", ["wolf", "red fox", "coyote"]),
+    ("[wolf | red fox | coyote]", ["wolf", "red fox", "coyote"]),
+    ('["wolf"; "red fox"; "coyote"]', ["wolf", "red fox", "coyote"]),
+    ("['wolf' | 'red fox']", ["wolf", "red fox"]),
+    ("Answer: [wolf;fox]", ["wolf", "fox"]),
+])
+def test_semicolon_and_pipe_inside_brackets(text: str, expected: list[str]) -> None:
+    assert parse_answer(text).names == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(_names, st.sampled_from([";", "; ", " | ", "|", ", "]), st.booleans())
+def test_separators_property(names: list[str], sep: str, quoted: bool) -> None:
+    items = [json.dumps(n) for n in names] if quoted else names
+    assert parse_answer("[" + sep.join(items) + "]").names == _expected(names)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("1) first 2) second 3) third", ["first", "second", "third"]),
+    ("1. wolf 2. red fox 3. coyote", ["wolf", "red fox", "coyote"]),
+    ("Here are 3 categories: 1) wolf 2) red fox 3) jackal", ["wolf", "red fox", "jackal"]),
+    ("(1) wolf (2) dingo", ["wolf", "dingo"]),
+    ("1) wolf - a wild canid 2) dingo", ["wolf", "dingo"]),
+    ("1) wolf 2) red fox 3", ["wolf", "red fox"]),  # cut off after the next number
+    ("1. boeing 747 2. airbus a380", ["boeing 747", "airbus a380"]),
+])
+def test_one_line_enumeration(text: str, expected: list[str]) -> None:
+    res = parse_answer(text)
+    assert res.names == expected and res.repaired["enumeration"] == 1
+
+
+@pytest.mark.parametrize("junk", ["first 2) second 3) third", "wolf 2. fox", "1) wolf", "wolf 3)", "2. wolf",
+                                  "a (b (c))", "fox (not", "fox)"])
+def test_junk_with_numbering_is_never_a_name(junk: str) -> None:
+    assert not is_safe_name(junk) and normalise_name(junk) is None
+    assert junk not in parse_answer(json.dumps([junk, "lynx"])).names
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.text(max_size=20), _hostile, st.sampled_from(["2)", "3.", "(4)", " 5) x", "6. y"])),
+                min_size=1, max_size=12), st.sampled_from([") ", ". ", ") - "]))
+def test_enumeration_fuzz_junk_never_becomes_a_name(items: list[str], mark: str) -> None:
+    res = parse_answer(" ".join(f"{i + 1}{mark}{x}" for i, x in enumerate(items)))
+    assert all(is_safe_name(n) for n in res.names)
+    assert not any(re.search(r"(?:^|\s)\(?\d{1,3}[.)](?:\s|$)", n) for n in res.names)
+
+
+def test_split_enumeration() -> None:
+    assert split_enumeration("just a line") is None and split_enumeration("1) alone") is None
+    assert split_enumeration("1) a 3) b") is None  # not consecutive
+    assert split_enumeration("x 1) a 2) b 2) c") == ["a", "b 2) c"]  # the longest run; junk stays junk
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_words, min_size=2, max_size=10), st.sampled_from([") ", ". "]), st.integers(0, 3))
+def test_enumeration_property(names: list[str], mark: str, start: int) -> None:
+    text = "Sure: " + " ".join(f"{i + 1 + start}{mark}{n}" for i, n in enumerate(names))
+    res = parse_answer(text)
+    assert res.names == _expected(names)
+    assert not any(ch.isdigit() for n in res.names for ch in n)
+
+
+@pytest.mark.parametrize("ctrl", ["\x00", "\r", "\x01", "\x1f", "\x7f", "\x85", "\r\n", "\u2028"])
+def test_control_character_between_items_keeps_the_next_item(ctrl: str) -> None:
+    for text in (f'["wolf",{ctrl} "fox", "coyote"]', f"[wolf,{ctrl}fox, coyote]", f"wolf,{ctrl}fox, coyote",
+                 f"1. wolf{ctrl}2. fox{ctrl}3. coyote", f'["wolf"{ctrl}, "fox", "coyote"]'):
+        assert parse_answer(text).names == ["wolf", "fox", "coyote"], repr(text)
+    # inside a word it never glues the word together: that one name is unsafe, the others stay
+    res = parse_answer(f'["wo{ctrl}lf", "fox"]') if ctrl not in ("\r", "\r\n", "\u2028", "\x85") else None
+    if res is not None:
+        assert res.names == ["fox"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(_names, st.lists(st.sampled_from(["\x00", "\r", "\x0b", "\x1b", "\x9f", "\ufeff"]), min_size=1,
+                        max_size=3).map("".join))
+def test_control_characters_property(names: list[str], ctrl: str) -> None:
+    text = "[" + ("," + ctrl).join(json.dumps(n) for n in names) + "]"
+    assert parse_answer(text).names == _expected(names)
+
+
+@pytest.mark.parametrize("item, name, what", [
+    ("fox (not a cat)", "fox", "remark"),
+    ("racoon (not a mammal)", "racoon", "remark"),
+    ("lynx (a wild cat with tufted ears)", "lynx", "remark"),
+    ("crane (bird)", "crane (bird)", None),
+    ("tabby (synonym)", None, "retracted"),
+    ("house cat (same as cat)", None, "retracted"),
+    ("toaster (not visually similar)", None, "retracted"),
+    ("ocelot", "ocelot", None),
+])
+def test_parenthetical_remarks(item: str, name: str | None, what: str | None) -> None:
+    raw, got = split_remark(item)
+    assert got == what
+    assert (normalise_name(raw) if raw is not None else None) == name
+    res = parse_answer(json.dumps([item, "wolf"]))
+    assert res.names == ([name] if name else []) + ["wolf"]
+    assert res.dropped["retracted"] == (what == "retracted") and res.repaired["remark"] == (what == "remark")
 
 
 def test_split_ratio_rule() -> None:

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from aux_helpers import sibling_aux_set
 
 from neighborlt.ablate import AblationConfig, grid_rows, run_ablation
 from neighborlt.data import build_protocol
-from neighborlt.data.auxiliary import AuxTrainingSet, build_aux_training_set, class_prototypes, pairing_sample, repair
+from neighborlt.data.auxiliary import AuxTrainingSet, class_prototypes, pairing_sample, repair
 from neighborlt.data.base import ImageSet
 from neighborlt.errors import ConfigError
 from neighborlt.pipeline import DEMO_TRAIN
@@ -69,7 +70,7 @@ def test_visual_pairs_on_cifar10_from_pretrained_features(data_dir: Path) -> Non
     nearest pool prototypes of cat, automobile and airplane are dog, truck and ship."""
     from neighborlt.train.features import extract_features
 
-    aux = build_aux_training_set(build_protocol("cifar10-neighbours", data_dir), relation="wordnet")
+    aux = sibling_aux_set(build_protocol("cifar10-neighbours", data_dir))
     idx = pairing_sample(aux, 40)
     assert np.bincount(aux.train.labels[idx]).tolist() == [40] * 3 + [15, 5] + [40] * 5  # airplane 15, bird 5 images
     sample = aux.train.subset(idx)

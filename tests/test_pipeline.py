@@ -15,13 +15,15 @@ from neighborlt.pipeline import DEMO_TRAIN, PipelineConfig, run_pipeline
 
 SMALL = {"n_max": 40, "imbalance_ratio": 10}  # 40/22/12/7/4 target images
 TRAIN = {**DEMO_TRAIN, "image_size": 16, "epochs": 2, "batch_size": 16, "warmup_epochs": 0}
+KEEP_ALL = {"caption": False, "band": False, "leak": False, "dedup": False}  # no feature extraction: seconds
 
 
 def test_pipeline_end_to_end(tmp_path: Path, data_dir: Path) -> None:
-    cfg = PipelineConfig(data_dir=str(data_dir), protocol_overrides=SMALL, train=TRAIN, relation="wordnet",
-                         aux_cap=8, max_test_per_class=20)
+    cfg = PipelineConfig(data_dir=str(data_dir), protocol_overrides=SMALL, train=TRAIN, retrieve={"match": "wordnet"},
+                         filter=KEEP_ALL, aux_cap=8, max_test_per_class=20, report=False)
     out = run_pipeline(cfg, tmp_path, progress=False)
-    for name in ("classes.json", "split.json", "neighbors.json", "summary.md", "summary.json",
+    for name in ("classes.json", "split.json", "neighbors.json", "retrieve/manifest.parquet",
+                 "filter/aux_manifest.parquet", "filter/funnel.json", "summary.md", "summary.json",
                  "export/model.safetensors", "eval/metrics.json", "baseline/eval/metrics.json"):
         assert (tmp_path / name).is_file(), name
     export = json.loads((tmp_path / "export" / "model.json").read_text())
@@ -32,6 +34,7 @@ def test_pipeline_end_to_end(tmp_path: Path, data_dir: Path) -> None:
         assert 0.0 <= m["overall"] <= 100.0 and sum(m["split_test_samples"].values()) == 100
     summary = (tmp_path / "summary.md").read_text()
     assert "Balanced-CE, no auxiliary data" in summary and "neighbor_silencing" in summary
+    assert "| candidates | downloaded |" in summary and out["funnel"]["kept"] == 25000  # 5 pool classes of 5000
     # idempotent: a second call trains nothing (weights untouched)
     mtime = (tmp_path / "train" / "model.safetensors").stat().st_mtime_ns
     again = run_pipeline(cfg, tmp_path, progress=False)

@@ -31,13 +31,14 @@ CFG = TrainConfig(model="resnet8_cifar", epochs=2, batch_size=16, lr=0.05, warmu
 
 @pytest.fixture(scope="module")
 def small_aux(data_dir: Path):
+    from aux_helpers import sibling_aux_set
+
     from neighborlt.data import build_protocol
-    from neighborlt.data.auxiliary import build_aux_training_set
 
     proto = build_protocol("cifar10-neighbours", data_dir=data_dir, n_max=20, imbalance_ratio=10)
     keep = np.concatenate([np.flatnonzero(proto.pool.labels == c)[:10] for c in range(proto.pool.num_classes)])
     proto.pool = proto.pool.subset(np.sort(keep))
-    return build_aux_training_set(proto, relation="wordnet")
+    return sibling_aux_set(proto)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def test_resume_guards(tmp_path: Path, small_aux) -> None:
 def test_sigterm_cli_saves_and_exits_cleanly(tmp_path: Path, data_dir: Path) -> None:
     run = tmp_path / "run"
     args = [sys.executable, "-m", "neighborlt", "train", str(run), "--protocol", "cifar10-neighbours",
-            "--protocol-set", "n_max=20", "--protocol-set", "imbalance_ratio=10", "--use-aux", "none",
+            "--protocol-set", "n_max=20", "--protocol-set", "imbalance_ratio=10", "--no-aux",
             "--data-dir", str(data_dir), "--model", "resnet8_cifar", "--epochs", "40", "--batch-size", "16",
             "--lr", "0.05", "--warmup-epochs", "0", "--eval-every", "0", "--max-test-per-class", "2",
             "--no-progress"]

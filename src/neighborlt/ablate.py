@@ -4,9 +4,15 @@ and the loss comparison, as markdown tables with mean ± std over seeds and pair
 One output folder holds everything::
 
     OUT/classes.json, split.json          stage 1, shared by every run
-    OUT/neighbors/<setting>/neighbors.json stage 2, one per neighbour setting (K, split ratio)
-    OUT/runs/<run name>/seed<S>/           one training run directory (resumable, skipped when finished)
+    OUT/neighbors/<setting>/               one run directory per auxiliary setting (K and split ratio, or
+                                           "wordnet"): neighbors.json -> retrieve/ (the local pool) -> filter/
+    OUT/pairs/<pairing>_<setting>/         the same auxiliary manifest with other silenced pairs (grid "pairs")
+    OUT/runs/<run name>/seed<S>/           one complete run directory (classes, split, filter/aux_manifest.parquet,
+                                           train/; export and eval work on it), resumable, skipped when finished
     OUT/<grid>.md, OUT/<grid>.json, OUT/<grid>.png
+
+Auxiliary images reach training only through the filter stage's manifest, as in ``neighborlt run``. The filter
+rules are off by default here (``filter``), so the README's protocol tables, which used every pool image, reproduce.
 
 Every run is keyed by its resolved config, so re-running the same command only trains what is missing.
 """
@@ -69,6 +75,9 @@ class AblationConfig(BaseModel):
     pairing_image_size: int = Field(64, ge=16)
     pairing_images_per_class: int = Field(100, ge=1)  # prototype images per class (seeded sample)
     train: dict[str, Any] = Field(default_factory=dict)  # TrainConfig fields (model, epochs, image_size, ...)
+    filter: dict[str, Any] = Field(default_factory=lambda: {"caption": False, "band": False, "leak": False,
+                                                            "dedup": False})  # FilterConfig fields of every setting
+    #   (default: every rule off, every pool image kept, as the README's tables were run)
 
     @model_validator(mode="after")
     def _vocabulary_needs_embedding(self) -> AblationConfig:
@@ -174,10 +183,12 @@ def _neighbors_dir(out: Path, spec: RunSpec) -> Path:
 
 
 class _Data:
-    """Builds and memoises the protocol and the auxiliary training sets of each neighbour setting."""
+    """Builds and memoises the auxiliary settings: each is a run directory made by neighbors -> retrieve (the
+    protocol's local pool) -> filter, whose ``filter/aux_manifest.parquet`` the training runs copy."""
 
     def __init__(self, cfg: AblationConfig, out: Path) -> None:
         from .classes import ClassesConfig, run_classes
+        from .filter import FilterConfig
 
         self.cfg, self.out = cfg, Path(out)
         ov = dict(cfg.protocol_overrides)
@@ -185,41 +196,70 @@ class _Data:
         from .data import load_protocol
 
         self.protocol = load_protocol(out, data_dir=cfg.data_dir)
+        self.filter_cfg = FilterConfig(**{"data_dir": cfg.data_dir, **cfg.filter})
+        self._dirs: dict[Any, Path | None] = {}
         self._sets: dict[Any, Any] = {}
 
-    def training_set(self, spec: RunSpec) -> Any:
-        from .data.auxiliary import build_aux_training_set
-
-        if spec.aux and spec.pairing != "relation":
-            key = ("pairing", spec.pairing, spec.per_class, spec.split_ratio)
-            if key not in self._sets:
-                self._sets[key] = self._repaired(spec)
-            return self._sets[key]
+    def setting_dir(self, spec: RunSpec) -> Path | None:
+        """The run directory whose ``filter/aux_manifest.parquet`` a spec trains on (None: no auxiliary data)."""
         if not spec.aux:
-            key: Any = "none"
+            return None
+        if spec.pairing != "relation":
+            key: Any = ("pairing", spec.pairing, spec.per_class, spec.split_ratio)
         elif self.cfg.relation == "wordnet":
             key = "wordnet"
         else:
             key = (spec.per_class, spec.split_ratio)
-        if key in self._sets:
-            return self._sets[key]
-        if key == "none":
-            aux = build_aux_training_set(self.protocol, relation="none")
-        elif key == "wordnet":
-            aux = build_aux_training_set(self.protocol, relation="wordnet")
-        else:
-            aux = build_aux_training_set(self.protocol, neighbors=self._neighbors(spec), relation="neighbors")
-        self._sets[key] = aux
-        return aux
+        if key not in self._dirs:
+            self._dirs[key] = self._repaired(spec) if spec.pairing != "relation" else self._acquire(spec)
+        return self._dirs[key]
 
-    def _repaired(self, spec: RunSpec) -> Any:
-        """The relation's auxiliary set with its pairs chosen again (``spec.pairing``); the pairs and their overlap
-        with the relation's go to ``OUT/pairs/<pairing>_k<K>_r<ratio>.json``."""
+    def training_set(self, spec: RunSpec) -> Any:
+        from .data.auxiliary import load_aux_training_set
+
+        d = self.setting_dir(spec)
+        if d not in self._sets:
+            manifest = d / "filter" / "aux_manifest.parquet" if d is not None else None
+            self._sets[d] = load_aux_training_set(self.protocol, manifest, d or self.out)
+        return self._sets[d]
+
+    def _prepare(self, d: Path) -> RunDir:
+        d.mkdir(parents=True, exist_ok=True)
+        for name in ("classes.json", "split.json"):
+            if not (d / name).is_file() or (d / name).read_bytes() != (self.out / name).read_bytes():
+                shutil.copyfile(self.out / name, d / name)
+        return RunDir(d)
+
+    def _acquire(self, spec: RunSpec) -> Path:
+        from .filter import run_filter
+        from .retrieve import RetrieveConfig, run_retrieve
+
+        if self.cfg.relation == "wordnet":
+            rd = self._prepare(self.out / "neighbors" / "wordnet")
+            run_retrieve(RetrieveConfig(source="local", match="wordnet", data_dir=self.cfg.data_dir), rd)
+        else:
+            rd = self._prepare(_neighbors_dir(self.out, spec))
+            self._neighbors(spec, rd)
+            run_retrieve(RetrieveConfig(source="local", match="names", data_dir=self.cfg.data_dir), rd)
+        run_filter(self.filter_cfg, rd)
+        return rd.root
+
+    def _repaired(self, spec: RunSpec) -> Path:
+        """The relation's auxiliary manifest with its pairs chosen again (``spec.pairing``) in
+        ``OUT/pairs/<pairing>_<setting>/``; the pairs and their overlap with the relation's go to
+        ``OUT/pairs/<pairing>_k<K>_r<ratio>.json``."""
         from dataclasses import replace
 
-        from .data.auxiliary import pairing_sample, repair
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
-        base = self.training_set(replace(spec, pairing="relation"))
+        from .data.auxiliary import pairing_sample, repair
+        from .retrieve.manifest import write_table
+
+        base_spec = replace(spec, pairing="relation")
+        base_dir = self.setting_dir(base_spec)
+        assert base_dir is not None
+        base = self.training_set(base_spec)
         feats = labels = None
         if spec.pairing == "visual":
             from .train.features import extract_features
@@ -231,26 +271,34 @@ class _Data:
         aux = repair(base, spec.pairing, features=feats, feature_labels=labels)
         names = aux.train.class_names
         old = {tuple(p) for p in base.pairs.tolist()}
-        atomic_write_json(self.out / "pairs" / f"{spec.pairing}_{_neighbors_dir(self.out, spec).name}.json", {
+        setting = _neighbors_dir(self.out, spec).name
+        atomic_write_json(self.out / "pairs" / f"{spec.pairing}_{setting}.json", {
             "pairing": spec.pairing, "relation": self.cfg.relation, "model": self.cfg.pairing_model,
             "image_size": self.cfg.pairing_image_size, "images_per_class": self.cfg.pairing_images_per_class,
             "pairs": len(aux.pairs), "shared_with_relation": sum(tuple(p) in old for p in aux.pairs.tolist()),
             "relation_pairs": len(base.pairs),
             "pair_names": [[names[i], names[j]] for i, j in aux.pairs.tolist()]})
-        return aux
+        rd = self._prepare(self.out / "pairs" / f"{spec.pairing}_{setting}")
+        L = aux.num_target
+        parents: dict[int, list[str]] = {}
+        for i, a in aux.pairs.tolist():
+            parents.setdefault(a - L, []).append(names[i])
+        table = pq.read_table(base_dir / "filter" / "aux_manifest.parquet")
+        new = [parents.get(int(k), []) for k in table.column("class_index").to_pylist()]
+        col = table.schema.get_field_index("parents")
+        table = table.set_column(col, table.schema.field(col), pa.array(new, type=pa.list_(pa.string())))
+        write_table(table, rd.path("filter", "aux_manifest.parquet"))
+        return rd.root
 
-    def _neighbors(self, spec: RunSpec) -> dict[str, Any]:
+    def _neighbors(self, spec: RunSpec, rd: RunDir) -> dict[str, Any]:
         from .neighbors import NeighborsConfig, run_neighbors
 
-        d = _neighbors_dir(self.out, spec)
-        d.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.out / "classes.json", d / "classes.json")
         extra: dict[str, Any] = {}
         if self.cfg.neighbors_vocabulary == "pool":
             extra["vocabulary"] = str(self._pool_vocabulary())
         cfg = NeighborsConfig(backend=self.cfg.neighbors_backend, per_class=spec.per_class,
                               split_ratio=spec.split_ratio, **extra)
-        return run_neighbors(cfg, d).doc
+        return run_neighbors(cfg, rd).doc
 
     def _pool_vocabulary(self) -> Path:
         """``OUT/neighbors/pool_vocabulary.txt``: one pool class name per line (what the backend may answer)."""
@@ -260,6 +308,19 @@ class _Data:
         path = self.out / "neighbors" / "pool_vocabulary.txt"
         atomic_write_text(path, "".join(f"{name}\n" for name in pool.class_names))
         return path
+
+    def populate(self, spec: RunSpec, run_dir: Path) -> None:
+        """Make ``run_dir`` a complete run directory of ``spec``: classes, split, neighbours and its manifest."""
+        self._prepare(run_dir)
+        d = self.setting_dir(spec)
+        if d is None:
+            return
+        for rel in ("neighbors.json", "filter/aux_manifest.parquet", "filter/funnel.json"):
+            src = d / rel
+            dst = run_dir / rel
+            if src.is_file() and (not dst.is_file() or dst.read_bytes() != src.read_bytes()):
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dst)
 
 
 def posthoc_crt(run_dir: Path, tcfg: Any, aux: Any) -> dict[str, float | None]:
@@ -360,7 +421,8 @@ def run_ablation(cfg: AblationConfig, out_dir: str | os.PathLike[str], *, progre
     folder: dict[Any, str] = {}  # identical runs in several grids (e.g. M = 50 and λs = 0.1) train once
 
     def tcfg_of(spec: RunSpec, seed: int) -> Any:
-        return TrainConfig(**{**base_train, **dict(spec.train), "seed": seed, "data_dir": cfg.data_dir})
+        aux = {} if spec.aux else {"aux_manifest": None}
+        return TrainConfig(**{**base_train, **dict(spec.train), "seed": seed, "data_dir": cfg.data_dir, **aux})
 
     def train(key: tuple[Any, int], spec: RunSpec, name: str, *, wait: bool) -> bool:
         seed = key[1]
@@ -370,8 +432,8 @@ def run_ablation(cfg: AblationConfig, out_dir: str | os.PathLike[str], *, progre
                 return False
             if on_run:
                 on_run(name, seed)
-            res = run_train(tcfg_of(spec, seed), run_dir, data=data.training_set(spec), progress=progress,
-                            resume=True)
+            data.populate(spec, run_dir)
+            res = run_train(tcfg_of(spec, seed), run_dir, progress=progress, resume=True)
         if res.interrupted:
             raise ConfigError(f"training of {name} seed {seed} was interrupted; re-run to resume")
         cache[key] = (res, _train_seconds(run_dir))

@@ -419,6 +419,127 @@ def write_report(
     return paths
 
 
+# --------------------------------------------------------------------------------------------- where test images go
+
+WHERE_KINDS = ("correct", "other_target", "paired_aux", "unpaired_aux")
+
+
+def where_predictions(
+    logits: Any,
+    labels: Any,
+    num_target: int,
+    pairs: Any | None = None,
+    *,
+    class_names: Sequence[str] | None = None,
+    train_counts: Any | None = None,
+    many: int = 100,
+    few: int = 20,
+) -> dict[str, Any]:
+    """Where the target test images go under a joint model: the share (%) of images whose top-1 over all L + K
+    outputs is the true class (``correct``), another target (``other_target``), an auxiliary class paired with the
+    image's own class (``paired_aux``) or an auxiliary class that is not (``unpaired_aux``) — the figures
+    ``bench/neighbor_confusion.py`` measures, as the content of ``RUN/eval/where.json``.
+
+    Args:
+        logits: [N, C] logits of the joint model (targets ``0..L-1``, auxiliary classes ``L..C-1``).
+        labels: true target indices [N] in ``0..L-1``.
+        num_target: L.
+        pairs: int [P, 2] (target, auxiliary) neighbour pairs (either order); None when unknown: then the paired /
+            unpaired shares are ``None`` and only ``aux`` (their sum) is given.
+        class_names: names of the L targets (per-class rows carry them).
+        train_counts: training images of the L targets; adds ``per_split`` shares (many / medium / few).
+        many: "many" threshold (more than ``many`` training images).
+        few: "few" threshold (fewer than ``few`` training images).
+
+    Returns:
+        ``{"schema", "n_test", "num_target", "num_outputs", "pairs_known", "num_pairs", "share": {kind: %, "aux": %},
+        "paired_mass", "margin", "per_split", "per_class"}``; ``paired_mass`` is the mean softmax probability on
+        the true class's paired auxiliary classes, ``margin`` the mean logit margin ``z_y - max_k paired z_k`` over
+        images whose class has a pair (``None`` when no class has one). Per-class rows: ``index, name, n_test``
+        and the four shares (``None`` for classes without test images).
+
+    Raises:
+        DataError: bad shapes, labels outside the targets, pairs outside the outputs.
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 2:
+        raise DataError(f"where: logits must be [N, C], got shape {z.shape}")
+    n, c = z.shape
+    L = int(num_target)
+    if not 1 <= L <= c:
+        raise DataError(f"where: num_target {L} must be in 1..{c} (the logits' columns)")
+    y = _check_labels(labels, L, "where")
+    if len(y) != n:
+        raise DataError(f"where: {len(y)} labels but {n} rows of logits")
+    if n and np.isnan(z).any():
+        raise DataError("where: logits contain NaN; check the model")
+    paired = np.zeros((L, c), dtype=bool)
+    num_pairs = 0
+    if pairs is not None:
+        pa = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+        if len(pa) and (pa.min() < 0 or pa.max() >= c):
+            raise DataError(f"where: a neighbour pair names class {int(pa.max())} outside the {c} outputs")
+        for t, a in pa:
+            if t < L <= a:
+                paired[t, a] = True
+            elif a < L <= t:
+                paired[a, t] = True
+        num_pairs = int(paired.sum())
+    top = z.argmax(axis=1) if n else np.zeros(0, dtype=np.int64)
+    mask_y = paired[y]  # [N, C]: the auxiliary classes paired with each image's own class
+    is_aux = top >= L
+    to_paired = mask_y[np.arange(n), top] if n else np.zeros(0, dtype=bool)
+    kind = np.where(top == y, 0, np.where(~is_aux, 1, np.where(to_paired, 2, 3)))
+    known = pairs is not None
+
+    def shares(sel: np.ndarray) -> dict[str, float | None]:
+        m = int(sel.sum())
+        if m == 0:
+            return {**{k: None for k in WHERE_KINDS}, "aux": None}
+        out: dict[str, float | None] = {k: 100.0 * float((kind[sel] == i).sum()) / m for i, k in enumerate(WHERE_KINDS)}
+        out["aux"] = 100.0 * float(is_aux[sel].sum()) / m
+        if not known:
+            out["paired_aux"] = out["unpaired_aux"] = None
+        return out
+
+    p = np.exp(z - z.max(axis=1, keepdims=True)) if n else z
+    if n:
+        p /= p.sum(axis=1, keepdims=True)
+    has = mask_y.any(axis=1)
+    margin = None
+    if known and has.any():
+        nb = np.where(mask_y, z, -np.inf).max(axis=1)
+        margin = float((z[np.arange(n), y] - nb)[has].mean())
+    doc: dict[str, Any] = {
+        "schema": SCHEMA,
+        "n_test": int(n),
+        "num_target": L,
+        "num_outputs": int(c),
+        "pairs_known": known,
+        "num_pairs": num_pairs,
+        "share": shares(np.ones(n, dtype=bool)),
+        "paired_mass": float((p * mask_y).sum(axis=1).mean()) if known and n else None,
+        "margin": margin,
+    }
+    groups = None
+    if train_counts is not None:
+        counts = _check_counts(train_counts, "where")
+        if len(counts) != L:
+            raise DataError(f"where: {len(counts)} training counts but {L} target classes")
+        groups = shot_groups(counts, many=many, few=few)
+        doc["thresholds"] = {"many": int(many), "few": int(few)}
+        doc["per_split"] = {s: shares(np.isin(y, np.flatnonzero(groups == s))) for s in SPLITS}
+    if class_names is not None and len(class_names) != L:
+        raise DataError(f"where: {len(class_names)} class names but {L} target classes")
+    doc["per_class"] = [
+        {"index": i, "name": None if class_names is None else str(class_names[i]),
+         "shot": None if groups is None else str(groups[i]), "n_test": int((y == i).sum()),
+         **{k: v for k, v in shares(y == i).items() if k != "aux"}}
+        for i in range(L)
+    ]
+    return doc
+
+
 # --------------------------------------------------------------------------------------------- predictions files
 
 
@@ -559,13 +680,84 @@ def _thresholds(cfg: EvalConfig, recorded: dict[str, int]) -> tuple[int, int]:
     return int(many), int(few)
 
 
+def _joint_has_aux(run: RunDir) -> bool:
+    """Whether ``RUN/train`` holds a joint model with auxiliary rows (``num_classes > num_target_classes``)."""
+    p = run.path("train", "model.json")
+    if not p.is_file():
+        return False
+    try:
+        info = read_json(p)
+        return int(info["num_classes"]) > int(info["num_target_classes"])
+    except (NeighborLTError, KeyError, TypeError, ValueError):
+        return False
+
+
+def _joint_pairs(run: RunDir, protocol: Any, info: dict[str, Any]) -> tuple[np.ndarray | None, str]:
+    """The neighbour pairs the joint model of ``RUN/train`` was trained with.
+
+    Read from ``model.json`` (``neighbor_pairs``, written by training); for a model trained before that field
+    existed they are rebuilt from the auxiliary manifest named in ``records/train.config.json`` (``aux_manifest``)
+    and kept only when the rebuilt class names equal the model's. Returns ``(pairs or None, where they came from or
+    why they are unknown)``.
+    """
+    if isinstance(info.get("neighbor_pairs"), list):
+        return np.asarray(info["neighbor_pairs"], dtype=np.int64).reshape(-1, 2), "model.json"
+    cfg_p = run.path("records", "train.config.json")
+    manifest = (read_json(cfg_p) if cfg_p.is_file() else {}).get("aux_manifest")
+    if not manifest:
+        return None, "model.json has no neighbor_pairs and training recorded no auxiliary manifest"
+    mpath = Path(manifest) if Path(manifest).is_absolute() else run.root / manifest
+    if not mpath.is_file():
+        return None, f"model.json has no neighbor_pairs and {mpath} is gone"
+    try:
+        from .data.auxiliary import load_aux_training_set
+    except ImportError:  # pragma: no cover - an older data module
+        return None, "model.json has no neighbor_pairs"
+    aux = load_aux_training_set(protocol, mpath, run.root)
+    names = [str(n) for n in info.get("class_names") or []]
+    if aux.train.num_classes != int(info["num_classes"]) or [str(n) for n in aux.train.class_names] != names:
+        return None, f"the classes of {mpath.name} differ from the model's; pairs unknown"
+    return np.asarray(aux.pairs, dtype=np.int64), f"rebuilt from {mpath.name}"
+
+
+def _where_for_run(run: RunDir, cfg: EvalConfig, protocol: Any, test: Any, names: list[str], counts: np.ndarray,
+                   many: int, few: int, joint_logits: np.ndarray | None) -> dict[str, Any] | None:
+    """``where.json`` for a run whose ``RUN/train`` model has auxiliary rows (None when it has none).
+
+    ``joint_logits`` are reused when the evaluated model is the joint one; otherwise the joint model is run on
+    the same test images (one more inference pass). A failure is recorded in the document, never raised.
+    """
+    if not _joint_has_aux(run):
+        return None
+    from .export import read_model_info
+    from .train import predict_logits
+
+    tdir = run.path("train")
+    try:
+        info = read_model_info(tdir)
+        L = len(names)
+        if [str(n) for n in info["class_names"][:L]] != names:
+            raise DataError(f"{tdir / 'model.json'}: the first {L} class names differ from the run's targets")
+        z = joint_logits if joint_logits is not None else predict_logits(
+            tdir, test, batch_size=cfg.batch_size, device=cfg.device)
+        pairs, how = _joint_pairs(run, protocol, info)
+        doc = where_predictions(z, test.labels, L, pairs, class_names=names, train_counts=counts, many=many, few=few)
+    except NeighborLTError as e:
+        logger.warning("eval: where the test images go: %s", e)
+        return {"schema": SCHEMA, "available": False, "reason": str(e), "source": str(tdir)}
+    return {"available": True, **doc, "source": str(tdir), "pairs_source": how,
+            "max_test_per_class": cfg.max_test_per_class}
+
+
 def run_eval(cfg: EvalConfig, run_dir: str | os.PathLike[str] | RunDir) -> dict[str, Any]:
     """Evaluate a run and write ``RUN/eval/{metrics.json, per_class.csv, report.md, per_class.png}``.
 
     With ``cfg.predictions`` the labels and predictions come from that file; class names and training counts
     from the file when it has them, else from ``RUN/classes.json``. Without it, the exported direct classifier
     (``RUN/export``; ``cfg.model="train"`` for the full L + K model, ``"crt"`` for the cRT classifier) is run on the protocol's target test set
-    (``RUN/split.json``) and the training counts are the protocol's target training counts.
+    (``RUN/split.json``) and the training counts are the protocol's target training counts. When ``RUN/train``
+    holds a joint model with auxiliary rows, ``RUN/eval/where.json`` (:func:`where_predictions`) says where that
+    model sends the same test images (its neighbour pairs rebuilt by :func:`_joint_pairs`).
 
     Re-running with the same config and the same inputs is skipped (the stage key hashes the config and the
     input files).
@@ -595,11 +787,13 @@ def run_eval(cfg: EvalConfig, run_dir: str | os.PathLike[str] | RunDir) -> dict[
         if run.path("split.json").exists():
             inputs["split"] = file_sha256(run.path("split.json"))
     key = config_hash({"cfg": cfg, "inputs": inputs})
-    if run.is_done(stage, key) and (out_dir / "metrics.json").exists():
+    where_missing = cfg.predictions is None and not (out_dir / "where.json").exists() and _joint_has_aux(run)
+    if run.is_done(stage, key) and (out_dir / "metrics.json").exists() and not where_missing:
         logger.info("eval: up to date (%s), skipping", out_dir / "metrics.json")
         return read_json(out_dir / "metrics.json")
 
     num_outputs: int | None = None
+    where: dict[str, Any] | None = None
     if cfg.predictions is not None:
         data = read_predictions_file(cfg.predictions)
         names, counts = data.get("class_names"), data.get("train_counts")
@@ -644,6 +838,8 @@ def run_eval(cfg: EvalConfig, run_dir: str | os.PathLike[str] | RunDir) -> dict[
             num_outputs = int(logits.shape[1])
         preds, labels = logits, test.labels
         source = str(mdir)
+        where = _where_for_run(run, cfg, protocol, test, names, counts, many, few,
+                               logits if mdir == run.path("train") else None)
     metrics = evaluate_predictions(preds, labels, counts, names, many=many, few=few, num_outputs=num_outputs)
     metrics["source"] = source
     metrics["model"] = None if cfg.predictions is not None else cfg.model
@@ -651,6 +847,10 @@ def run_eval(cfg: EvalConfig, run_dir: str | os.PathLike[str] | RunDir) -> dict[
     title = "Evaluation" + ("" if cfg.predictions is not None else f" ({cfg.model} model)")
     run.record(stage, {**cfg.model_dump(mode="json"), "resolved": {"many": many, "few": few, "inputs": inputs}})
     write_report(out_dir, metrics, title=title, source=source)
+    if where is not None:
+        atomic_write_json(out_dir / "where.json", where)
+    elif (out_dir / "where.json").exists():
+        (out_dir / "where.json").unlink()  # it described an earlier evaluation
     run.mark_done(stage, key, overall=metrics["overall"], few=metrics["few"])
     run.log(stage, overall=metrics["overall"], many=metrics["many"], medium=metrics["medium"], few=metrics["few"])
     return metrics

@@ -4,7 +4,10 @@ It speaks ``POST /v1/chat/completions`` (and ``GET /v1/models``) well enough for
 client. What it answers is decided per request by a *responder* ``fn(request_no, class_name, prompt, body) ->
 Reply``; the default one lists ``n`` synthetic neighbours of the class named in the paper's prompt. It can add a
 fixed latency per request (to emulate an LLM), and it can "die" after a number of answers: from then on every
-request is dropped without a response and the listening socket is closed.
+request is dropped without a response and the listening socket is closed. With ``reject_response_format`` it
+answers HTTP 400 to any request carrying ``response_format`` (as servers without JSON mode do); the default
+responder honours ``response_format={"type": "json_object"}`` with ``{"categories": [...]}``. The class name is
+taken from the first message that holds the paper's prompt, so follow-up turns keep it.
 
 Run standalone: ``python tests/servers/chat_server.py --port 8765 --latency 0.05``.
 """
@@ -49,17 +52,22 @@ def synthetic_neighbours(name: str, n: int) -> list[str]:
 
 
 def default_responder(request_no: int, class_name: str, prompt: str, body: dict) -> Reply:
-    m = _N_RE.search(prompt)
+    m = _N_RE.search(json.dumps(body.get("messages", [])))
     n = int(m.group(1)) if m else 5
-    return Reply(content=json.dumps(synthetic_neighbours(class_name, n)))
+    names = synthetic_neighbours(class_name, n)
+    if (body.get("response_format") or {}).get("type") == "json_object":
+        return Reply(content=json.dumps({"categories": names}))
+    return Reply(content=json.dumps(names))
 
 
 class ChatServer:
     """Start with ``with ChatServer(responder) as srv: ... srv.base_url ...``; counts requests in ``srv.calls``."""
 
     def __init__(self, responder: Responder | None = None, *, latency: float = 0.0, die_after: int | None = None,
-                 port: int = 0, model: str = "local-test-model") -> None:
+                 port: int = 0, model: str = "local-test-model", reject_response_format: bool = False) -> None:
         self.responder = responder or default_responder
+        self.reject_response_format = reject_response_format
+        self.bodies: list[dict] = []  # every parsed chat request body
         self.latency = latency
         self.die_after = die_after
         self.model = model
@@ -148,12 +156,22 @@ class ChatServer:
                 except (ValueError, KeyError, IndexError, TypeError):
                     self._send(400, b'{"error": {"message": "bad request"}}')
                     return
-                m = _CLASS_RE.search(prompt)
-                name = m.group(1) if m else ""
+                name = ""
+                for msg in req["messages"]:
+                    content = msg.get("content") if isinstance(msg, dict) else None
+                    m = _CLASS_RE.search(content.split("\nAnswer with", 1)[0]) if isinstance(content, str) else None
+                    if m:
+                        name = m.group(1)
+                        break
                 with server.lock:
                     no = len(server.calls)
                     server.calls.append(name)
+                    server.bodies.append(req)
                     server.auth.add(self.headers.get("Authorization", ""))
+                if server.reject_response_format and "response_format" in req:
+                    self._send(400, b'{"error": {"message": "response_format is not supported", '
+                                    b'"type": "invalid_request_error"}}')
+                    return
                 reply = server.responder(no, name, prompt, req)
                 delay = server.latency + reply.delay
                 if delay > 0:

@@ -11,8 +11,10 @@ import logging
 import sys
 
 import typer
+from pydantic import ValidationError
 
 from ..errors import NeighborLTError
+from ._common import click_error_line, format_validation_error, is_instance_named
 
 app = typer.Typer(
     name="neighborlt",
@@ -24,7 +26,7 @@ app = typer.Typer(
 
 # Modules under neighborlt.cli that define ``register(app)``; missing ones are skipped so that areas can
 # land independently.
-_AREAS = ("data", "classes", "neighbors", "train", "evaluate", "pipeline")
+_AREAS = ("data", "classes", "neighbors", "retrieve", "train", "evaluate", "report", "pipeline")
 
 
 def _mount() -> None:
@@ -53,11 +55,15 @@ _mount()
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point."""
+    """Console entry point: user errors (bad option or value, bad config, missing file) end in one line on stderr and
+    a non-zero exit status, never a traceback."""
     try:
-        app(args=argv, standalone_mode=False)
+        rv = app(args=argv, standalone_mode=False)
     except NeighborLTError as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except ValidationError as e:  # a config built in a command, outside build_config
+        print(f"error: {format_validation_error(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted; finished work is kept, re-run the same command to resume", file=sys.stderr)
@@ -65,11 +71,16 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit:
         raise
     except Exception as e:  # click usage errors etc.
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if is_instance_named(e, "NoArgsIsHelpError"):  # `neighborlt` / a group with no arguments: the help text
+            e.show()  # type: ignore[attr-defined]
+            sys.exit(getattr(e, "exit_code", 2))
+        if is_instance_named(e, "ClickException"):
+            print(click_error_line(e), file=sys.stderr)
+            sys.exit(getattr(e, "exit_code", 1) or 1)
+        if is_instance_named(e, "Abort"):
+            print("aborted", file=sys.stderr)
             sys.exit(1)
         raise
+    # Outside standalone mode click returns the code of a `typer.Exit(code)` instead of exiting.
+    if isinstance(rv, int) and not isinstance(rv, bool) and rv != 0:
+        sys.exit(rv)

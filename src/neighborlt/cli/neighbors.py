@@ -67,6 +67,30 @@ def register(app: typer.Typer) -> None:
         force: Annotated[
             bool, typer.Option(help="Re-run even if neighbors.json is up to date (cached answers reused).")
         ] = False,
+        max_tokens: Annotated[int, typer.Option(help="Completion token limit per request (openai).")] = 512,
+        retry_empty: Annotated[
+            bool, typer.Option(help="Ask cached answers again that parsed to no name or were refused.")
+        ] = False,
+        strict_retry: Annotated[
+            bool, typer.Option(help="openai: when an answer parses to no name, ask once more for a JSON list only.")
+        ] = True,
+        json_mode: Annotated[
+            str, typer.Option(help="openai: request JSON output (response_format): off | auto (fall back when the "
+                                   "server rejects it) | on (rejection is an error). Changes the prompt.")
+        ] = "off",
+        example_copy_min: Annotated[
+            int, typer.Option(help="Drop the prompt-example names from an answer holding at least this many of them "
+                                   "(target not the example's class); 0 turns the guard off.")
+        ] = 2,
+        generic_cap_fraction: Annotated[
+            float, typer.Option(help="openai: drop a name proposed for more than max(generic-cap-min, this * "
+                                     "targets) targets as generic; 0 turns the guard off.")
+        ] = 0.2,
+        generic_cap_min: Annotated[int, typer.Option(help="Floor of the generic-name cap (targets).")] = 3,
+        relevance_threshold: Annotated[
+            float | None, typer.Option(help="Drop names whose text-embedding similarity to the target (offline "
+                                            "--embedding-model) is below this, e.g. 0.2; default off.")
+        ] = None,
     ) -> None:
         """Find visually similar non-target categories for each target class and write RUN_DIR/neighbors.json."""
         from rich.console import Console
@@ -103,6 +127,14 @@ def register(app: typer.Typer) -> None:
                 taxonomy_file=str(taxonomy_file) if taxonomy_file else None,
                 mapping_file=str(mapping_file) if mapping_file else None,
                 cache_dir=str(cache_dir) if cache_dir else None,
+                max_tokens=max_tokens,
+                retry_empty=retry_empty,
+                strict_retry=strict_retry,
+                json_mode=json_mode,
+                example_copy_min=example_copy_min,
+                generic_cap_fraction=generic_cap_fraction,
+                generic_cap_min=generic_cap_min,
+                relevance_threshold=relevance_threshold,
             )
         except ValueError as e:  # pydantic ValidationError
             first = str(e).splitlines()
@@ -129,3 +161,6 @@ def register(app: typer.Typer) -> None:
             f"{st['requests']} requests, {st['cached']} cached, {st['prompt_tokens']}+{st['completion_tokens']} "
             f"tokens, {len(res.doc['unmatched'])} unmatched"
         )
+        guards = {k: v for k, v in st.get("dropped", {}).items() if v}
+        if guards:
+            console.print("dropped: " + ", ".join(f"{v} {k}" for k, v in sorted(guards.items())))

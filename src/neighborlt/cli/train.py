@@ -42,10 +42,11 @@ def train_cmd(
     protocol_set: Annotated[list[str] | None, typer.Option(
         "--protocol-set", help="Protocol override key=value (n_max=50, seed=1, ...); repeatable.")] = None,
     data_dir: Annotated[str | None, typer.Option("--data-dir", help="Offline data folder.")] = None,
-    neighbors: Annotated[str | None, typer.Option(
-        "--neighbors", help="neighbors.json (default RUN/neighbors.json).")] = None,
-    use_aux: Annotated[str | None, typer.Option(
-        "--use-aux", help="Auxiliary relation: auto | neighbors | wordnet | none.")] = None,
+    aux_manifest: Annotated[str | None, typer.Option(
+        "--aux-manifest", help="Auxiliary images (default RUN/filter/aux_manifest.parquet, written by "
+                               "`neighborlt filter`).")] = None,
+    no_aux: Annotated[bool, typer.Option(
+        "--no-aux", help="Train on the target classes only (no auxiliary manifest).")] = False,
     aux_cap: Annotated[int | None, typer.Option("--aux-cap", help="M: images per auxiliary class per epoch.")] = None,
     max_test_per_class: Annotated[int | None, typer.Option(
         "--max-test-per-class", help="Evaluate on at most this many test images per class.")] = None,
@@ -92,6 +93,9 @@ def train_cmd(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from RUN/train/checkpoint/last.pt.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Delete earlier training outputs and start over.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide the progress bar.")] = False,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Any TrainConfig field as key=value (JSON values: label_smoothing=0.1, betas=[0.9,0.99]); "
+                      "repeatable.")] = None,
 ) -> None:
     """Train on the target (+ auxiliary) classes; writes RUN/train/{model.safetensors, model.json, log.jsonl}."""
     from ..errors import ConfigError
@@ -109,7 +113,7 @@ def train_cmd(
         for k in ("world_size", "config_key"):  # written by RunDir.record next to the config fields
             base.pop(k, None)
     given = {
-        "protocol": protocol, "data_dir": data_dir, "neighbors": neighbors, "use_aux": use_aux,
+        "protocol": protocol, "data_dir": data_dir, "aux_manifest": aux_manifest,
         "aux_cap": aux_cap, "max_test_per_class": max_test_per_class, "model": model, "init": init,
         "image_size": image_size, "frozen": frozen, "head": head, "loss": loss, "lambda_s": lambda_s,
         "optimizer": optimizer, "lr": lr, "weight_decay": weight_decay, "layer_decay": layer_decay,
@@ -118,7 +122,9 @@ def train_cmd(
         "classifier": classifier, "crt_epochs": crt_epochs, "seed": seed, "deterministic": deterministic,
         "amp": amp, "device": device, "num_workers": num_workers, "threads": threads, "eval_every": eval_every,
     }
-    fields = {**base, **{k: v for k, v in given.items() if v is not None}}
+    fields = {**base, **{k: v for k, v in given.items() if v is not None}, **_pairs(set_, "--set")}
+    if no_aux:
+        fields["aux_manifest"] = None
     if protocol_set:
         fields["protocol_overrides"] = {**fields.get("protocol_overrides", {}), **_pairs(protocol_set, "--protocol-set")}
     if loss_param:

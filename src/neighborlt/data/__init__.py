@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .arrays import as_array, fingerprint
-from .base import ImageSet
+from .base import ImageSet, ShardMember, open_image
 from .longtail import long_tail_counts, make_long_tailed
 from .protocol import PRESETS, Protocol, ProtocolConfig, build_protocol, load_protocol, split_record
 from .readers import (
@@ -22,6 +22,7 @@ __all__ = [
     "ImageSet",
     "Protocol",
     "ProtocolConfig",
+    "ShardMember",
     "as_array",
     "build_protocol",
     "fingerprint",
@@ -29,6 +30,7 @@ __all__ = [
     "load_protocol",
     "long_tail_counts",
     "make_long_tailed",
+    "open_image",
     "read_cifar_pickles",
     "read_image_folder",
     "read_inat_json",

@@ -19,7 +19,7 @@ from PIL import Image
 
 from ..errors import ConfigError, DataError
 from ..paths import cache_dir
-from .base import ImageSet
+from .base import ImageSet, ShardMember, open_image
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def fingerprint(image_set: ImageSet) -> str:
     h = hashlib.sha256(_VERSION.encode())
     if image_set.paths is not None:
         for p in image_set.paths:
-            st = os.stat(p)
+            st = os.stat(p.shard if isinstance(p, ShardMember) else p)
             h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     else:
         a = np.ascontiguousarray(image_set.array)
@@ -54,7 +54,7 @@ def _decode_range(image_set: ImageSet, out: np.ndarray, start: int, stop: int, s
         if image_set.paths is not None:
             p = image_set.paths[i]
             try:
-                with Image.open(p) as im:
+                with open_image(p) as im:
                     if im.format == "JPEG" and max(im.size) >= 2 * size:
                         im.draft("RGB", (size, size))  # fast DCT-domain downscale for large JPEGs
                     out[i] = _to_rgb(im, size)

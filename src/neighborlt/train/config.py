@@ -33,9 +33,8 @@ class TrainConfig(BaseModel):
     protocol: str | None = None  # split-neighbour preset name ("cifar10-neighbours", ...); None: RUN/split.json
     protocol_overrides: dict[str, Any] = Field(default_factory=dict)  # ProtocolConfig fields (n_max, seed, ...)
     data_dir: str | None = None  # offline data folder; None: paths.resolve_data_dir()
-    neighbors: str | None = None  # neighbors.json path; None: RUN/neighbors.json when present
-    use_aux: Literal["auto", "neighbors", "wordnet", "none"] = "auto"  # auxiliary relation; auto: neighbors if
-    #   neighbors.json exists and the protocol has a pool, else none
+    aux_manifest: str | None = "filter/aux_manifest.parquet"  # auxiliary images and their parent targets (written by
+    #   `neighborlt filter`), relative to the run directory unless absolute; None: the target classes only
     aux_cap: int | None = Field(50, ge=1)  # M: images per auxiliary class per epoch (redrawn each epoch); None=all
     max_test_per_class: int | None = Field(None, ge=1)  # evaluate on at most this many test images/class (speed)
 
@@ -98,6 +97,9 @@ class TrainConfig(BaseModel):
             raise ConfigError("frozen-feature training sees no images: drop --cutmix/--randaugment or --frozen")
         if self.frozen and self.init == "random":
             raise ConfigError("--frozen needs trained backbone weights: pass --init pretrained or a checkpoint path")
+        if self.loss == "neighbor_silencing" and self.aux_manifest is None:
+            raise ConfigError("--loss neighbor_silencing needs auxiliary classes: drop --no-aux (training reads "
+                              "RUN/filter/aux_manifest.parquet) or use --loss balanced_softmax")
         if self.label_smoothing > 0 and self.mixup == 0 and self.cutmix == 0:
             raise ConfigError("--label-smoothing is applied through Mixup/CutMix targets: set --mixup or --cutmix")
         return self

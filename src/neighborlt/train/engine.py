@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import ConfigError, NeighborLTError
-from ..rundir import RunDir, atomic_write_json, read_json, to_jsonable
+from ..rundir import RunDir, atomic_write_json, config_hash, file_sha256, read_json, to_jsonable
 from . import checkpoint as ckpt
 from . import ddp
 from .config import TrainConfig, TrainResult
@@ -161,10 +161,23 @@ def _catch_signals(flag: _StopFlag) -> Iterator[None]:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def manifest_path(cfg: TrainConfig, rd: RunDir) -> Path | None:
+    """The auxiliary manifest a run trains on (``cfg.aux_manifest``, relative to the run directory), or None for the
+    targets only; a configured manifest that does not exist is a one-line error naming the commands that make it."""
+    if cfg.aux_manifest is None:
+        return None
+    p = Path(cfg.aux_manifest)
+    p = p if p.is_absolute() else rd.root / p
+    if not p.is_file():
+        raise ConfigError(f"{p}: not found; make it with `neighborlt retrieve {rd.root}` and `neighborlt filter "
+                          f"{rd.root}`, or pass --no-aux to train on the target classes only")
+    return p
+
+
 def _load_data(cfg: TrainConfig, rd: RunDir) -> Any:
-    """Build the protocol and the auxiliary training set named by the config."""
+    """The run's targets (``split.json`` or ``cfg.protocol``) plus the auxiliary classes of its filter manifest."""
     from ..data import build_protocol, load_protocol
-    from ..data.auxiliary import build_aux_training_set
+    from ..data.auxiliary import load_aux_training_set
 
     if cfg.protocol:
         proto = build_protocol(cfg.protocol, data_dir=cfg.data_dir, **cfg.protocol_overrides)
@@ -176,22 +189,13 @@ def _load_data(cfg: TrainConfig, rd: RunDir) -> Any:
         if cfg.protocol_overrides:
             raise ConfigError("--protocol-overrides needs --protocol (RUN/split.json fixes the protocol)")
         proto = load_protocol(rd.root, data_dir=cfg.data_dir)
-    npath = Path(cfg.neighbors) if cfg.neighbors else rd.path("neighbors.json")
-    relation = cfg.use_aux
-    if relation == "auto":
-        relation = "neighbors" if npath.exists() and proto.pool is not None else "none"
-    neighbors = None
-    if relation == "neighbors":
-        if not npath.exists():
-            raise ConfigError(f"{npath}: not found; run `neighborlt neighbors` first or pass --use-aux none")
-        neighbors = read_json(npath)
-    aux = build_aux_training_set(proto, neighbors=neighbors, relation=relation)
-    if aux.unmatched:
-        log.warning("%d auxiliary names matched no pool class (e.g. %s); they get no images",
-                    len(aux.unmatched), ", ".join(map(repr, aux.unmatched[:3])))
-    log.info("training set: %d images, %d target + %d auxiliary classes (relation %s), %d neighbour pairs",
-             len(aux.train), aux.num_target, aux.train.num_classes - aux.num_target, relation, len(aux.pairs))
-    return aux, _cap_test(aux.test, cfg.max_test_per_class), relation
+    mpath = manifest_path(cfg, rd)
+    aux = load_aux_training_set(proto, mpath, rd.root)
+    source = "manifest" if mpath is not None else "none"
+    log.info("training set: %d images, %d target + %d auxiliary classes (%s), %d neighbour pairs",
+             len(aux.train), aux.num_target, aux.train.num_classes - aux.num_target, mpath or "no auxiliary data",
+             len(aux.pairs))
+    return aux, _cap_test(aux.test, cfg.max_test_per_class), source
 
 
 def _cap_test(test: Any, per_class: int | None) -> Any:
@@ -406,6 +410,7 @@ def _model_meta(cfg: TrainConfig, model: nn.Module, aux: Any, frozen_info: dict[
         "classifier_mode": mode,
         "frozen": frozen_info,
         "loss": cfg.loss,
+        "neighbor_pairs": np.asarray(aux.pairs, dtype=np.int64).reshape(-1, 2).tolist(),  # (target, auxiliary) rows
         "config_key": key,
         "weights": "model.safetensors",
     }
@@ -457,7 +462,15 @@ def _run(cfg: TrainConfig, rd: RunDir, info: ddp.DistInfo, *, resume: bool, forc
     from .samplers import build_sampler, effective_class_counts
 
     t_start = time.time()
-    key = cfg.key() if data is None else _data_key(cfg, data)
+    if data is None:
+        if not cfg.protocol and not rd.path("split.json").exists():
+            raise ConfigError(
+                f"{rd.path('split.json')}: not found; run `neighborlt classes {rd.root}` first or pass --protocol"
+            )
+        mpath = manifest_path(cfg, rd)
+        key = cfg.key() if mpath is None else config_hash([cfg.key(), file_sha256(mpath)])
+    else:
+        key = _data_key(cfg, data)
     tdir = rd.path(STAGE)
     if _check_existing(cfg, rd, key, resume, force, info):
         meta = read_json(tdir / "model.json")

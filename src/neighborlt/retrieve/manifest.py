@@ -1,0 +1,91 @@
+"""The retrieve manifest: one row per candidate image (``RUN/retrieve/manifest.parquet``) and its Parquet IO.
+
+Columns (see docs/architecture.md): ``uid``, ``name`` (auxiliary class), ``parents`` (target names that proposed
+it), ``query``, ``url`` (or ``pool://<class id>/<index>`` / ``file://`` for referenced local images), ``location``
+(``pool`` | ``file`` | ``shard``), ``path`` (the local file, or the tar shard of a download), ``pool_index``,
+``offset`` / ``size`` (the image bytes inside the shard), ``caption``, ``source``, ``similarity`` (the kNN service's,
+else NaN), ``status`` (``ok`` or a short failure code), ``error`` (a human reason), ``sha256``, ``width``,
+``height``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..data.base import ShardMember
+from ..errors import DataError
+
+SCHEMA = pa.schema([
+    ("uid", pa.string()), ("name", pa.string()), ("parents", pa.list_(pa.string())), ("query", pa.string()),
+    ("url", pa.string()), ("location", pa.string()), ("path", pa.string()), ("pool_index", pa.int64()),
+    ("offset", pa.int64()), ("size", pa.int64()), ("caption", pa.string()), ("source", pa.string()),
+    ("similarity", pa.float64()), ("status", pa.string()), ("error", pa.string()), ("sha256", pa.string()),
+    ("width", pa.int64()), ("height", pa.int64()),
+])
+DEFAULTS: dict[str, Any] = {"parents": [], "query": "", "path": "", "pool_index": -1, "offset": -1, "size": -1,
+                            "caption": "", "similarity": float("nan"), "status": "pending", "error": "", "sha256": "",
+                            "width": 0, "height": 0, "location": "url"}
+
+
+def to_table(rows: list[dict[str, Any]], schema: pa.Schema = SCHEMA) -> pa.Table:
+    """Rows (dicts; missing columns take :data:`DEFAULTS`) as a table of ``schema`` (extra keys are kept as
+    additional columns only when the schema names them)."""
+    cols = {}
+    for f in schema:
+        default = DEFAULTS.get(f.name, "")
+        cols[f.name] = pa.array([r.get(f.name, default) if r.get(f.name) is not None else default for r in rows],
+                                type=f.type)
+    return pa.table(cols, schema=schema)
+
+
+def write_table(table: pa.Table, path: str | os.PathLike[str]) -> Path:
+    """Write a Parquet file atomically (temp file in the same folder, then ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_table(path: str | os.PathLike[str], required: tuple[str, ...] = ("uid", "name", "status"),
+               what: str = "manifest") -> pa.Table:
+    """Read a manifest-like Parquet file; one clear line when it is missing, unreadable or lacks columns."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: not found")
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # noqa: BLE001 - any pyarrow failure is a bad file
+        raise DataError(f"{path}: not a readable Parquet {what} ({e})") from None
+    missing = [c for c in required if c not in table.column_names]
+    if missing:
+        raise DataError(f"{path}: {what} lacks the columns {', '.join(missing)}; re-run the stage that wrote it")
+    return table
+
+
+def image_ref(row: dict[str, Any], root: Path) -> Path | ShardMember | None:
+    """Where a manifest row's image lives: a file path, a :class:`ShardMember`, or None (pool images are looked up
+    in the protocol's pool by ``pool_index``)."""
+    loc = row.get("location")
+    if loc == "shard":
+        p = Path(row["path"])
+        return ShardMember(p if p.is_absolute() else root / p, int(row["offset"]), int(row["size"]))
+    if loc == "file":
+        return Path(row["path"])
+    return None
+
+
+__all__ = ["DEFAULTS", "SCHEMA", "image_ref", "read_table", "to_table", "write_table"]

@@ -1,0 +1,329 @@
+"""Stage 3 (``retrieve``): candidate images for every auxiliary name of ``neighbors.json``, fetched or referenced.
+
+``run_retrieve`` asks a source (:data:`~neighborlt.retrieve.sources.SOURCES`) for candidates, writes them to
+``RUN/retrieve/candidates.parquet``, downloads the URL candidates into WebDataset shards (``RUN/retrieve/shards/``,
+resumable: finished shards are never fetched again) or references local ones, and writes
+``RUN/retrieve/manifest.parquet`` (one row per candidate, :mod:`neighborlt.retrieve.manifest`) and
+``RUN/retrieve/stats.json`` (per-name status counts and the source's own figures). A re-run with the same options
+and inputs is skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tarfile
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from ..errors import ConfigError, DataError
+from ..rundir import RunDir, atomic_write_json, config_hash, file_sha256, read_json
+from . import manifest as mf
+from .config import RetrieveConfig
+from .sources import SOURCES, AuxName, SourceContext, candidate
+
+logger = logging.getLogger(__name__)
+
+STAGE = "retrieve"
+
+
+class RetrieveResult(BaseModel):
+    """What :func:`run_retrieve` produced."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    manifest: str | None  # RUN/retrieve/manifest.parquet (None after --export-img2dataset)
+    candidates: int  # candidate rows
+    status: dict[str, int]  # rows per status (ok, timeout, not_image, ...)
+    names: int  # auxiliary names asked for
+    names_with_images: int  # names with at least one ok image
+    exported: str | None = None  # the img2dataset input file written by --export-img2dataset
+    skipped: bool = False  # True when a finished run with the same options was found
+
+
+def aux_names(doc: Any, path: Path) -> list[AuxName]:
+    """Auxiliary names and their parents from a parsed ``neighbors.json`` (its ``auxiliary`` list, plus names that
+    only appear in ``targets[].found``), in file order."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("auxiliary", []), list):
+        raise DataError(f"{path}: expected a JSON object with an 'auxiliary' list; re-run `neighborlt neighbors`")
+    out: dict[str, list[str]] = {}
+    for k, entry in enumerate(doc.get("auxiliary") or []):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise DataError(f"{path}: auxiliary[{k}] needs a string 'name'")
+        parents = entry.get("parents") or []
+        if not isinstance(parents, list):
+            raise DataError(f"{path}: auxiliary[{k}].parents must be a list of target names")
+        lst = out.setdefault(entry["name"], [])
+        lst += [str(p) for p in parents if str(p) not in lst]
+    for k, t in enumerate(doc.get("targets") or []):
+        if not isinstance(t, dict):
+            raise DataError(f"{path}: targets[{k}] must be an object")
+        for name in t.get("found") or []:
+            lst = out.setdefault(str(name), [])
+            parent = str(t.get("name", ""))
+            if parent and parent not in lst:
+                lst.append(parent)
+    return [AuxName(n, p) for n, p in out.items()]
+
+
+def _inputs_key(cfg: RetrieveConfig, rd: RunDir, npath: Path) -> str:
+    parts: dict[str, Any] = {"stage": STAGE, "cfg": cfg.key_fields()}
+    for label, p in (("neighbors", npath), ("split", rd.path("split.json"))):
+        parts[label] = file_sha256(p) if p.is_file() else None
+    for label, value in (("urls_file", cfg.urls_file), ("pool", cfg.pool), ("import", cfg.import_img2dataset)):
+        if value:
+            p = Path(value)
+            if p.is_file():
+                parts[label] = file_sha256(p)
+            elif p.is_dir():
+                parts[label] = sorted((str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns)
+                                      for f in p.rglob("*") if f.is_file())
+    return config_hash(parts)
+
+
+def run_retrieve(cfg: RetrieveConfig, run_dir: RunDir | str | os.PathLike[str]) -> RetrieveResult:
+    """Find, fetch and index candidate images for every auxiliary name (see the module docstring).
+
+    Args:
+        cfg: the stage options.
+        run_dir: the run directory (``neighbors.json``; ``split.json`` for the protocol pool).
+
+    Returns:
+        A :class:`RetrieveResult`.
+
+    Raises:
+        ConfigError: missing inputs or options (each names the file or option and the fix).
+        DataError: malformed inputs.
+
+    Example:
+        >>> run_retrieve(RetrieveConfig(source="local"), "runs/demo").status  # doctest: +SKIP
+        {'ok': 25000}
+    """
+    rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    out = rd.path(STAGE)
+    npath = Path(cfg.neighbors) if cfg.neighbors else rd.path("neighbors.json")
+    needs_names = not (cfg.source == "local" and cfg.pool is None and cfg.match == "wordnet")
+    if needs_names and not npath.is_file():
+        raise ConfigError(f"{npath}: not found; run `neighborlt neighbors {rd.root}` first")
+    if cfg.match == "wordnet" and (cfg.source != "local" or cfg.pool is not None):
+        raise ConfigError("--match wordnet uses the protocol's sibling relation: it needs --source local without --pool")
+    SOURCES.get(cfg.source)  # unknown source: one line listing the known ones
+    key = _inputs_key(cfg, rd, npath)
+    manifest_path = out / "manifest.parquet"
+    if not cfg.force and not cfg.retry_failed and rd.is_done(STAGE, key) and manifest_path.is_file():
+        logger.info("retrieve: finished with the same options and inputs in %s; skipping", out)
+        return _result(mf.read_table(manifest_path), read_json(out / "stats.json"), skipped=True)
+    rd.record(STAGE, cfg)
+
+    names = aux_names(read_json(npath), npath) if needs_names else []
+
+    def load_protocol() -> Any:
+        from ..data import load_protocol as _load
+
+        if not rd.path("split.json").is_file():
+            raise ConfigError(f"{rd.path('split.json')}: not found; run `neighborlt classes {rd.root}` first")
+        return _load(rd.root, data_dir=cfg.data_dir)
+
+    ctx = SourceContext(names=names, root=rd.root, load_protocol=load_protocol)
+    if cfg.import_img2dataset:
+        rows = _import_img2dataset(Path(cfg.import_img2dataset), names, ctx)
+    else:
+        rows = list(SOURCES.get(cfg.source)(cfg, ctx))
+    if cfg.match == "wordnet":
+        ctx.names = [AuxName(n, p) for n, p in {r["name"]: r["parents"] for r in rows}.items()]
+    mf.write_table(mf.to_table(rows), out / "candidates.parquet")
+    logger.info("retrieve (%s): %d candidates for %d names", cfg.source, len(rows), len(ctx.names))
+
+    if cfg.export_img2dataset:
+        path = _export_img2dataset(rows, Path(cfg.export_img2dataset))
+        rd.log(STAGE, event="exported", path=str(path), rows=sum(r["location"] == "url" for r in rows))
+        return RetrieveResult(manifest=None, candidates=len(rows), status={}, names=len(ctx.names),
+                              names_with_images=0, exported=str(path))
+
+    # imported img2dataset rows are final (its failures keep its error; nothing is fetched again here)
+    url_rows = [] if cfg.import_img2dataset else [r for r in rows if r["location"] == "url"]
+    if url_rows:
+        _download(cfg, rd, url_rows)
+    _reference_local([r for r in rows if r["location"] in ("pool", "file")], load_protocol)
+
+    stats = _stats(rows, ctx)
+    mf.write_table(mf.to_table(rows), manifest_path)
+    atomic_write_json(out / "stats.json", stats)
+    rd.log(STAGE, event="done", candidates=len(rows), status=stats["status"])
+    rd.mark_done(STAGE, key, candidates=len(rows), status=stats["status"])
+    ok_names = stats["names_with_images"]
+    if ctx.names and ok_names == 0:
+        logger.warning("retrieve: no auxiliary name got a single image; check %s", out / "stats.json")
+    return _result(mf.to_table(rows), stats)
+
+
+def _result(table: Any, stats: dict[str, Any], skipped: bool = False) -> RetrieveResult:
+    return RetrieveResult(manifest=str(stats.get("manifest", "")) or None, candidates=table.num_rows,
+                          status=dict(stats["status"]), names=int(stats["names"]),
+                          names_with_images=int(stats["names_with_images"]), skipped=skipped)
+
+
+def _stats(rows: list[dict[str, Any]], ctx: SourceContext) -> dict[str, Any]:
+    per_name: dict[str, Counter] = {a.name: Counter() for a in ctx.names}
+    for r in rows:
+        per_name.setdefault(r["name"], Counter())[r["status"]] += 1
+    status = Counter(r["status"] for r in rows)
+    return {"schema": 1, "manifest": "retrieve/manifest.parquet", "candidates": len(rows), "status": dict(status),
+            "names": len(per_name), "names_with_images": sum(1 for c in per_name.values() if c.get("ok")),
+            "per_name": {n: dict(c) for n, c in per_name.items()}, "source": ctx.stats}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# downloads and local references
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _download(cfg: RetrieveConfig, rd: RunDir, url_rows: list[dict[str, Any]]) -> None:
+    from .download import download
+
+    shard_dir = rd.path(STAGE, "shards")
+    index = download([{k: r[k] for k in ("uid", "url", "name", "caption")} for r in url_rows], shard_dir,
+                     cfg.download, retry_failed=cfg.retry_failed)
+    by_uid = {r["uid"]: r for r in index.to_pylist()}
+    for r in url_rows:
+        res = by_uid.get(r["uid"])
+        if res is None:  # pragma: no cover - the downloader returns every row it was given
+            r.update(status="missing", error="not in the download index")
+            continue
+        r.update(status=res["status"], error=res.get("error") or "", sha256=res.get("sha256") or "",
+                 width=int(res.get("width") or 0), height=int(res.get("height") or 0))
+        if res.get("shard") and int(res.get("offset") if res.get("offset") is not None else -1) >= 0:
+            shard = Path(res["shard"])
+            shard = shard if shard.is_absolute() else shard_dir / shard
+            r.update(location="shard", path=os.path.relpath(shard, rd.root), offset=int(res["offset"]),
+                     size=int(res["size"]))
+
+
+def _reference_local(rows: list[dict[str, Any]], load_protocol: Any) -> None:
+    """Status, SHA-256 and size of referenced local images (pool rows of an array-backed pool hash the pixels)."""
+    if not rows:
+        return
+    pool = load_protocol().pool if any(r["location"] == "pool" for r in rows) else None
+
+    def one(r: dict[str, Any]) -> None:
+        if r["location"] == "pool" and pool is not None and pool.array is not None:
+            a = pool.array[r["pool_index"]]
+            r.update(status="ok", sha256=hashlib.sha256(a.tobytes()).hexdigest(), height=int(a.shape[0]),
+                     width=int(a.shape[1]))
+            return
+        p = Path(r["path"])
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            r.update(status="missing", error=f"cannot read {p}: {e.strerror or e}")
+            return
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            import io
+
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+            r.update(status="not_image", error=f"{p.name}: not a readable image ({type(e).__name__})")
+            return
+        r.update(status="ok", sha256=hashlib.sha256(data).hexdigest(), width=int(w), height=int(h))
+
+    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as ex:
+        list(ex.map(one, rows, chunksize=256))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# img2dataset interchange
+# --------------------------------------------------------------------------------------------------------------
+
+#: the img2dataset command that downloads an exported list into a folder --import-img2dataset reads back
+IMG2DATASET_COMMAND = ("img2dataset --url_list {file} --input_format parquet --url_col url --caption_col caption "
+                       "--save_additional_columns '[\"name\",\"uid\"]' --output_format webdataset "
+                       "--output_folder OUT_DIR --image_size 512 --resize_mode keep_ratio_largest "
+                       "--resize_only_if_bigger True --min_image_size 32 --max_aspect_ratio 5 "
+                       "--max_image_area 40000000 --encode_quality 90 --processes_count 16 --thread_count 64")
+
+
+def _export_img2dataset(rows: list[dict[str, Any]], path: Path) -> Path:
+    import pyarrow as pa
+
+    url_rows = [r for r in rows if r["location"] == "url"]
+    if not url_rows:
+        raise ConfigError("--export-img2dataset: this source has no URL candidates (local images are referenced)")
+    table = pa.table({"url": [r["url"] for r in url_rows], "caption": [r["caption"] for r in url_rows],
+                      "name": [r["name"] for r in url_rows], "uid": [r["uid"] for r in url_rows]})
+    mf.write_table(table, path)
+    logger.info("wrote %d URLs to %s; download them with:\n  %s\nthen: neighborlt retrieve RUN --import-img2dataset "
+                "OUT_DIR", table.num_rows, path, IMG2DATASET_COMMAND.format(file=path))
+    return path
+
+
+def _tar_members(tar_path: Path) -> dict[str, tuple[int, int]]:
+    """``key -> (offset, size)`` of the image member of every sample in an img2dataset tar shard."""
+    out: dict[str, tuple[int, int]] = {}
+    with tarfile.open(tar_path) as tf:
+        for m in tf:
+            stem, _, ext = m.name.rpartition(".")
+            if m.isfile() and ext.lower() in ("jpg", "jpeg", "png", "webp"):
+                out[Path(stem).name] = (m.offset_data, m.size)
+    return out
+
+
+def _import_img2dataset(folder: Path, names: list[AuxName], ctx: SourceContext) -> list[dict[str, Any]]:
+    """Rows of an img2dataset webdataset output folder (complete shards only: those with a ``_stats.json``)."""
+    import pyarrow.parquet as pq
+
+    from ..neighbors.parse import name_key
+
+    if not folder.is_dir():
+        raise ConfigError(f"--import-img2dataset {folder}: not a folder")
+    by_key = {name_key(a.name): a for a in names if name_key(a.name)}
+    rows: list[dict[str, Any]] = []
+    unknown: Counter = Counter()
+    shards = sorted(folder.glob("*_stats.json"))
+    if not shards:
+        raise DataError(f"{folder}: no finished img2dataset shard (*_stats.json); is this its --output_folder?")
+    for stats in shards:
+        stem = stats.name[: -len("_stats.json")]
+        pq_path, tar_path = folder / f"{stem}.parquet", folder / f"{stem}.tar"
+        if not pq_path.is_file():
+            raise DataError(f"{pq_path}: missing (img2dataset writes it beside {stats.name})")
+        table = pq.read_table(pq_path)
+        if "name" not in table.column_names:
+            raise DataError(f"{pq_path}: no 'name' column; run img2dataset with --save_additional_columns "
+                            "'[\"name\",\"uid\"]' on a list from --export-img2dataset")
+        members = _tar_members(tar_path) if tar_path.is_file() else {}
+        for r in table.to_pylist():
+            aux = by_key.get(name_key(str(r.get("name") or "")) or "")
+            if aux is None:
+                unknown[str(r.get("name"))] += 1
+                continue
+            row = candidate(aux.name, aux.parents, url=str(r.get("url") or ""), location="url", source="img2dataset",
+                            caption=str(r.get("caption") or ""))
+            if r.get("uid"):
+                row["uid"] = str(r["uid"])
+            key = str(r.get("key") or "")
+            if r.get("status") == "success" and key in members:
+                off, size = members[key]
+                with open(tar_path, "rb") as f:  # img2dataset hashes the original bytes; we hash what is stored
+                    f.seek(off)
+                    sha = hashlib.sha256(f.read(size)).hexdigest()
+                row.update(status="ok", location="shard", path=str(tar_path.resolve()), offset=off, size=size,
+                           sha256=sha, width=int(r.get("width") or 0), height=int(r.get("height") or 0))
+            else:
+                row.update(status="failed", error=str(r.get("error_message") or "not downloaded by img2dataset")[:300])
+            rows.append(row)
+    if unknown:
+        logger.warning("%s: %d rows name classes that are not auxiliary classes of neighbors.json (e.g. %r); skipped",
+                       folder, sum(unknown.values()), next(iter(unknown)))
+    ctx.stats["unknown_names"] = dict(unknown)
+    return rows
+
+
+__all__ = ["IMG2DATASET_COMMAND", "RetrieveResult", "aux_names", "run_retrieve"]

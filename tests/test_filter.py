@@ -1,0 +1,158 @@
+"""Stage 4 (``filter``) on real CIFAR-10 images with the offline EfficientNet-Lite0 features: planted copies of
+target test images (exact, re-encoded, resized) are all caught by the leak guard, the caption rule, the band,
+de-duplication, caps, the funnel and the contact sheets; then training reads the manifest."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from neighborlt.classes import ClassesConfig, run_classes
+from neighborlt.data import load_protocol
+from neighborlt.errors import ConfigError
+from neighborlt.filter import FilterConfig, run_filter
+from neighborlt.retrieve import RetrieveConfig, run_retrieve
+from neighborlt.rundir import RunDir, read_json
+
+SMALL = {"n_max": 20, "imbalance_ratio": 10}
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict:
+    """A run on the shrunk CIFAR-10 protocol whose auxiliary class "dog" comes from a local folder: 30 real dog
+    images, 2 of them twice (exact duplicates) and one resized, plus 9 planted copies of target test images."""
+    root = tmp_path_factory.mktemp("filter")
+    rd = RunDir(root / "run")
+    run_classes(ClassesConfig(protocol="cifar10-neighbours", data_dir=str(data_dir), **SMALL), rd)
+    (rd.root / "neighbors.json").write_text(json.dumps({"auxiliary": [{"name": "dog", "parents": ["cat"]},
+                                                                      {"name": "truck", "parents": ["automobile"]}]}))
+    p = load_protocol(rd.root)
+    pool = root / "pool"
+    dog, truck = pool / "dog", pool / "truck"
+    dog.mkdir(parents=True)
+    truck.mkdir()
+    dog_idx = np.flatnonzero(p.pool.labels == p.pool.class_names.index("dog"))[:30]
+    for k, i in enumerate(dog_idx):
+        shutil.copyfile(p.pool.paths[i], dog / f"real_{k:02d}.png")
+    shutil.copyfile(p.pool.paths[dog_idx[0]], dog / "dup_exact.png")
+    with Image.open(p.pool.paths[dog_idx[1]]) as im:
+        im.convert("RGB").resize((40, 40), Image.BICUBIC).save(dog / "dup_resized.jpg", quality=92)
+    truck_idx = np.flatnonzero(p.pool.labels == p.pool.class_names.index("truck"))[:3]
+    for k, i in enumerate(truck_idx):
+        shutil.copyfile(p.pool.paths[i], truck / f"real_{k}.png")
+    test = p.target_test
+    leaks = []
+    for k, i in enumerate([0, 1500, 4999]):  # cat, deer, bird test images
+        src = Path(test.paths[i])
+        shutil.copyfile(src, dog / f"leak_exact_{k}.png")
+        with Image.open(src) as im:
+            im = im.convert("RGB")
+            im.save(dog / f"leak_jpeg_{k}.jpg", quality=85)
+            im.resize((48, 48), Image.BICUBIC).save(dog / f"leak_resized_{k}.jpg", quality=90)
+        leaks += [f"leak_exact_{k}.png", f"leak_jpeg_{k}.jpg", f"leak_resized_{k}.jpg"]
+    run_retrieve(RetrieveConfig(source="local", pool=str(pool)), rd)
+    return {"rd": rd, "leaks": leaks, "pool": pool}
+
+
+def _decisions(rd: RunDir) -> dict[str, str]:
+    return {Path(r["path"]).name: r["decision"] for r in pq.read_table(rd.path("filter", "decisions.parquet")).to_pylist()}
+
+
+def test_planted_leaks_are_all_caught(planted: dict) -> None:
+    rd = planted["rd"]
+    res = run_filter(FilterConfig(caption=False, band=False, dedup=False), rd)
+    dec = _decisions(rd)
+    assert {n: dec[n] for n in planted["leaks"]} == {n: "leak" for n in planted["leaks"]}
+    real = [n for n in dec if n.startswith("real_")]
+    assert all(dec[n] == "kept" for n in real), {n: dec[n] for n in real if dec[n] != "kept"}
+    assert res.funnel["leak"] == res.funnel["candidates"] - len(planted["leaks"])
+    leak_sim = {Path(r["path"]).name: r["leak_similarity"] for r in
+                pq.read_table(rd.path("filter", "decisions.parquet")).to_pylist()}
+    assert max(leak_sim[n] for n in real) < 0.94 <= min(leak_sim[n] for n in planted["leaks"] if "exact" not in n)
+
+
+def test_dedup_cap_min_and_funnel(planted: dict) -> None:
+    rd = planted["rd"]
+    res = run_filter(FilterConfig(caption=False, band=False, max_per_class=20, min_per_class=4, sheets=2), rd)
+    dec = _decisions(rd)
+    # one image of each duplicate pair is kept (the folder is read in name order, so the copy comes first)
+    assert {dec["dup_exact.png"], dec["real_00.png"]} == {"dedup", "kept"}
+    assert {dec["dup_resized.jpg"], dec["real_01.png"]} == {"dedup", "kept"}
+    assert sum(v == "dedup" for v in dec.values()) == 2
+    kept = [r for r in pq.read_table(rd.path("filter", "aux_manifest.parquet")).to_pylist()]
+    assert {r["name"] for r in kept} == {"dog"} and len(kept) == 20  # truck (3 images) is below min_per_class
+    assert res.dropped_classes == ["truck"] and res.classes == 1
+    assert [r["class_index"] for r in kept] == [0] * 20 and kept[0]["parents"] == ["cat"]
+    funnel = read_json(rd.path("filter", "funnel.json"))
+    assert funnel["stages"] == ["candidates", "downloaded", "caption", "band", "leak", "dedup", "cap", "kept"]
+    per = {c["name"]: c for c in funnel["per_class"]}
+    assert per["dog"]["candidates"] == 41 and per["dog"]["leak"] == 32 and per["dog"]["dedup"] == 30
+    assert per["dog"]["cap"] == per["dog"]["kept"] == 20 and per["truck"]["cap"] == 3 and per["truck"]["kept"] == 0
+    assert funnel["total"]["kept"] == 20
+    for name in ("dog_kept.png", "dog_rejected.png"):
+        with Image.open(rd.path("filter", "sheets", name)) as im:
+            assert im.size[0] > 100
+    # a re-run with the same options is skipped; another option re-runs
+    assert run_filter(FilterConfig(caption=False, band=False, max_per_class=20, min_per_class=4, sheets=2), rd).skipped
+
+
+def test_caption_rule_and_band(planted: dict, tmp_path: Path) -> None:
+    rd = planted["rd"]
+    res = run_filter(FilterConfig(caption=True, band=False, leak=False, dedup=False), rd)
+    assert res.funnel["caption"] == res.funnel["candidates"]  # folder names are the captions
+    # a path,caption table: captions that do not name the class are dropped
+    pool = planted["pool"]
+    table = tmp_path / "pool.csv"
+    with open(table, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "caption"])
+        w.writerow([str(pool / "dog" / "real_00.png"), "my dogs in the garden"])
+        w.writerow([str(pool / "truck" / "real_0.png"), "a red truck"])
+    rd2 = RunDir(tmp_path / "run2")
+    for name in ("classes.json", "split.json", "neighbors.json"):
+        shutil.copyfile(rd.path(name), rd2.path(name))
+    run_retrieve(RetrieveConfig(source="local", pool=str(table)), rd2)
+    res = run_filter(FilterConfig(band=False, leak=False, dedup=False, sheets=0), rd2)
+    assert res.funnel["caption"] == 2
+    # the band: similarities are recorded against the parent's prototype; a band nothing fits rejects all
+    res = run_filter(FilterConfig(caption=False, leak=False, dedup=False, gamma_low=0.99, gamma_high=1.0, sheets=0), rd)
+    assert res.funnel["band"] == 0 and res.funnel["kept"] == 0
+    rows = pq.read_table(rd.path("filter", "decisions.parquet")).to_pylist()
+    assert all(r["parent"] in ("cat", "automobile") and -1 <= r["band_similarity"] <= 1 for r in rows)
+    res = run_filter(FilterConfig(caption=False, leak=False, dedup=False, gamma_low=-1.0, gamma_high=1.0, sheets=0), rd)
+    assert res.funnel["band"] == res.funnel["candidates"]
+    with pytest.raises(ConfigError, match="gamma_low .* must be below gamma_high"):
+        FilterConfig(gamma_low=0.5, gamma_high=0.2)
+
+
+def test_training_reads_the_manifest(planted: dict) -> None:
+    from neighborlt.train import TrainConfig, run_train
+
+    rd = planted["rd"]
+    run_filter(FilterConfig(caption=False, band=False, min_per_class=1), rd)
+    cfg = TrainConfig(model="resnet8_cifar", image_size=16, epochs=1, batch_size=16, warmup_epochs=0, lr=0.05,
+                      loss="neighbor_silencing", aux_cap=8, max_test_per_class=5, threads=1, eval_every=0)
+    res = run_train(cfg, rd, progress=False)
+    meta = read_json(rd.path("train", "model.json"))
+    assert res.num_classes == 7 and res.num_target_classes == 5
+    assert meta["class_names"][5:] == ["dog", "truck"] and meta["neighbor_pairs"] == [[0, 5], [1, 6]]
+    assert run_train(cfg, rd, progress=False).skipped  # same options, same manifest
+    # another manifest (the filter re-run with other options) is another run: refused until --force / a new folder
+    run_filter(FilterConfig(caption=False, band=False, min_per_class=1, max_per_class=10), rd)
+    with pytest.raises(ConfigError, match="--force"):
+        run_train(cfg, rd, progress=False)
+    with pytest.raises(ConfigError, match="missing.parquet: not found; make it with `neighborlt retrieve"):
+        run_train(cfg.model_copy(update={"aux_manifest": "filter/missing.parquet"}), rd, progress=False)
+
+
+def test_filter_needs_the_retrieve_manifest(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="retrieve/manifest.parquet: not found; run `neighborlt retrieve"):
+        run_filter(FilterConfig(), RunDir(tmp_path))
+
