@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Extracted archives, decoded arrays and feature caches (reused between runs; safe to delete).
 export NEIGHBORLT_CACHE ?= $(CURDIR)/.cache
 
-.PHONY: demo test install lint clean
+.PHONY: demo test install lint clean bench-llm
 
 # constraints.txt pins the environment the test suite was run with, so a fresh machine installs what was tested.
 $(STAMP): pyproject.toml constraints.txt
@@ -28,3 +28,14 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# Neighbour search against a real LLM server (llama_cpp.server + SmolLM2-135M-Instruct on 127.0.0.1, offline):
+# bench/llm_neighbors.py. The LLM lives in its own virtualenv, built once (llama-cpp-python compiles llama.cpp:
+# ~25 min on 2 cores). More options: make bench-llm BENCH_LLM_ARGS="--tiny-targets 100 --variants paper".
+LLM_VENV ?= runs/llm_venv
+$(LLM_VENV)/.installed: | $(STAMP)
+	$(PY) bench/llm_neighbors.py --llm-venv $(LLM_VENV) --install-only
+	touch $@
+
+bench-llm: $(STAMP) $(LLM_VENV)/.installed
+	HF_HUB_OFFLINE=1 $(PY) bench/llm_neighbors.py --llm-venv $(LLM_VENV) $(BENCH_LLM_ARGS)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,3 +89,45 @@ def test_cli_error_is_one_line(tmp_path: Path) -> None:
     assert out.returncode == 2
     err = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "missing" in err[0] and "no such file or folder" in err[0]
+
+
+def test_cli_custom_split_on_an_image_folder_then_retrieve(tmp_path: Path) -> None:
+    """`classes --dataset PATH --targets ... --pool ...` writes that split (targets head -> tail in the given order,
+    long-tailed); `retrieve` then reads the protocol pool as on the presets."""
+    root = image_folder(tmp_path / "ds", {"cat": 6, "dog": 6, "fox": 6, "wolf": 6, "owl": 6})
+    run = tmp_path / "run"
+    r = runner.invoke(app, ["classes", str(run), "--dataset", str(root), "--targets", "fox, cat", "--pool", "dog,wolf",
+                            "--n-max", "5", "--imbalance-ratio", "5", "--seed", "1"])
+    assert r.exit_code == 0, r.output
+    assert "2 target classes" in r.output and "2 pool classes" in r.output
+    split = read_json(run / "split.json")
+    assert [t["name"] for t in split["targets"]] == ["fox", "cat"]
+    assert [t["train_count"] for t in split["targets"]] == [5, 1]
+    assert [p["name"] for p in split["pool"]] == ["dog", "wolf"] and [p["count"] for p in split["pool"]] == [6, 6]
+    assert split["protocol"]["dataset"] == str(root.resolve()) and split["protocol"]["seed"] == 1
+    (tmp_path / "map.json").write_text(json.dumps({"fox": ["wolf"], "cat": ["dog", "lynx"]}))
+    r = runner.invoke(app, ["neighbors", str(run), "--backend", "file", "--mapping-file", str(tmp_path / "map.json")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["retrieve", str(run)])
+    assert r.exit_code == 0, r.output
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(run / "retrieve" / "manifest.parquet").to_pylist()
+    assert sorted({(row["name"], tuple(row["parents"])) for row in rows}) == [("dog", ("cat",)), ("wolf", ("fox",))]
+    assert len(rows) == 12 and read_json(run / "retrieve" / "stats.json")["names_with_images"] == 2
+
+
+def test_custom_split_config_and_unknown_names(tmp_path: Path) -> None:
+    root = image_folder(tmp_path / "ds", {"cat": 3, "dog": 3, "fox": 3})
+    cfg = ClassesConfig(dataset=str(root), targets="dog,cat", pool=["fox"])  # a YAML string or a list
+    assert cfg.targets == ["dog", "cat"] and cfg.protocol_config().pool == ["fox"]
+    res = run_classes(cfg, RunDir(tmp_path / "run"))
+    assert res.num_targets == 2 and res.num_pool == 1 and res.train_counts == [3, 3]
+    for args, what in ((["--targets", "cat,lion"], "target class 'lion'"), (["--pool", "cat,emu"], "pool class 'emu'")):
+        proc = subprocess.run([sys.executable, "-m", "neighborlt", "classes", str(tmp_path / "r2"), "--dataset",
+                               str(root), *args], capture_output=True, text=True, timeout=120, check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert what in lines[0] and "known classes: cat, dog, fox" in lines[0]
+    with pytest.raises(ConfigError, match="both a target and in the pool"):
+        run_classes(ClassesConfig(dataset=str(root), targets=["cat"], pool=["cat"]), RunDir(tmp_path / "r3"))

@@ -96,6 +96,7 @@ def test_dedup_cap_min_and_funnel(planted: dict) -> None:
     assert per["dog"]["candidates"] == 41 and per["dog"]["leak"] == 32 and per["dog"]["dedup"] == 30
     assert per["dog"]["cap"] == per["dog"]["kept"] == 20 and per["truck"]["cap"] == 3 and per["truck"]["kept"] == 0
     assert funnel["total"]["kept"] == 20
+    assert funnel["pair_density"]["pairs"] == 1 and not funnel["pair_density"]["dense"]
     for name in ("dog_kept.png", "dog_rejected.png"):
         with Image.open(rd.path("filter", "sheets", name)) as im:
             assert im.size[0] > 100
@@ -128,6 +129,11 @@ def test_caption_rule_and_band(planted: dict, tmp_path: Path) -> None:
     assert all(r["parent"] in ("cat", "automobile") and -1 <= r["band_similarity"] <= 1 for r in rows)
     res = run_filter(FilterConfig(caption=False, leak=False, dedup=False, gamma_low=-1.0, gamma_high=1.0, sheets=0), rd)
     assert res.funnel["band"] == res.funnel["candidates"]
+    # per-class quantiles: the least similar half of each class goes
+    res = run_filter(FilterConfig(caption=False, leak=False, dedup=False, band_mode="quantile", quantile_low=0.5,
+                                  sheets=0), rd)
+    per = {c["name"]: c for c in read_json(rd.path("filter", "funnel.json"))["per_class"]}
+    assert per["dog"]["band"] == 20 and per["truck"]["band"] == 1  # 41 -> above the median; 3 -> 1
     with pytest.raises(ConfigError, match="gamma_low .* must be below gamma_high"):
         FilterConfig(gamma_low=0.5, gamma_high=0.2)
 
@@ -156,3 +162,14 @@ def test_filter_needs_the_retrieve_manifest(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="retrieve/manifest.parquet: not found; run `neighborlt retrieve"):
         run_filter(FilterConfig(), RunDir(tmp_path))
 
+
+
+def test_pair_density_flags_runs_that_silence_most_of_the_auxiliary_set(caplog: pytest.LogCaptureFixture) -> None:
+    from neighborlt.data.auxiliary import pair_density
+
+    sparse = pair_density(np.array([[0, 5], [1, 6], [2, 7], [3, 8], [4, 9]]), 5, 5)  # CIFAR-10 WordNet: one each
+    assert sparse["pairs_per_target_mean"] == 1.0 and sparse["paired_share_mean"] == 0.2 and not sparse["dense"]
+    every = pair_density(np.array([[i, 5 + j] for i in range(5) for j in range(5)]), 5, 5)  # K = 5, 5-class pool
+    assert every["dense"] and every["dense_targets"] == 1.0 and every["pairs_per_target_max"] == 5
+    half = pair_density(np.array([[0, 4], [0, 5], [1, 4], [1, 5], [2, 4]]), 4, 2)
+    assert half["dense_targets"] == 0.75 and half["dense"] and half["targets_without_pair"] == 1

@@ -97,6 +97,13 @@ def test_grid_definitions() -> None:
     (["ablate", "OUT", "--pairing", "nearest"], "--pairing 'nearest': Input should be 'visual' or 'random'"),
     (["ablate", "OUT", "--neighbors-vocabulary", "pool"], "the pool vocabulary needs the embedding backend"),
     (["run", "OUT", "--train", "[1]"], "--train: expected a JSON object"),
+    (["run", "OUT", "--train", '{"lambda_s": -1}'], "train.lambda_s: must be >= 0.0, got -1"),
+    (["run", "OUT", "--filter", '{"gama_low": 0}'], "filter.gama_low: unknown key; allowed: band, band_mode"),
+    (["run", "OUT", "--lambda-s", "-1"], "lambda_s: must be >= 0.0, got -1.0"),
+    (["run", "OUT", "--until", "training"], "--until 'training': unknown stage; use one of classes, neighbors"),
+    (["run", "OUT", "--from", "eval", "--until", "train"], "--from eval comes after --until train"),
+    (["run", "OUT", "--from", "train"], "--from train: stage classes has not finished"),
+    (["run", "OUT.yaml"], "out.yaml: config file not found"),
 ])
 def test_cli_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
     args = [a.replace("OUT", str(tmp_path / "out")) for a in args]
@@ -166,3 +173,33 @@ def test_parallel_ablate_processes_share_one_folder(tmp_path: Path, data_dir: Pa
     assert len(table) == 6 and all(set(r["seeds"]) == {"0", "1"} for r in table)
     printed = [[line for line in out.splitlines() if line.startswith("| ")] for out in outs]
     assert len(printed[0]) == 7 and printed[0] == printed[1]  # each process printed the same full table
+
+
+def test_until_and_from_run_a_range_of_stages(tmp_path: Path, data_dir: Path) -> None:
+    cfg = PipelineConfig(data_dir=str(data_dir), protocol_overrides=SMALL, train=TRAIN, retrieve={"match": "wordnet"},
+                         filter=KEEP_ALL, report=False)
+    out = run_pipeline(cfg, tmp_path, progress=False, until_stage="classes")
+    assert out["stages"] == ["classes"] and out["method"] is None and out["summary"] is None
+    assert (tmp_path / "split.json").is_file() and not (tmp_path / "neighbors.json").exists()
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "records" / "pipeline.config.json").is_file()
+    out = run_pipeline(cfg, tmp_path, progress=False, from_stage="neighbors", until_stage="retrieve")
+    assert out["stages"] == ["neighbors", "retrieve"] and (tmp_path / "retrieve" / "manifest.parquet").is_file()
+    assert not (tmp_path / "filter").exists()
+    from neighborlt.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="stage filter has not finished"):
+        run_pipeline(cfg, tmp_path, progress=False, from_stage="train")
+
+
+def test_run_config_sections_and_shorthands() -> None:
+    from neighborlt.pipeline import stage_configs
+
+    s = stage_configs(PipelineConfig(classes={"dataset": "some/folder", "targets": "a,b", "pool": ["c"]},
+                                     train={"epochs": 3, "lambda_s": 0.3}, aux_cap=7))
+    assert s["classes"].dataset == "some/folder" and s["classes"].protocol is None and s["classes"].targets == ["a", "b"]
+    assert (s["train"].loss, s["train"].lambda_s, s["train"].aux_cap, s["train"].epochs) == \
+        ("neighbor_silencing", 0.3, 7, 3)
+    assert (s["baseline"].loss, s["baseline"].lambda_s, s["baseline"].aux_manifest) == ("balanced_softmax", 0.1, None)
+    demo = stage_configs(PipelineConfig())
+    assert demo["classes"].protocol == "cifar10-neighbours" and demo["train"].model == DEMO_TRAIN["model"]
+    assert demo["report"] is not None and stage_configs(PipelineConfig(report=False))["report"] is None

@@ -172,3 +172,93 @@ def test_cli_trains_from_split_json_and_config_file(tmp_path: Path, data_dir: Pa
     again = read_json(other / "records" / "train.config.json")
     assert again["seed"] == 5 and {k: v for k, v in again.items() if k not in ("seed", "config_key")} == \
         {k: v for k, v in cfg.items() if k not in ("seed", "config_key")}
+
+
+def test_lambda_s_reaches_the_loss(tmp_path: Path, small_aux) -> None:
+    """One optimizer step (the whole epoch in one batch) on the same data and seed: the logged loss and the weights
+    depend on λs, silencing lowers the loss, and λs = 1 is Balanced Softmax."""
+    from neighborlt.train.checkpoint import load_weights
+
+    assert len(small_aux.pairs) > 0
+    base = {"model": "resnet8_cifar", "epochs": 1, "batch_size": 128, "lr": 0.05, "warmup_epochs": 0, "aux_cap": 8,
+            "max_test_per_class": 2, "seed": 5}
+    runs = {"ns0.1": {"loss": "neighbor_silencing", "lambda_s": 0.1},
+            "ns0.5": {"loss": "neighbor_silencing", "lambda_s": 0.5},
+            "ns1": {"loss": "neighbor_silencing", "lambda_s": 1.0},
+            "bs": {"loss": "balanced_softmax"}}
+    loss, weights = {}, {}
+    for name, opts in runs.items():
+        steps: list[tuple[int, int]] = []
+        run_train(TrainConfig(**base, **opts), tmp_path / name, data=small_aux, progress=False,
+                  on_step=lambda e, s, steps=steps: steps.append((e, s)))
+        assert steps == [(0, 1)]
+        loss[name] = json.loads((tmp_path / name / "train" / "log.jsonl").read_text().splitlines()[0])["loss"]
+        weights[name] = load_weights(tmp_path / name / "train" / "model.safetensors")
+    assert loss["ns0.1"] < loss["ns0.5"] < loss["ns1"]
+    assert loss["ns1"] == pytest.approx(loss["bs"], rel=1e-6)
+    assert not torch.allclose(weights["ns0.1"]["fc.weight"], weights["ns0.5"]["fc.weight"])
+    for k in weights["bs"]:
+        torch.testing.assert_close(weights["ns1"][k], weights["bs"][k], rtol=1e-5, atol=1e-6)
+
+
+def _import_graph(src: Path) -> dict[str, set[str]]:
+    """Modules of ``src/neighborlt`` -> the package modules they import (top-level and inside functions; importing
+    ``a.b.c`` also runs the packages ``a`` and ``a.b``)."""
+    import ast
+
+    files = {}
+    for p in (src / "neighborlt").rglob("*.py"):
+        parts = list(p.relative_to(src).with_suffix("").parts)
+        is_pkg = parts[-1] == "__init__"
+        files[".".join(parts[:-1] if is_pkg else parts)] = (p, is_pkg)
+    graph: dict[str, set[str]] = {m: set() for m in files}
+    for m, (p, is_pkg) in files.items():
+        base = m.split(".") if is_pkg else m.split(".")[:-1]
+        for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                mod = ".".join(base[: len(base) - node.level + 1] + [node.module or ""]).strip(".") if node.level \
+                    else node.module or ""
+                names = [mod] + [f"{mod}.{a.name}" for a in node.names]
+            else:
+                continue
+            for name in names:
+                parts = name.split(".")
+                for i in range(1, len(parts) + 1):
+                    dep = ".".join(parts[:i])
+                    if dep in files and dep != m and not m.startswith(dep + "."):
+                        graph[m].add(dep)
+    return graph
+
+
+def _reaches(graph: dict[str, set[str]], start: str, target: str) -> bool:
+    """Whether a module in package/module ``start`` imports (transitively) one in ``target``."""
+    def inside(m: str, pkg: str) -> bool:
+        return m == pkg or m.startswith(pkg + ".")
+
+    todo = [m for m in graph if inside(m, start)]
+    seen = set(todo)
+    while todo:
+        for dep in graph[todo.pop()]:
+            if inside(dep, target):
+                return True
+            if dep not in seen:
+                seen.add(dep)
+                todo.append(dep)
+    return False
+
+
+def test_no_import_cycles_between_engine_crt_train_and_evaluate() -> None:
+    import subprocess
+    import sys
+
+    graph = _import_graph(Path(__file__).resolve().parents[1] / "src")
+    assert _reaches(graph, "neighborlt.train.engine", "neighborlt.train.crt")
+    assert not _reaches(graph, "neighborlt.train.crt", "neighborlt.train.engine")
+    assert _reaches(graph, "neighborlt.evaluate", "neighborlt.train")
+    assert not _reaches(graph, "neighborlt.train", "neighborlt.evaluate")  # train scores with neighborlt.metrics
+    assert not _reaches(graph, "neighborlt.metrics", "neighborlt.train")
+    for order in ("neighborlt.train, neighborlt.evaluate", "neighborlt.evaluate, neighborlt.train",
+                  "neighborlt.train.crt, neighborlt.train.engine", "neighborlt.train.engine, neighborlt.evaluate"):
+        subprocess.run([sys.executable, "-c", f"import {order}"], check=True)

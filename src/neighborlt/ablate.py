@@ -10,6 +10,9 @@ One output folder holds everything::
     OUT/runs/<run name>/seed<S>/           one complete run directory (classes, split, filter/aux_manifest.parquet,
                                            train/; export and eval work on it), resumable, skipped when finished
     OUT/<grid>.md, OUT/<grid>.json, OUT/<grid>.png
+    OUT/index.html                         every grid's tables and plot, the runs and the config on one page
+    OUT/commands.txt                       ``prepare_runs`` (``ablate --print-commands``): one shell command per
+                                           run, for a grid run across machines (each folder gets its train.json)
 
 Auxiliary images reach training only through the filter stage's manifest, as in ``neighborlt run``. The filter
 rules are off by default here (``filter``), so the README's protocol tables, which used every pool image, reproduce.
@@ -34,6 +37,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .defaults import AUX_CAP, LAMBDA_S, AuxCap
 from .errors import ConfigError
 from .rundir import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 
@@ -61,8 +65,8 @@ class AblationConfig(BaseModel):
     neighbors_vocabulary: Literal["backend", "pool"] = "backend"
     per_class: int = Field(5, ge=1)  # K for the grids that do not sweep it
     split_ratio: str = "auto"  # head:medium:tail for the grids that do not sweep it
-    lambda_s: float = Field(0.1, ge=0.0)  # for the grids that do not sweep it
-    aux_cap: int = Field(50, ge=1)  # M for the grids that do not sweep it
+    lambda_s: float = Field(LAMBDA_S, ge=0.0)  # for the grids that do not sweep it
+    aux_cap: AuxCap = AUX_CAP  # M for the grids that do not sweep it ("all": every image)
     lambdas: list[float] = [0.01, 0.1, 0.2, 0.3, 0.5, 1.0]
     caps: list[int] = [10, 30, 50, 100, 150]
     ks: list[int] = [1, 3, 5, 7, 8]
@@ -396,6 +400,117 @@ def _fmt(mean: float, std: float) -> str:
     return f"{mean:.1f}" if math.isnan(std) else f"{mean:.1f} ± {std:.1f}"
 
 
+def train_config(cfg: AblationConfig, spec: RunSpec, seed: int) -> Any:
+    """The resolved :class:`~neighborlt.train.TrainConfig` of one run of a grid (what its folder trains with)."""
+    from .train import TrainConfig
+
+    aux = {} if spec.aux else {"aux_manifest": None}
+    return TrainConfig(**{"max_test_per_class": None, **cfg.train, **dict(spec.train), "seed": seed,
+                          "data_dir": cfg.data_dir, **aux})
+
+
+def _plan(cfg: AblationConfig, data: _Data) -> tuple[dict[tuple[Any, int], tuple[RunSpec, str]], dict[Any, str]]:
+    """Every distinct run of the grids once, in grid order: ``{(canonical run, seed): (spec, folder name)}``, and
+    the folder name of each canonical run (identical runs in several grids, e.g. M = 50 and λs = 0.1, train once)."""
+    todo: dict[tuple[Any, int], tuple[RunSpec, str]] = {}
+    folder: dict[Any, str] = {}
+    for grid in cfg.grids:
+        for row in grid_rows(cfg, grid):
+            canon = _canonical(row.run, data)
+            for seed in cfg.seeds:
+                todo.setdefault((canon, seed), (row.run, folder.setdefault(canon, row.run.name)))
+    return todo, folder
+
+
+RUN_CONFIG = "train.json"  # each run folder's resolved TrainConfig (``neighborlt train RUN --config RUN/train.json``)
+
+
+def _finished(run_dir: Path, tcfg: Any) -> bool:
+    """True when ``run_dir`` finished training with ``tcfg`` (its recorded config equals it, execution-only fields
+    aside, and its done marker carries the recorded key) and has been evaluated (``eval/metrics.json``)."""
+    from .errors import NeighborLTError
+    from .train.config import EXECUTION_FIELDS
+
+    try:
+        rec = read_json(run_dir / "records" / "train.config.json")
+        done = read_json(run_dir / "records" / "train.done.json")
+    except (NeighborLTError, OSError, ValueError):  # not trained yet (or a broken record: train again)
+        return False
+    if not isinstance(rec, dict) or not isinstance(done, dict) or done.get("key") != rec.get("config_key"):
+        return False
+    skip = set(EXECUTION_FIELDS) | {"world_size", "config_key"}
+    want = {k: v for k, v in tcfg.model_dump(mode="json").items() if k not in skip}
+    return ({k: v for k, v in rec.items() if k not in skip} == want and (run_dir / "train" / "model.json").is_file()
+            and (run_dir / "eval" / "metrics.json").is_file())
+
+
+def run_command(run_dir: Path, tcfg: Any, executable: str = "neighborlt", *, cwd: Path | None = None,
+                env: dict[str, str] | None = None) -> str:
+    """The self-contained shell command that trains, exports and evaluates one prepared run folder.
+
+    ``cwd`` and ``env`` (``NEIGHBORLT_CACHE`` / ``NEIGHBORLT_DATA``) pin what relative paths and the data lookup
+    resolve to, so a worker sees the same image files (and so the same config key) as the preparing process."""
+    import shlex
+
+    d = shlex.quote(str(run_dir))
+    cap = f" --max-test-per-class {int(tcfg.max_test_per_class)}" if tcfg.max_test_per_class is not None else ""
+    prefix = f"cd {shlex.quote(str(cwd))} && " if cwd is not None else ""
+    if env:
+        prefix += "export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())) + " && "
+    return (f"{prefix}{executable} train {d} --config {shlex.quote(str(run_dir / RUN_CONFIG))} --resume --no-progress"
+            f" && {executable} export {d} && {executable} eval {d}{cap}")
+
+
+def prepare_runs(cfg: AblationConfig, out_dir: str | os.PathLike[str], *, executable: str = "neighborlt",
+                 include_finished: bool = False) -> list[str]:
+    """Prepare every run folder of the grids and return one shell command per run, for running a grid on several
+    machines (a SLURM job array, Ray, GNU parallel); ``run_ablation`` with the same config then writes the tables
+    from the finished runs without training them again.
+
+    Each ``OUT/runs/<run>/seed<S>/`` gets what ``run_ablation`` would give it (classes, split, neighbours and the
+    filter manifest of its auxiliary setting) plus ``train.json``, its resolved TrainConfig; the command is
+    ``neighborlt train RUN --config RUN/train.json --resume --no-progress && neighborlt export RUN &&
+    neighborlt eval RUN``, after a ``cd`` to the current directory and an ``export`` of ``NEIGHBORLT_CACHE`` and
+    ``NEIGHBORLT_DATA`` as this process sees them (relative paths and the extracted datasets resolve the same on
+    every worker: a run's config key includes its image paths). The workers need the same paths (a shared file
+    system, or the same absolute paths on each). The commands are also written to ``OUT/commands.txt``.
+
+    Args:
+        cfg: the grids (as for :func:`run_ablation`).
+        out_dir: the experiment folder (absolute paths are printed, so the commands run from any directory).
+        executable: how to call neighborlt on the workers (``"python -m neighborlt"``, a container wrapper, ...).
+        include_finished: also list runs that are already trained and evaluated with the same config.
+
+    Returns:
+        The commands, in grid order.
+    """
+    from .paths import ENV_CACHE, ENV_DATA, cache_dir, resolve_data_dir
+
+    out = Path(out_dir).resolve()
+    RunDir(out).record("ablate", cfg)
+    data = _Data(cfg, out)
+    todo, _ = _plan(cfg, data)
+    # the workers must read the same image files as this process: a run's config key includes the paths (and
+    # mtimes) of its images, and extracted archives live in the cache
+    cwd = Path.cwd().resolve()
+    env = {ENV_CACHE: str(cache_dir()), ENV_DATA: str(resolve_data_dir(cfg.data_dir))}
+    commands: list[str] = []
+    finished = 0
+    for (_canon, seed), (spec, name) in todo.items():
+        run_dir = out / "runs" / name / f"seed{seed}"
+        tcfg = train_config(cfg, spec, seed)
+        data.populate(spec, run_dir)
+        atomic_write_json(run_dir / RUN_CONFIG, tcfg.model_dump(mode="json"))
+        if not include_finished and _finished(run_dir, tcfg):
+            finished += 1
+            continue
+        commands.append(run_command(run_dir, tcfg, executable, cwd=cwd, env=env))
+    atomic_write_text(out / "commands.txt", "".join(f"{c}\n" for c in commands))
+    logger.info("ablate: %d run folders prepared, %d already finished, %d commands in %s", len(todo), finished,
+                len(commands), out / "commands.txt")
+    return commands
+
+
 def run_ablation(cfg: AblationConfig, out_dir: str | os.PathLike[str], *, progress: bool = True,
                  on_run: Callable[[str, int], None] | None = None) -> list[GridResult]:
     """Train every run of the requested grids (skipping finished ones) and write one table per grid.
@@ -407,22 +522,21 @@ def run_ablation(cfg: AblationConfig, out_dir: str | os.PathLike[str], *, progre
         on_run: called as ``on_run(run_name, seed)`` before each training run.
 
     Returns:
-        One :class:`GridResult` per grid, in order; the markdown tables are also written to ``OUT/<grid>.md``.
+        One :class:`GridResult` per grid, in order; the markdown tables are also written to ``OUT/<grid>.md``
+        (``.json``, ``.png``), and all of them to the page ``OUT/index.html``. Runs trained elsewhere from the
+        commands of :func:`prepare_runs` are recognised as finished (same config key) and only read.
     """
-    from .train import TrainConfig, run_train
+    from .train import run_train
 
     out = Path(out_dir)
     rd = RunDir(out)
     rd.record("ablate", cfg)
     data = _Data(cfg, out)
-    base_train = {"max_test_per_class": None, **cfg.train}
     results: list[GridResult] = []
     cache: dict[tuple[Any, int], Any] = {}
-    folder: dict[Any, str] = {}  # identical runs in several grids (e.g. M = 50 and λs = 0.1) train once
 
     def tcfg_of(spec: RunSpec, seed: int) -> Any:
-        aux = {} if spec.aux else {"aux_manifest": None}
-        return TrainConfig(**{**base_train, **dict(spec.train), "seed": seed, "data_dir": cfg.data_dir, **aux})
+        return train_config(cfg, spec, seed)
 
     def train(key: tuple[Any, int], spec: RunSpec, name: str, *, wait: bool) -> bool:
         seed = key[1]
@@ -441,12 +555,7 @@ def run_ablation(cfg: AblationConfig, out_dir: str | os.PathLike[str], *, progre
 
     # every distinct run once, in grid order; runs that a parallel worker holds are trained (or, once it has
     # finished them, just read) last, so several processes on one folder share the work
-    todo: dict[tuple[Any, int], tuple[RunSpec, str]] = {}
-    for grid in cfg.grids:
-        for row in grid_rows(cfg, grid):
-            canon = _canonical(row.run, data)
-            for seed in cfg.seeds:
-                todo.setdefault((canon, seed), (row.run, folder.setdefault(canon, row.run.name)))
+    todo, folder = _plan(cfg, data)
     busy = [(key, spec, name) for key, (spec, name) in todo.items() if not train(key, spec, name, wait=False)]
     for key, spec, name in busy:
         train(key, spec, name, wait=True)
@@ -489,6 +598,9 @@ def run_ablation(cfg: AblationConfig, out_dir: str | os.PathLike[str], *, progre
         atomic_write_json(out / f"{grid}.json", {"config": cfg, "rows": table_rows})
         _plot(out / f"{grid}.png", grid, table_rows)
         results.append(gr)
+    from .report import write_ablation_page
+
+    write_ablation_page(out, cfg.grids)  # OUT/index.html: the tables, plots and config on one page
     return results
 
 

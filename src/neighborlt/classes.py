@@ -1,7 +1,9 @@
 """Stage 1 (``classes``): resolve the target classes of a run and write ``RUN/classes.json`` and ``RUN/split.json``.
 
-The run is either a split-neighbour protocol (``--protocol cifar10-neighbours``) or a plain dataset
-(``--dataset PATH_OR_NAME``, every class a target, optionally long-tailed). Later stages read the split back with
+The run is either a split-neighbour protocol (``--protocol cifar10-neighbours``), a plain dataset
+(``--dataset PATH_OR_NAME``, every class a target, optionally long-tailed), or a custom split-neighbour protocol on
+any labelled dataset (``--dataset PATH --targets A,B,C --pool D,E``: those targets, long-tailed head -> tail in the
+given order, and those classes as the captioned auxiliary pool). Later stages read the split back with
 :func:`neighborlt.data.load_protocol`.
 """
 
@@ -12,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .data.protocol import Protocol, ProtocolConfig, build_protocol, resolve_config, split_record
 from .data.shots import shot_groups
@@ -33,6 +35,10 @@ class ClassesConfig(BaseModel):
 
     protocol: str | None = None  # preset name (see neighborlt.data.PRESETS)
     dataset: str | None = None  # or a dataset name / path (plain: every class is a target, no pool)
+    targets: list[str] | None = None  # target class names or ids, head -> tail (None: every class / the preset's)
+    pool: list[str] | None = None  # auxiliary pool classes (None: none for a dataset, the preset's for a protocol)
+    test_dataset: str | None = None  # test images from another path (e.g. a test split file); None: the dataset's
+    #   own test split (ImageFolder: its test/ or val/ folder)
     data_dir: str | None = None
     seed: int | None = None
     imbalance_ratio: float | None = Field(None, ge=1.0)  # n_max / n_min of the targets
@@ -44,6 +50,14 @@ class ClassesConfig(BaseModel):
     download: bool = False  # fetch CIFAR through torchvision when missing (online)
     force: bool = False  # overwrite a run dir made with a different classes config
 
+    @field_validator("targets", "pool", mode="before")
+    @classmethod
+    def _split_names(cls, value: object) -> object:
+        """``"a,b,c"`` (the CLI / a YAML string) is the list ``[a, b, c]``."""
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
     @model_validator(mode="after")
     def _one_source(self) -> ClassesConfig:
         if (self.protocol is None) == (self.dataset is None):
@@ -52,11 +66,23 @@ class ClassesConfig(BaseModel):
 
     def protocol_config(self) -> ProtocolConfig:
         """The :class:`ProtocolConfig` these options resolve to."""
-        src = self.protocol if self.protocol is not None else self.dataset
+        src = self.protocol if self.protocol is not None else _absolute(self.dataset)
         assert src is not None
         return resolve_config(src, self.data_dir, seed=self.seed, imbalance_ratio=self.imbalance_ratio,
                               n_max=self.n_max, num_targets=self.num_targets, many=self.many, few=self.few,
+                              targets=self.targets, pool=self.pool, test_dataset=_absolute(self.test_dataset),
                               skip_corrupt=self.skip_corrupt or None, download=self.download or None)
+
+
+def _absolute(dataset: str | None) -> str | None:
+    """A dataset path as an absolute path (split.json is read again from other working directories); names such as
+    ``cifar10`` stay names."""
+    from .data.readers import NAMED_DATASETS
+
+    if dataset is None or dataset in NAMED_DATASETS:
+        return dataset
+    p = Path(dataset).expanduser()
+    return str(p.resolve()) if p.exists() else dataset
 
 
 class ClassesResult(BaseModel):

@@ -1,7 +1,8 @@
 """Stage 5b, export: the paper's *direct classifier*. A model trained on L target + K auxiliary classes
 (``RUN/train/model.safetensors`` + ``model.json``) is saved to ``RUN/export/`` with only the L target rows of
-its classifier, so that inference ranks target classes only; and :func:`predict_images`, the top-k target
-classes of image files (``neighborlt predict``).
+its classifier, so that inference ranks target classes only; :func:`load` (``neighborlt.load``), a
+:class:`Predictor` whose ``predict`` gives the top-k target classes of image files, PIL images or uint8 arrays
+without writing any cache; and :func:`predict_images`, the same for image files (``neighborlt predict``).
 
 ``model.json`` fields read here (written by :func:`neighborlt.train.run_train`): ``num_classes`` (L + K),
 ``num_target_classes`` (L), ``class_names`` / ``class_ids`` (targets first), ``classifier``
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -234,6 +235,254 @@ def export_direct(run_dir: str | os.PathLike[str] | RunDir, *, force: bool = Fal
 # --------------------------------------------------------------------------------------------- inference
 
 
+def _is_single(images: Any) -> bool:
+    """True when ``images`` is one image (a path, a PIL image or one uint8 array), False for a sequence of them."""
+    from PIL import Image
+
+    if isinstance(images, (str, os.PathLike, Image.Image)):
+        return True
+    if isinstance(images, np.ndarray):
+        return images.ndim in (2, 3)
+    return False
+
+
+def _as_items(images: Any) -> tuple[list[Any], bool]:
+    """The images as a list of single images, and whether one image (not a list) was given."""
+    if _is_single(images):
+        return [images], True
+    if isinstance(images, np.ndarray):
+        if images.ndim != 4:
+            raise ConfigError(f"image array of shape {images.shape}: pass [H, W], [H, W, C] or a batch [N, H, W, C]")
+        return list(images), False
+    if isinstance(images, (bytes, bytearray)) or not isinstance(images, Sequence | Iterable):
+        raise ConfigError(f"images: expected a path, a PIL image, a uint8 array or a list of them, got "
+                          f"{type(images).__name__}")
+    items = list(images)
+    for x in items:
+        if not _is_single(x):
+            raise ConfigError(f"images: every item must be a path, a PIL image or a uint8 [H, W(, C)] array, got "
+                              f"{type(x).__name__}{getattr(x, 'shape', '')}")
+    return items, False
+
+
+def _check_item(x: Any, i: int) -> None:
+    """Fail early (before any inference) on a missing or undecodable file or a bad array, naming it."""
+    from PIL import Image
+
+    if isinstance(x, (str, os.PathLike)):
+        p = Path(x)
+        if not p.is_file():
+            raise DataError(f"{p}: image file not found")
+        try:
+            with Image.open(p) as im:
+                im.verify()
+        except (OSError, SyntaxError, ValueError) as e:
+            raise DataError(f"{p}: cannot decode image ({e}); pass JPEG/PNG files") from None
+    elif isinstance(x, np.ndarray):
+        if x.dtype != np.uint8:
+            raise ConfigError(f"image {i}: array dtype {x.dtype}; pass uint8 pixels (0..255)")
+        if x.ndim == 3 and x.shape[2] not in (1, 3, 4):
+            raise ConfigError(f"image {i}: array of shape {x.shape}; pass [H, W] or [H, W, C] with C in 1, 3, 4")
+        if min(x.shape[:2]) < 1:
+            raise ConfigError(f"image {i}: empty array of shape {x.shape}")
+
+
+def decode_image(x: Any, size: int) -> np.ndarray:
+    """One image as uint8 ``[size, size, 3]`` RGB, decoded exactly as :func:`neighborlt.data.as_array` decodes
+    files and arrays (bilinear resize, grayscale replicated, JPEG draft for large files), but in memory only."""
+    from PIL import Image
+
+    from .data.arrays import _to_rgb
+
+    if isinstance(x, (str, os.PathLike)):
+        p = Path(x)
+        try:
+            with Image.open(p) as im:
+                if im.format == "JPEG" and max(im.size) >= 2 * size:
+                    im.draft("RGB", (size, size))  # as as_array does: the same pixels as training and eval saw
+                return _to_rgb(im, size)
+        except (OSError, SyntaxError, ValueError) as e:
+            raise DataError(f"{p}: cannot decode image ({e}); pass JPEG/PNG files") from None
+    if isinstance(x, Image.Image):
+        return _to_rgb(x, size)
+    a = np.asarray(x)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.ndim == 3 and a.shape == (size, size, 3):
+        return np.ascontiguousarray(a)
+    return _to_rgb(Image.fromarray(a), size)
+
+
+class Predictor:
+    """A trained model ready for inference on a handful of images (or many), without any disk cache.
+
+    Made by :func:`load`. ``predict`` ranks the **target** classes only: a model folder with L target + K
+    auxiliary rows (``RUN/train``) has its auxiliary logits dropped before the softmax, which equals the exported
+    direct classifier (``RUN/export``, L rows). Images are decoded in memory exactly as training and evaluation
+    decode them (:func:`neighborlt.data.as_array`), so the logits equal :func:`neighborlt.train.predict_logits`;
+    nothing is written anywhere (no decoded-array or feature cache).
+
+    Attributes:
+        model_dir: the folder the weights came from.
+        info: its ``model.json``.
+        class_names: the L target class names, in logit order.
+        image_size: the input side length the model was trained at.
+
+    Example:
+        >>> p = neighborlt.load("runs/demo")  # doctest: +SKIP
+        >>> p.predict("cat.jpg", top_k=2)  # doctest: +SKIP
+        {'path': 'cat.jpg', 'top': [{'index': 0, 'name': 'cat', 'probability': 0.91}, ...]}
+    """
+
+    def __init__(self, model_dir: str | os.PathLike[str], *, device: str = "auto", batch_size: int = 64) -> None:
+        import torch
+
+        from .train import load_trained_model
+        from .train.ddp import resolve_device
+
+        if batch_size < 1:
+            raise ConfigError(f"batch_size {batch_size}: must be at least 1")
+        self.model_dir = Path(model_dir)
+        self.info = read_model_info(self.model_dir)
+        num_classes = int(self.info["num_classes"])
+        L = self.info.get("num_target_classes", num_classes)
+        if not isinstance(L, int) or isinstance(L, bool) or not 1 <= L <= num_classes:
+            raise DataError(f"{self.model_dir / INFO}: 'num_target_classes' must be 1..{num_classes}, got {L!r}")
+        self.num_target_classes = L
+        self.class_names = [str(n) for n in self.info["class_names"][:L]]
+        self.batch_size = batch_size
+        self.device = resolve_device(device)
+        self._amp = self.device.type == "cuda"
+        model, meta = load_trained_model(self.model_dir)
+        self.model = model.to(self.device).eval()
+        frozen = meta.get("frozen")
+        self.backbone: Any = None
+        self._backbone_name: str | None = None
+        if frozen:
+            from .train.models import create_model
+
+            self.image_size = int(frozen["image_size"])
+            self._backbone_name = str(frozen["backbone"])
+            self.backbone = create_model(self._backbone_name, num_classes=1, init=str(frozen["init"]),
+                                         image_size=self.image_size).eval().to(self.device)
+            self._transform = None
+        else:
+            from .train.data import build_transform
+            from .train.models import model_normalization
+
+            self.image_size = int(meta["image_size"])
+            arch = meta.get("architecture")
+            norm = model_normalization(arch) if arch else None  # the input statistics the weights expect
+            self._transform = build_transform(self.image_size, train=False, normalization=norm)
+        self._torch = torch
+
+    def __repr__(self) -> str:
+        return (f"Predictor({str(self.model_dir)!r}, {self.num_target_classes} target classes, "
+                f"{self.image_size} px, device {self.device})")
+
+    def _batch_logits(self, arrays: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            if self.backbone is not None:  # as neighborlt.train.features: ToTensor + normalise, fp32 features
+                from .train.models import model_normalization
+
+                mean, std = model_normalization(self._backbone_name or "")
+                m = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
+                s = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
+                x = (torch.from_numpy(arrays).to(self.device).permute(0, 3, 1, 2).float().div_(255.0) - m) / s
+                x = self.backbone.forward_features(x).float()
+            else:
+                from PIL import Image
+
+                assert self._transform is not None
+                x = torch.stack([self._transform(Image.fromarray(a)) for a in arrays]).to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._amp):
+                out = self.model(x).float().cpu()
+        return out.numpy()[:, : self.num_target_classes].astype(np.float32)
+
+    def logits(self, images: Any) -> np.ndarray:
+        """The target-class logits (float32 ``[N, L]``) of one image or many (paths, PIL images, uint8 arrays).
+
+        Raises:
+            DataError: a missing or undecodable file; ConfigError: an array that is not uint8 [H, W(, C)].
+        """
+        items, _ = _as_items(images)
+        if not items:
+            raise ConfigError("no images given; pass one or more images")
+        for i, x in enumerate(items):  # every input is checked before any inference
+            _check_item(x, i)
+        parts = []
+        for start in range(0, len(items), self.batch_size):
+            chunk = items[start:start + self.batch_size]
+            parts.append(self._batch_logits(np.stack([decode_image(x, self.image_size) for x in chunk])))
+        return np.concatenate(parts)
+
+    def predict(self, images: Any, top_k: int = 5) -> dict[str, Any] | list[dict[str, Any]]:
+        """The top-k target classes of one image or many, as ``neighborlt predict`` prints them.
+
+        Args:
+            images: an image file path, a PIL image or a uint8 array ``[H, W]`` / ``[H, W, C]``; or a list of
+                them, or a uint8 batch ``[N, H, W, C]``.
+            top_k: classes per image (capped at the number of target classes).
+
+        Returns:
+            For one image a dict ``{"path", "top": [{"index", "name", "probability"}]}`` (``path`` is None for
+            in-memory images), probabilities softmax-normalised over the target classes and sorted (ties: lower
+            index first); for a list or batch, a list of such dicts in input order.
+
+        Raises:
+            ConfigError: ``top_k < 1``, no images, an unsupported input; DataError: a missing or undecodable file.
+        """
+        torch = self._torch
+        if top_k < 1:
+            raise ConfigError(f"--top-k {top_k}: must be at least 1")
+        items, single = _as_items(images)
+        logits = self.logits(items)
+        probs = torch.softmax(torch.from_numpy(logits), dim=1)
+        k = min(top_k, probs.shape[1])
+        vals, idx = torch.sort(probs, dim=1, descending=True, stable=True)
+        rows = []
+        for x, v, ix in zip(items, vals[:, :k].tolist(), idx[:, :k].tolist()):
+            path = str(x) if isinstance(x, (str, os.PathLike)) else None
+            rows.append({"path": path, "top": [{"index": j, "name": self.class_names[j], "probability": float(q)}
+                                               for j, q in zip(ix, v)]})
+        return rows[0] if single else rows
+
+
+def find_model_dir(path: str | os.PathLike[str]) -> Path:
+    """The model folder of ``path``: the folder itself when it holds ``model.json`` + ``model.safetensors``, else
+    ``path/export`` (the direct classifier), else ``path/train`` (its auxiliary rows are masked at prediction).
+
+    Raises:
+        NeighborLTError: none of them holds a model (naming the commands that make one).
+    """
+    root = Path(path)
+    if not root.exists():
+        raise NeighborLTError(f"{root}: not found; pass a run directory or its export/ or train/ folder")
+    for d in (root, root / "export", root / "train"):
+        if (d / INFO).is_file() and (d / WEIGHTS).is_file():
+            return d
+    raise NeighborLTError(f"{root}: no model.json + model.safetensors here nor in export/ or train/; run "
+                          f"`neighborlt train {root}` and `neighborlt export {root}` first")
+
+
+def load(path: str | os.PathLike[str], *, device: str = "auto", batch_size: int = 64) -> Predictor:
+    """A :class:`Predictor` for a run directory, its ``export/`` folder or its ``train/`` folder.
+
+    Args:
+        path: ``RUN`` (uses ``RUN/export`` when present, else ``RUN/train``), ``RUN/export``, ``RUN/train`` or
+            ``RUN/train/crt`` (any folder with ``model.json`` + ``model.safetensors``).
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
+        batch_size: images per forward pass.
+
+    Example:
+        >>> import neighborlt
+        >>> p = neighborlt.load("runs/demo")  # doctest: +SKIP
+        >>> p.predict(["a.jpg", "b.png"], top_k=3)  # doctest: +SKIP
+    """
+    return Predictor(find_model_dir(path), device=device, batch_size=batch_size)
+
+
 def predict_images(
     run_or_model_dir: str | os.PathLike[str],
     images: Sequence[str | os.PathLike[str]],
@@ -241,12 +490,15 @@ def predict_images(
     batch_size: int = 64,
     device: str = "auto",
 ) -> list[dict[str, Any]]:
-    """Top-k predictions of the exported direct classifier for image files.
+    """Top-k predictions of the exported direct classifier for image files (``neighborlt predict``).
+
+    The same as ``load(run_or_model_dir).predict(list(images), top_k)``: decoded in memory, no cache written.
 
     Args:
-        run_or_model_dir: a run directory (uses ``RUN/export``) or a model folder.
+        run_or_model_dir: a run directory (uses ``RUN/export``, else ``RUN/train`` with its auxiliary rows masked)
+            or a model folder.
         images: image file paths.
-        top_k: number of classes per image (capped at the number of classes).
+        top_k: number of classes per image (capped at the number of target classes).
         batch_size: inference batch size.
         device: torch device (``auto``: CUDA when present).
 
@@ -256,39 +508,13 @@ def predict_images(
     Raises:
         NeighborLTError: no model, a missing or undecodable image.
     """
-    import torch
-
-    from .data.base import ImageSet
-    from .train import predict_logits
-
     if top_k < 1:
         raise ConfigError(f"--top-k {top_k}: must be at least 1")
     if not images:
         raise ConfigError("no image files given; pass one or more image paths")
     paths = [Path(p) for p in images]
-    for p in paths:
-        if not p.is_file():
-            raise DataError(f"{p}: image file not found")
-    from PIL import Image
-
-    for p in paths:  # check every file up front so a bad one is named before any inference
-        try:
-            with Image.open(p) as im:
-                im.verify()
-        except (OSError, SyntaxError, ValueError) as e:
-            raise DataError(f"{p}: cannot decode image ({e}); pass JPEG/PNG files") from None
-    mdir = model_dir_for(run_or_model_dir, "export")
-    info = read_model_info(mdir)
-    names = [str(n) for n in info["class_names"]]
-    image_set = ImageSet(class_names=names, labels=np.zeros(len(paths), dtype=np.int64), paths=paths,
-                         source="predict")
-    logits = predict_logits(mdir, image_set, batch_size=batch_size, device=device)
-    probs = torch.softmax(torch.from_numpy(logits), dim=1)
-    k = min(top_k, probs.shape[1])
-    # topk sorts by value; stable ordering for ties is by lower index (sort is stable on CPU with sorted=True)
-    vals, idx = torch.sort(probs, dim=1, descending=True, stable=True)
-    out = []
-    for p, v, ix in zip(paths, vals[:, :k].tolist(), idx[:, :k].tolist()):
-        out.append({"path": str(p), "top": [{"index": j, "name": names[j], "probability": float(q)}
-                                            for j, q in zip(ix, v)]})
-    return out
+    for i, p in enumerate(paths):  # check every file up front so a bad one is named before the model loads
+        _check_item(p, i)
+    rows = load(run_or_model_dir, device=device, batch_size=batch_size).predict(paths, top_k=top_k)
+    assert isinstance(rows, list)
+    return rows

@@ -1,23 +1,26 @@
 """The whole pipeline in one call: classes -> neighbors -> retrieve -> filter -> train (target + auxiliary
-classes) -> export -> eval, plus the same training without auxiliary data as the baseline it is compared with.
+classes) -> export -> eval -> report, plus the same training without auxiliary data as the baseline it is compared
+with (``RUN/baseline``).
 
 ``neighborlt demo`` runs it on the bundled offline defaults (the CIFAR-10 split-neighbour protocol, WordNet
 neighbours, its local captioned pool, the default filter, a ResNet-8 trained from scratch at 32 px);
-``neighborlt run`` takes every option. Each stage is resumable, so a re-run only does what is missing. Every stage
-config is validated before any work starts.
+``neighborlt run CONFIG.yaml`` takes one YAML file with a section per stage (:func:`load_config`), and
+``neighborlt run RUN`` the same options as flags. Every stage config is validated before any work starts (a bad key
+is one line naming its key path); each stage is resumable, so a re-run only does what is missing.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .rundir import RunDir, atomic_write_json, atomic_write_text
+from .defaults import AUX_CAP, LAMBDA_S, AuxCap
+from .errors import ConfigError
+from .rundir import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -35,32 +38,217 @@ DEMO_TRAIN: dict[str, Any] = {
     "threads": 1,  # tiny convolutions: one thread is as fast as two and never oversubscribes a shared machine
 }
 
+#: The stages of ``neighborlt run`` in order (``--from`` / ``--until`` take these names). ``train``, ``export`` and
+#: ``eval`` also do the baseline (RUN/baseline) when ``baseline`` is on; ``eval`` writes RUN/summary.md.
+STAGES = ("classes", "neighbors", "retrieve", "filter", "train", "export", "eval", "report")
+DEFAULT_PROTOCOL = "cifar10-neighbours"
+METHOD_DEFAULTS: dict[str, Any] = {"loss": "neighbor_silencing", "lambda_s": LAMBDA_S, "aux_cap": AUX_CAP}
+
 
 class PipelineConfig(BaseModel):
-    """Options of ``neighborlt run`` / ``neighborlt demo``."""
+    """Options of ``neighborlt run`` / ``neighborlt demo``: top-level keys plus one section per stage.
+
+    Each section holds the fields of that stage's own config (``classes``: :class:`~neighborlt.classes.ClassesConfig`,
+    ``neighbors``: :class:`~neighborlt.neighbors.NeighborsConfig`, ``retrieve``: :class:`~neighborlt.retrieve
+    .RetrieveConfig`, ``filter``: :class:`~neighborlt.filter.FilterConfig`, ``train``: :class:`~neighborlt.train
+    .TrainConfig`, ``eval``: :class:`~neighborlt.evaluate.EvalConfig`, ``report``:
+    :class:`~neighborlt.report.ReportConfig` or ``false``); :func:`stage_configs` validates them all up front.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    protocol: str = "cifar10-neighbours"  # split-neighbour preset (neighborlt.data.PRESETS)
-    data_dir: str | None = None  # offline datasets folder (None: paths.resolve_data_dir())
-    protocol_overrides: dict[str, Any] = Field(default_factory=dict)  # ClassesConfig fields: n_max, imbalance_ratio,
-    #   seed (of the split), num_targets, many, few
-    seed: int = 0  # training seed (the protocol split uses the preset's own seed)
+    run_dir: str | None = None  # the run directory (CLI: the RUN argument wins; default runs/<config file name>)
+    protocol: str | None = None  # shorthand for classes.protocol (a split-neighbour preset); None and no classes
+    #   source: cifar10-neighbours
+    data_dir: str | None = None  # offline datasets folder (None: paths.resolve_data_dir()), passed to every stage
+    protocol_overrides: dict[str, Any] = Field(default_factory=dict)  # older spelling of classes fields (n_max, ...)
+    seed: int = 0  # training seed of the method and the baseline (the split has its own: classes.seed)
+    classes: dict[str, Any] = Field(default_factory=dict)  # ClassesConfig fields: protocol | dataset (+ targets, pool,
+    #   imbalance_ratio, n_max, seed, many, few, test_dataset)
     neighbors: dict[str, Any] = Field(default_factory=lambda: {"backend": "wordnet"})  # NeighborsConfig fields
-    retrieve: dict[str, Any] = Field(default_factory=dict)  # RetrieveConfig fields (default: the local pool)
+    retrieve: dict[str, Any] = Field(default_factory=dict)  # RetrieveConfig fields (default: the local protocol pool)
     filter: dict[str, Any] = Field(default_factory=dict)  # FilterConfig fields (default rules)
-    train: dict[str, Any] = Field(default_factory=lambda: dict(DEMO_TRAIN))  # TrainConfig fields
-    loss: str = "neighbor_silencing"  # loss with auxiliary classes
-    lambda_s: float = Field(0.1, ge=0.0)
-    aux_cap: int = Field(50, ge=1)  # M
+    train: dict[str, Any] = Field(default_factory=lambda: dict(DEMO_TRAIN))  # TrainConfig fields of the method run
+    eval: dict[str, Any] = Field(default_factory=dict)  # EvalConfig fields (batch_size, device, many, few, ...)
+    report: bool | dict[str, Any] = True  # write RUN/report/index.html at the end; a mapping = ReportConfig fields
+    loss: str | None = None  # shorthand for train.loss (default neighbor_silencing)
+    lambda_s: float | None = Field(None, ge=0.0)  # shorthand for train.lambda_s (default defaults.LAMBDA_S)
+    aux_cap: AuxCap | None = None  # shorthand for train.aux_cap, M (default defaults.AUX_CAP; "all": every image)
     baseline: bool = True  # also train Balanced-CE without auxiliary data (RUN/baseline) and compare
     max_test_per_class: int | None = Field(None, ge=1)  # evaluate on at most N test images per class (quick runs)
-    report: bool = True  # write RUN/report/index.html at the end
+
+    def method(self) -> dict[str, Any]:
+        """loss / lambda_s / aux_cap of the method run: top-level key > train section > default."""
+        out = {}
+        for k, default in METHOD_DEFAULTS.items():
+            top = getattr(self, k)
+            out[k] = top if top is not None else self.train.get(k, default)
+        return out
+
+    def source_name(self) -> str:
+        """The protocol preset or dataset the run is on (for titles)."""
+        c = {**self.protocol_overrides, **self.classes}
+        return str(c.get("protocol") or c.get("dataset") or self.protocol or DEFAULT_PROTOCOL)
 
 
-def _stage_train_eval(run: Path, tcfg: Any, progress: bool, max_test: int | None) -> dict[str, Any]:
-    from .evaluate import EvalConfig, run_eval
-    from .export import export_direct
+def _section_error(e: ValidationError, section: str, model: type[BaseModel]) -> ConfigError:
+    from .cli._common import format_validation_error
+
+    return ConfigError(format_validation_error(e, prefix=section, model=model))
+
+
+def pipeline_config(raw: Any, *, source: str | None = None) -> PipelineConfig:
+    """Validate a pipeline config mapping (a parsed YAML file); problems are one line naming the key path.
+
+    Raises:
+        ConfigError: not a mapping, an unknown key (the message lists the allowed ones) or a bad value.
+    """
+    where = f"{source}: " if source else ""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}expected a mapping of keys (run_dir, classes, train, ...), got "
+                          f"{type(raw).__name__}")
+    try:
+        return PipelineConfig(**{str(k): v for k, v in raw.items()})
+    except ValidationError as e:
+        from .cli._common import format_validation_error
+
+        raise ConfigError(where + format_validation_error(e, model=PipelineConfig)) from None
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The mapping of a YAML (or JSON) config file; a syntax error is one line with the file, line and column."""
+    import yaml
+
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot read the config file ({e})") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{p}{at}: not valid YAML ({' '.join(str(problem).split())})") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{p}: expected a mapping of keys (run_dir, classes, train, ...), got {type(doc).__name__}")
+    return doc
+
+
+def load_config(path: str | os.PathLike[str], **overrides: Any) -> PipelineConfig:
+    """Read and validate a pipeline YAML file (top-level keys of ``overrides`` replace the file's)."""
+    raw = {**read_config_file(path), **overrides}
+    cfg = pipeline_config(raw, source=str(path))
+    stage_configs(cfg)  # every section checked before anything runs
+    return cfg
+
+
+def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
+    """Every stage's config, validated up front (a bad key is one line naming its section before any work).
+
+    Returns:
+        ``{"classes", "neighbors", "retrieve", "filter", "train", "baseline", "eval", "report"}`` -> the stage's
+        pydantic config (``report`` is None when off).
+    """
+    from .classes import ClassesConfig
+    from .evaluate import EvalConfig
+    from .filter import FilterConfig
+    from .neighbors import NeighborsConfig
+    from .report import ReportConfig
+    from .retrieve import RetrieveConfig
+    from .train import TrainConfig
+
+    classes = {**cfg.protocol_overrides, **cfg.classes}
+    if cfg.protocol is not None or ("protocol" not in classes and "dataset" not in classes):
+        classes.setdefault("protocol", cfg.protocol or DEFAULT_PROTOCOL)
+    if cfg.data_dir is not None:
+        classes.setdefault("data_dir", cfg.data_dir)
+    common = {**cfg.train, "seed": cfg.seed, "max_test_per_class": cfg.max_test_per_class}
+    if cfg.data_dir is not None or "data_dir" not in cfg.train:
+        common["data_dir"] = cfg.data_dir
+    method = cfg.method()
+    baseline = {k: v for k, v in common.items() if k not in (*METHOD_DEFAULTS, "loss_params", "aux_manifest")}
+    ev = {"max_test_per_class": cfg.max_test_per_class, **cfg.eval}
+    with_dir = {"data_dir": cfg.data_dir} if cfg.data_dir is not None else {}
+    parts: dict[str, tuple[type, dict[str, Any]]] = {
+        "classes": (ClassesConfig, classes),
+        "neighbors": (NeighborsConfig, dict(cfg.neighbors)),
+        "retrieve": (RetrieveConfig, {**with_dir, **cfg.retrieve}),
+        "filter": (FilterConfig, {**with_dir, **cfg.filter}),
+        "train": (TrainConfig, {**common, **method}),
+        "baseline": (TrainConfig, {**baseline, "aux_manifest": None, "loss": "balanced_softmax"}),
+        "eval": (EvalConfig, ev),
+    }
+    if cfg.report is not False:
+        parts["report"] = (ReportConfig, {} if cfg.report is True else dict(cfg.report))
+    out: dict[str, Any] = {"report": None}
+    for section, (cls, fields) in parts.items():
+        name = "train" if section == "baseline" else section
+        for bad in ("predictions", "out") if section == "eval" else ():
+            if fields.get(bad) is not None:
+                raise ConfigError(f"eval.{bad}: not settable in a pipeline config (the pipeline evaluates the run "
+                                  "and writes RUN/eval); use `neighborlt eval` for that")
+        try:
+            out[section] = cls(**fields)
+        except ValidationError as e:
+            raise _section_error(e, name, cls) from None
+        except ConfigError as e:
+            raise ConfigError(f"{name}: {e}") from None
+    return out
+
+
+def resolved_config(cfg: PipelineConfig, stages: dict[str, Any], run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The pipeline config with every section spelled out in full (what ``RUN/config.yaml`` holds): running it
+    again gives the same stage configs, hence skips every finished stage."""
+    train = stages["train"].model_dump(mode="json")
+    return {
+        "run_dir": str(run_dir),
+        "seed": cfg.seed,
+        "data_dir": cfg.data_dir,
+        "baseline": cfg.baseline,
+        "max_test_per_class": cfg.max_test_per_class,
+        "classes": stages["classes"].model_dump(mode="json"),
+        "neighbors": stages["neighbors"].model_dump(mode="json"),
+        "retrieve": stages["retrieve"].model_dump(mode="json"),
+        "filter": stages["filter"].model_dump(mode="json"),
+        "train": {k: v for k, v in train.items() if k not in ("seed", "max_test_per_class")},
+        "eval": {k: v for k, v in stages["eval"].model_dump(mode="json").items() if k != "max_test_per_class"},
+        "report": stages["report"].model_dump(mode="json") if stages["report"] is not None else False,
+    }
+
+
+def stage_range(from_stage: str | None, until_stage: str | None) -> list[str]:
+    """The stages from ``from_stage`` to ``until_stage`` (both included); an unknown name lists the stages."""
+    for opt, val in (("--from", from_stage), ("--until", until_stage)):
+        if val is not None and val not in STAGES:
+            raise ConfigError(f"{opt} {val!r}: unknown stage; use one of {', '.join(STAGES)}")
+    lo = STAGES.index(from_stage) if from_stage else 0
+    hi = STAGES.index(until_stage) if until_stage else len(STAGES) - 1
+    if lo > hi:
+        raise ConfigError(f"--from {from_stage} comes after --until {until_stage}; stages run in the order "
+                          f"{' -> '.join(STAGES)}")
+    return list(STAGES[lo:hi + 1])
+
+
+def _outputs(stage: str, baseline: bool) -> list[str]:
+    """Files a finished stage leaves (what a later ``--from`` stage needs)."""
+    files = {"classes": ["classes.json", "split.json"], "neighbors": ["neighbors.json"],
+             "retrieve": ["retrieve/manifest.parquet"], "filter": ["filter/aux_manifest.parquet"],
+             "train": ["train/model.safetensors"], "export": ["export/model.safetensors"],
+             "eval": ["eval/metrics.json"], "report": []}[stage]
+    if baseline and stage in ("train", "export", "eval"):
+        files += [f"baseline/{f}" for f in files]
+    return files
+
+
+def _train(run: Path, tcfg: Any, progress: bool) -> None:
     from .train import run_train
 
     res = run_train(tcfg, run, progress=progress, resume=True)  # continue an interrupted run
@@ -68,88 +256,121 @@ def _stage_train_eval(run: Path, tcfg: Any, progress: bool, max_test: int | None
         from .errors import NeighborLTError
 
         raise NeighborLTError(f"{run}: training was interrupted; re-run the same command to resume")
-    export_direct(run)
-    return run_eval(EvalConfig(max_test_per_class=max_test), run)
 
 
-def stage_configs(cfg: PipelineConfig) -> dict[str, Any]:
-    """Every stage's config, validated up front (a bad key is one line naming its section before any work)."""
-    from pydantic import ValidationError
-
-    from .classes import ClassesConfig
-    from .errors import ConfigError
-    from .filter import FilterConfig
-    from .neighbors import NeighborsConfig
-    from .retrieve import RetrieveConfig
-    from .train import TrainConfig
-
-    common = {**cfg.train, "seed": cfg.seed, "data_dir": cfg.data_dir, "max_test_per_class": cfg.max_test_per_class}
-    parts: dict[str, tuple[type, dict[str, Any]]] = {
-        "classes": (ClassesConfig, {"protocol": cfg.protocol, "data_dir": cfg.data_dir, **cfg.protocol_overrides}),
-        "neighbors": (NeighborsConfig, dict(cfg.neighbors)),
-        "retrieve": (RetrieveConfig, {"data_dir": cfg.data_dir, **cfg.retrieve}),
-        "filter": (FilterConfig, {"data_dir": cfg.data_dir, **cfg.filter}),
-        "train": (TrainConfig, {**common, "loss": cfg.loss, "lambda_s": cfg.lambda_s, "aux_cap": cfg.aux_cap}),
-        "baseline": (TrainConfig, {**common, "aux_manifest": None, "loss": "balanced_softmax"}),
-    }
-    out: dict[str, Any] = {}
-    for section, (cls, fields) in parts.items():
-        try:
-            out[section] = cls(**fields)
-        except ValidationError as e:
-            from .cli._common import format_validation_error
-
-            raise ConfigError(format_validation_error(e, prefix=section if section != "baseline" else "train",
-                                                      model=cls)) from None
-        except ConfigError as e:
-            raise ConfigError(f"{section}: {e}") from None
-    return out
+def _maybe_json(path: Path) -> Any:
+    return read_json(path) if path.is_file() else None
 
 
-def run_pipeline(cfg: PipelineConfig, run_dir: str | os.PathLike[str], *, progress: bool = True) -> dict[str, Any]:
-    """Run every stage into ``run_dir`` and write ``RUN/summary.md`` (method vs baseline, acquisition funnel).
+def run_pipeline(cfg: PipelineConfig, run_dir: str | os.PathLike[str] | None = None, *, progress: bool = True,
+                 from_stage: str | None = None, until_stage: str | None = None) -> dict[str, Any]:
+    """Run the stages into ``run_dir`` (default ``cfg.run_dir``) and write ``RUN/summary.md`` (method vs baseline,
+    acquisition funnel), ``RUN/config.yaml`` (the resolved config) and ``RUN/records/pipeline.config.json``.
+
+    Args:
+        cfg: the options.
+        run_dir: the run directory; None: ``cfg.run_dir``.
+        progress: progress bars while training.
+        from_stage: start at this stage (``STAGES``); the earlier ones must have finished in ``run_dir``.
+        until_stage: stop after this stage.
 
     Returns:
-        ``{"method": metrics, "baseline": metrics or None, "summary": path, "funnel": totals}`` with the metrics
-        dicts of :func:`neighborlt.evaluate.run_eval`.
+        ``{"method": metrics or None, "baseline": metrics or None, "summary": path or None, "funnel": totals or
+        None, "report": path or None, "stages": [stages run]}`` with the metrics dicts of
+        :func:`neighborlt.evaluate.run_eval` (None when the eval stage is outside the range).
+
+    Raises:
+        ConfigError: a bad option (before any work), or ``from_stage`` needs a stage that has not finished.
     """
+    import yaml
+
     from .classes import run_classes
+    from .evaluate import run_eval
+    from .export import export_direct
     from .filter import run_filter
     from .neighbors import run_neighbors
     from .retrieve import run_retrieve
 
     stages = stage_configs(cfg)
+    selected = stage_range(from_stage, until_stage)
+    if run_dir is None:
+        if cfg.run_dir is None:
+            raise ConfigError("no run directory: set run_dir in the config or pass RUN")
+        run_dir = cfg.run_dir
     rd = RunDir(run_dir)
-    rd.record("pipeline", cfg, seed=cfg.seed)
-    run_classes(stages["classes"], rd)
-    nres = run_neighbors(stages["neighbors"], rd)
-    n_aux = len(nres.doc.get("auxiliary", []))
-    logger.info("neighbors: %d auxiliary names for %d target classes", n_aux, len(nres.doc.get("targets", [])))
-    rres = run_retrieve(stages["retrieve"], rd)
-    fres = run_filter(stages["filter"], rd)
-    method = _stage_train_eval(rd.root, stages["train"], progress, cfg.max_test_per_class)
-    baseline = None
-    if cfg.baseline:
-        bdir = rd.path("baseline")
-        bdir.mkdir(exist_ok=True)
-        for name in ("classes.json", "split.json"):
-            shutil.copyfile(rd.path(name), bdir / name)
-        baseline = _stage_train_eval(bdir, stages["baseline"], progress, cfg.max_test_per_class)
-    summary = summary_markdown(cfg, method, baseline, nres.doc, rres.model_dump(), fres.model_dump())
-    atomic_write_text(rd.path("summary.md"), summary)
-    atomic_write_json(rd.path("summary.json"), {"method": _headline(method),
-                                                "baseline": _headline(baseline) if baseline else None,
-                                                "funnel": fres.funnel})
+    root = rd.root
+    for stage in STAGES[:STAGES.index(selected[0])]:
+        missing = [f for f in _outputs(stage, cfg.baseline) if not rd.path(f).is_file()]
+        if missing:
+            raise ConfigError(f"--from {selected[0]}: stage {stage} has not finished in {root} (no {missing[0]}); "
+                              f"run with --from {stage} or without --from")
+    resolved = resolved_config(cfg, stages, run_dir)
+    rd.record("pipeline", {"config": resolved, "given": cfg.model_dump(mode="json"), "stages": selected},
+              seed=cfg.seed)
+    atomic_write_text(rd.path("config.yaml"), "# The resolved config of this run (every option spelled out); "
+                      f"`neighborlt run {rd.path('config.yaml')}` re-runs it, skipping finished stages.\n"
+                      + yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
+    bdir = rd.path("baseline")
+    ran: list[str] = []
+    nres = rres = fres = None
+    method = base_metrics = None
+    for stage in selected:
+        if stage == "report":
+            continue  # after the summary, below
+        logger.info("pipeline: stage %s", stage)
+        if stage == "classes":
+            run_classes(stages["classes"], rd)
+        elif stage == "neighbors":
+            nres = run_neighbors(stages["neighbors"], rd)
+            logger.info("neighbors: %d auxiliary names for %d target classes", len(nres.doc.get("auxiliary", [])),
+                        len(nres.doc.get("targets", [])))
+        elif stage == "retrieve":
+            rres = run_retrieve(stages["retrieve"], rd)
+        elif stage == "filter":
+            fres = run_filter(stages["filter"], rd)
+        elif stage == "train":
+            _train(root, stages["train"], progress)
+            if cfg.baseline:
+                bdir.mkdir(exist_ok=True)
+                for name in ("classes.json", "split.json"):  # atomic and only when changed: under torchrun
+                    data = rd.path(name).read_bytes()        # every rank runs this
+                    if not (bdir / name).is_file() or (bdir / name).read_bytes() != data:
+                        atomic_write_bytes(bdir / name, data)
+                _train(bdir, stages["baseline"], progress)
+        elif stage == "export":
+            export_direct(root)
+            if cfg.baseline:
+                export_direct(bdir)
+        elif stage == "eval":
+            method = run_eval(stages["eval"], root)
+            if cfg.baseline:
+                base_metrics = run_eval(stages["eval"], bdir)
+        ran.append(stage)
+
+    summary = None
+    funnel = fres.funnel if fres is not None else (_maybe_json(rd.path("filter", "funnel.json")) or {}).get("total")
+    if "eval" in ran:
+        ndoc = nres.doc if nres is not None else (_maybe_json(rd.path("neighbors.json")) or {})
+        rdoc = rres.model_dump() if rres is not None else _maybe_json(rd.path("retrieve", "stats.json"))
+        if fres is not None:
+            fdoc = fres.model_dump()
+        else:
+            fj = _maybe_json(rd.path("filter", "funnel.json"))
+            fdoc = {"funnel": fj.get("total", {}), "classes": fj.get("classes")} if fj else None
+        text = summary_markdown(cfg, method or {}, base_metrics, ndoc, rdoc, fdoc, train=stages["train"])
+        atomic_write_text(rd.path("summary.md"), text)
+        atomic_write_json(rd.path("summary.json"), {"method": _headline(method or {}),
+                                                    "baseline": _headline(base_metrics) if base_metrics else None,
+                                                    "funnel": funnel})
+        summary = str(rd.path("summary.md"))
     report = None
-    if cfg.report:
-        try:
-            from .report import ReportConfig, run_report
-        except ImportError:  # pragma: no cover - the report module ships with the package
-            run_report = None
-        if run_report is not None:
-            report = run_report(ReportConfig(), rd)
-    return {"method": method, "baseline": baseline, "summary": str(rd.path("summary.md")), "funnel": fres.funnel,
-            "report": report}
+    if "report" in selected and stages["report"] is not None:
+        from .report import run_report
+
+        report = run_report(stages["report"], rd)
+        ran.append("report")
+    return {"method": method, "baseline": base_metrics, "summary": summary, "funnel": funnel, "report": report,
+            "stages": ran}
 
 
 def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -162,12 +383,12 @@ def _pct(v: Any) -> str:
 
 def summary_markdown(cfg: PipelineConfig, method: dict[str, Any], baseline: dict[str, Any] | None,
                      neighbors: dict[str, Any], retrieve: dict[str, Any] | None = None,
-                     filt: dict[str, Any] | None = None) -> str:
+                     filt: dict[str, Any] | None = None, *, train: Any = None) -> str:
     """A short markdown comparison of the method and the baseline (top-1 %, target classes only) and the
     acquisition funnel (candidates -> kept auxiliary images)."""
-    tr = cfg.train
+    tr = train.model_dump() if train is not None else {**cfg.train, **cfg.method()}
     lines = [
-        f"# neighborlt run: {cfg.protocol}",
+        f"# neighborlt run: {cfg.source_name()}",
         "",
         (f"Model {tr.get('model')} ({'frozen features' if tr.get('frozen') else 'trained'}), "
          f"{tr.get('epochs')} epochs, {tr.get('image_size')} px, seed {cfg.seed}; neighbours from the "
@@ -188,7 +409,8 @@ def summary_markdown(cfg: PipelineConfig, method: dict[str, Any], baseline: dict
     if baseline is not None:
         lines.append("| Balanced-CE, no auxiliary data | " + " | ".join(
             _pct(baseline.get(k)) for k in ("overall", "many", "medium", "few")) + " |")
-    lines.append(f"| {cfg.loss} (λs={cfg.lambda_s:g}, M={cfg.aux_cap}) + auxiliary classes, direct classifier | "
+    lines.append(f"| {tr.get('loss')} (λs={float(tr.get('lambda_s', LAMBDA_S)):g}, M={tr.get('aux_cap')}) + auxiliary "
+                 "classes, direct classifier | "
                  + " | ".join(_pct(method.get(k)) for k in ("overall", "many", "medium", "few")) + " |")
     lines += ["", "One seed: a single run's numbers move by a few points; see `neighborlt ablate` for mean ± std."]
     return "\n".join(lines) + "\n"

@@ -40,6 +40,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .defaults import FEW_SHOT, MANY_SHOT
 from .errors import NeighborLTError
 from .rundir import RunDir, atomic_write_bytes, atomic_write_text, read_json
 
@@ -342,7 +343,7 @@ def _section_profile(inp: _Inputs, cfg: ReportConfig) -> _Section:
         sec.blocks.append(_Missing("RUN/classes.json", "neighborlt classes RUN --protocol NAME (or --dataset PATH)"))
         return sec
     rows = sorted(doc["classes"], key=lambda r: (-int(r["train_count"]), int(r["index"])))
-    th = doc.get("thresholds") or {"many": 100, "few": 20}
+    th = doc.get("thresholds") or {"many": MANY_SHOT, "few": FEW_SHOT}
     counts = [int(r["train_count"]) for r in rows]
     shots = [str(r.get("shot", "")) for r in rows]
 
@@ -465,7 +466,7 @@ def _section_per_class(inp: _Inputs, cfg: ReportConfig) -> _Section:
     rows = _read_per_class_csv(path)
     bpath = inp.baseline / "eval" / "per_class.csv"
     base = {r["index"]: r for r in _read_per_class_csv(bpath)} if bpath.is_file() else {}
-    th = (inp.metrics or {}).get("thresholds") or (inp.classes or {}).get("thresholds") or {"many": 100, "few": 20}
+    th = (inp.metrics or {}).get("thresholds") or (inp.classes or {}).get("thresholds") or {"many": MANY_SHOT, "few": FEW_SHOT}
 
     def draw(fig: Any) -> None:
         ax = fig.add_subplot(1, 1, 1)
@@ -1147,3 +1148,123 @@ def run_report(cfg: ReportConfig, run_dir: str | os.PathLike[str] | RunDir) -> R
     md_path = atomic_write_text(out / "report.md", render_markdown(title, subtitle, sections))
     logger.info("report: wrote %s and %s", html_path, md_path)
     return ReportResult(html=html_path, markdown=md_path, sections={s.key: s.available for s in sections[1:]})
+
+
+# --------------------------------------------------------------------------------------------- ablation page
+
+
+def _markdown_blocks(md: str) -> list[_Block]:
+    """The blocks of a grid's markdown (``OUT/<grid>.md``): ``### `` headings, ``| `` tables (the ``|---|`` rule
+    dropped; numeric-looking columns right-aligned), ``* `` bullets and paragraphs, all kept as plain text."""
+    blocks: list[_Block] = []
+    lines = md.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i].strip()
+        if line.startswith("|"):
+            raw = []
+            while i < len(lines) and lines[i].strip().startswith("|"):
+                raw.append(lines[i].strip())
+                i += 1
+            cells = [[c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", r)[1:-1]] for r in raw]
+            cells = [r for r in cells if not all(re.fullmatch(r":?-{3,}:?", c) for c in r)]
+            if cells:
+                head, body = cells[0], cells[1:]
+                numeric = [bool(body) and all(re.fullmatch(r"[–\-+]?[\d.]+( ± [\d.]+)?|–|n/a", r[j]) is not None
+                                              for r in body if j < len(r)) for j in range(len(head))]
+                blocks.append(_Table(head, body, numeric))
+            continue
+        if line.startswith("#"):
+            blocks.append(_Heading(line.lstrip("#").strip()))
+        elif line.startswith(("* ", "- ")):
+            blocks.append(_Para("• " + line[2:]))
+        elif line:
+            blocks.append(_Para(line))
+        i += 1
+    return blocks
+
+
+def ablation_sections(out_dir: str | os.PathLike[str], grids: Sequence[str]) -> list[_Section]:
+    """The sections of the ablation page: a summary, one section per grid (its table(s) from ``OUT/<grid>.md``
+    and the plot ``OUT/<grid>.png`` inline), the runs, and the config with its provenance."""
+    out = Path(out_dir)
+    sections: list[_Section] = []
+    cfg = _maybe_json(out / "records" / "ablate.config.json") or {}
+    runs: dict[str, dict[str, Any]] = {}
+    for grid in grids:
+        sec = _Section(f"grid-{_safe_stem(grid)}", f"Grid {grid}")
+        md_path, png_path = out / f"{grid}.md", out / f"{grid}.png"
+        if md_path.is_file():
+            sec.blocks += _markdown_blocks(md_path.read_text(encoding="utf-8"))
+        else:
+            sec.available = False
+            sec.blocks.append(_Missing(f"OUT/{grid}.md", f"neighborlt ablate OUT --grid {grid}"))
+        if png_path.is_file():
+            try:
+                sec.blocks.append(_Figure(_png_of_file(png_path), f"{grid}: top-1 accuracy (%) by split, mean ± std "
+                                          "over seeds", f"ablate_{_safe_stem(grid)}", f"{grid} plot"))
+            except (OSError, ValueError) as e:
+                sec.blocks.append(_Para(f"{png_path.name}: cannot read the plot ({e})", "warn"))
+        doc = _maybe_json(out / f"{grid}.json")
+        for row in (doc or {}).get("rows", []) if isinstance(doc, dict) else []:
+            r = runs.setdefault(str(row.get("run")), {"grids": [], "seeds": set(), "wall": row.get("wall_s_mean")})
+            if grid not in r["grids"]:
+                r["grids"].append(grid)
+            r["seeds"].update(str(s) for s in (row.get("seeds") or {}))
+        sections.append(sec)
+    if runs:
+        rows = [[name, ", ".join(r["grids"]), ", ".join(sorted(r["seeds"], key=lambda s: (len(s), s))),
+                 f"{r['wall']:.0f}" if isinstance(r["wall"], (int, float)) and not math.isnan(r["wall"]) else "–",
+                 f"runs/{name}/seed<S>/"] for name, r in sorted(runs.items())]
+        sections.append(_Section("runs", "Runs", True, [
+            _Para("Each distinct training run of the grids, trained once per seed (rows of several grids share it)."),
+            _Table(["run", "grids", "seeds", "train s/run", "folder"], rows, [False, False, False, True, False])]))
+    prov = _Section("provenance", "Config and provenance")
+    if cfg:
+        env = _maybe_json(out / "records" / "ablate.env.json") or {}
+        pk = env.get("packages") or {}
+        prov.blocks.append(_Table(["field", "value"], [
+            ["git commit", str(env.get("git_commit") or "n/a")], ["recorded", str(env.get("time", ""))],
+            ["python", str(env.get("python", ""))], ["platform", str(env.get("platform", ""))]]
+            + [[f"package {k}", str(v)] for k, v in pk.items()]))
+        prov.blocks.append(_Details("ablate config (records/ablate.config.json)",
+                                    json.dumps(cfg, indent=2, ensure_ascii=False)))
+    else:
+        prov.available = False
+        prov.blocks.append(_Missing("OUT/records/ablate.config.json", "neighborlt ablate OUT"))
+    sections.append(prov)
+    facts = []
+    if cfg:
+        tr = cfg.get("train") or {}
+        facts.append(f"protocol {cfg.get('protocol')}, model {tr.get('model', 'resnet32_cifar')}"
+                     f"{' (frozen features)' if tr.get('frozen') else ''}, {tr.get('epochs', '?')} epochs, seeds "
+                     f"{', '.join(map(str, cfg.get('seeds') or []))}, auxiliary relation {cfg.get('relation')}")
+    facts.append(f"{len(grids)} grid{'s' if len(grids) != 1 else ''} ({', '.join(grids)}), {len(runs)} distinct runs")
+    summary = _Section("summary", "Summary", True, [
+        _Para("; ".join(facts) + "."),
+        _Para("Top-1 accuracy (%) on the target classes, mean ± std over seeds; Δ is the paired same-seed difference "
+              "to each grid's first row. The same tables are in OUT/<grid>.md and OUT/<grid>.json.", "note")])
+    return [summary, *sections]
+
+
+def write_ablation_page(out_dir: str | os.PathLike[str], grids: Sequence[str], *, title: str | None = None) -> Path:
+    """Write ``OUT/index.html`` for ``neighborlt ablate``: self-contained like the run report (inline CSS and PNG
+    images, no script or external reference, every file string escaped), with each grid's markdown tables as HTML
+    tables, its plot, the runs and the config.
+
+    Args:
+        out_dir: the experiment folder (``OUT/<grid>.md``, ``.json``, ``.png``, ``records/ablate.*``).
+        grids: the grids to show, in order.
+        title: the page title (default ``neighborlt ablation: <folder name>``).
+
+    Returns:
+        The path of ``OUT/index.html``.
+    """
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise NeighborLTError(f"{out}: experiment folder not found; run `neighborlt ablate {out}` first")
+    subtitle = str(out.resolve())
+    page = render_html(title or f"neighborlt ablation: {out.resolve().name}", subtitle, ablation_sections(out, grids))
+    marker = "<footer>Written by neighborlt report from"
+    page = page.replace(marker, "<footer>Written by neighborlt ablate from")
+    return atomic_write_text(out / "index.html", page)

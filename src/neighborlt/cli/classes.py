@@ -1,4 +1,4 @@
-"""CLI for stage 1: ``neighborlt classes RUN_DIR --protocol NAME | --dataset PATH_OR_NAME``."""
+"""CLI for stage 1: ``neighborlt classes RUN_DIR --protocol NAME | --dataset PATH_OR_NAME [--targets A,B --pool C,D]``."""
 
 from __future__ import annotations
 
@@ -16,7 +16,16 @@ def classes_cmd(
         "--protocol", "-p", help="Split-neighbour preset: tiny-imagenet-lt-neighbours, cifar10-neighbours, "
         "omniglot-neighbours, cifar10-lt, cifar100-lt.")] = None,
     dataset: Annotated[str | None, typer.Option(
-        "--dataset", "-d", help="A plain dataset (name or path): every class is a target, no pool.")] = None,
+        "--dataset", "-d", help="A dataset (name or path: ImageFolder with train/ and test/, split file, ...): "
+        "every class is a target and there is no pool, unless --targets / --pool say otherwise.")] = None,
+    targets: Annotated[str | None, typer.Option(
+        "--targets", help="Comma-separated target classes (names or ids), head -> tail: the first gets --n-max "
+        "images, the last n-max / imbalance-ratio.")] = None,
+    pool: Annotated[str | None, typer.Option(
+        "--pool", help="Comma-separated classes of the dataset that form the captioned auxiliary pool.")] = None,
+    test_dataset: Annotated[str | None, typer.Option(
+        "--test-dataset", help="Test images from another path (e.g. a test split file); default: the "
+        "dataset's test split.")] = None,
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="Folder holding the datasets.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Seed of the split and the long-tail sampling.")] = None,
     imbalance_ratio: Annotated[float | None, typer.Option("--imbalance-ratio", help="n_max / n_min.")] = None,
@@ -34,8 +43,16 @@ def classes_cmd(
     """Stage 1: resolve the target classes; writes RUN/classes.json and RUN/split.json."""
     from ..classes import ClassesConfig, run_classes
     from ..data.shots import shot_totals
+    from ..errors import ConfigError
 
-    cfg = build_config(ClassesConfig, protocol=protocol, dataset=dataset,
+    lists: dict[str, list[str]] = {}
+    for opt, text in (("targets", targets), ("pool", pool)):
+        if text is not None:
+            names = [n.strip() for n in text.split(",") if n.strip()]
+            if not names and opt == "targets":
+                raise ConfigError("--targets: give comma-separated class names such as 'cat,dog'")
+            lists[opt] = names
+    cfg = build_config(ClassesConfig, protocol=protocol, dataset=dataset, test_dataset=test_dataset, **lists,
                        data_dir=str(data_dir) if data_dir else None, seed=seed, imbalance_ratio=imbalance_ratio,
                        n_max=n_max, num_targets=num_targets, many=many, few=few, skip_corrupt=skip_corrupt,
                        download=download, force=force)

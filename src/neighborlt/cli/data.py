@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from ..defaults import FEW_SHOT, MANY_SHOT
+
 data_app = typer.Typer(help="Inspect and prepare datasets and split-neighbour protocols.", no_args_is_help=True)
 
 
@@ -95,7 +97,7 @@ def summary_cmd(
         assert dataset is not None
         s = load_dataset(dataset, split, data_dir, skip_corrupt=skip_corrupt, download=download)
         counts = s.counts().tolist()
-        m, f = (many if many is not None else 100), (few if few is not None else 20)
+        m, f = (many if many is not None else MANY_SHOT), (few if few is not None else FEW_SHOT)
         _print_counts(f"{dataset} [{split}]: {s.num_classes} classes, {len(s)} images", s.class_ids, s.class_names,
                       counts, shot_groups(counts, m, f).tolist(), limit)
         _print_shots(counts, m, f)

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from ..defaults import FEW_SHOT, MANY_SHOT
 from ._common import build_config
 
 logger = logging.getLogger(__name__)
@@ -22,9 +23,9 @@ def eval_cmd(
         "--model", help="export: direct classifier (L rows); train: full L+K model; crt: re-trained classifier.",
     )] = "export",
     many: Annotated[int | None, typer.Option(
-        "--many", help="Many-shot: more than this many training images [default: the run's, else 100].")] = None,
+        "--many", help=f"Many-shot: more than this many training images (default: the run's, else {MANY_SHOT}).")] = None,
     few: Annotated[int | None, typer.Option(
-        "--few", help="Few-shot: fewer than this many training images [default: the run's, else 20].")] = None,
+        "--few", help=f"Few-shot: fewer than this many training images (default: the run's, else {FEW_SHOT}).")] = None,
     max_test_per_class: Annotated[int | None, typer.Option(
         "--max-test-per-class", help="Run the model on at most N test images per class (quick checks).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Inference batch size.")] = 256,
@@ -62,15 +63,17 @@ def export_cmd(
 
 
 def predict_cmd(
-    run_dir: Annotated[Path, typer.Argument(help="Run directory (uses RUN/export) or a model folder.")],
-    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    run_dir: Annotated[Path, typer.Argument(
+        help="Run directory (uses RUN/export, else RUN/train with its auxiliary rows masked) or a model folder.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files (decoded in memory; no cache is written).")],
     top_k: Annotated[int, typer.Option("--top-k", "-k", help="Classes per image.")] = 5,
     output: Annotated[Path | None, typer.Option(
         "--output", "-o", help="Also write the predictions (.json or .csv).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Inference batch size.")] = 64,
     device: Annotated[str, typer.Option("--device", help="Torch device: auto, cpu, cuda[:N].")] = "auto",
 ) -> None:
-    """Print the top-k target classes of each image with the exported direct classifier."""
+    """Print the top-k target classes of each image with the exported direct classifier (Python:
+    ``neighborlt.load(RUN).predict(images, top_k)``)."""
     import csv
     import io
 

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from ..defaults import AUX_CAP, LAMBDA_S
 from ._common import build_config
 
 
@@ -25,34 +26,89 @@ def _json_opt(text: str | None, what: str) -> dict:
     return val
 
 
+def _is_config_file(path: Path) -> bool:
+    return path.suffix.lower() in (".yaml", ".yml", ".json") and not path.is_dir()
+
+
 def run_cmd(
-    run_dir: Annotated[Path, typer.Argument(help="Run directory (created; re-running resumes).")],
-    protocol: Annotated[str, typer.Option(help="Split-neighbour preset.")] = "cifar10-neighbours",
+    target: Annotated[Path, typer.Argument(
+        metavar="RUN_OR_CONFIG", help="A run directory (created; re-running resumes), or a CONFIG.yaml whose run_dir "
+                                      "is the run directory.")],
+    config: Annotated[Path | None, typer.Option(
+        "--config", "-c", help="YAML config: top-level keys + a section per stage (see configs/). Flags given "
+                               "here override it.")] = None,
+    until: Annotated[str | None, typer.Option(
+        "--until", help="Stop after this stage: classes | neighbors | retrieve | filter | train | export | eval | "
+                        "report.")] = None,
+    from_: Annotated[str | None, typer.Option(
+        "--from", help="Start at this stage; the earlier ones must have finished in the run directory.")] = None,
+    protocol: Annotated[str | None, typer.Option(
+        help="Split-neighbour preset (default cifar10-neighbours; a config's classes section replaces it).",
+        show_default=False)] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Offline datasets folder.")] = None,
-    seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
-    loss: Annotated[str, typer.Option(help="Loss with auxiliary classes.")] = "neighbor_silencing",
-    lambda_s: Annotated[float, typer.Option(help="Neighbor-silencing weight λs.")] = 0.1,
-    aux_cap: Annotated[int, typer.Option(help="M: images per auxiliary class per epoch.")] = 50,
+    seed: Annotated[int | None, typer.Option(help="Training seed (default 0).", show_default=False)] = None,
+    loss: Annotated[str | None, typer.Option(help="Loss with auxiliary classes (default neighbor_silencing).",
+                                             show_default=False)] = None,
+    lambda_s: Annotated[float | None, typer.Option(help=f"Neighbor-silencing weight λs (default {LAMBDA_S}).",
+                                                   show_default=False)] = None,
+    aux_cap: Annotated[str | None, typer.Option(
+        help=f"M: images per auxiliary class per epoch, or 'all' (default {AUX_CAP}).", show_default=False)] = None,
     neighbors: Annotated[str | None, typer.Option(help="NeighborsConfig fields as JSON.")] = None,
-    train: Annotated[str | None, typer.Option(help="TrainConfig fields as JSON (merged over the demo's).")] = None,
+    train: Annotated[str | None, typer.Option(
+        help="TrainConfig fields as JSON (merged over the config's train section, else the demo's).")] = None,
     retrieve: Annotated[str | None, typer.Option(
         help="RetrieveConfig fields as JSON (default: the protocol's local pool, matched by name).")] = None,
     filter_: Annotated[str | None, typer.Option("--filter", help="FilterConfig fields as JSON.")] = None,
-    baseline: Annotated[bool, typer.Option(help="Also train Balanced-CE without auxiliary data.")] = True,
-    report: Annotated[bool, typer.Option(help="Write RUN/report/index.html at the end.")] = True,
+    baseline: Annotated[bool | None, typer.Option(
+        "--baseline/--no-baseline", help="Also train Balanced-CE without auxiliary data (default on).",
+        show_default=False)] = None,
+    report: Annotated[bool | None, typer.Option(
+        "--report/--no-report", help="Write RUN/report/index.html at the end (default on).", show_default=False)]
+    = None,
 ) -> None:
-    """Run classes -> neighbors -> retrieve -> filter -> train -> export -> eval (and the baseline) into RUN_DIR."""
-    from ..pipeline import DEMO_TRAIN, PipelineConfig, run_pipeline
+    """Run classes -> neighbors -> retrieve -> filter -> train -> export -> eval -> report (and the baseline).
 
-    cfg = build_config(PipelineConfig, protocol=protocol, data_dir=str(data_dir) if data_dir else None, seed=seed,
-                       loss=loss, lambda_s=lambda_s, aux_cap=aux_cap, baseline=baseline, report=report,
-                       neighbors={"backend": "wordnet", **_json_opt(neighbors, "--neighbors")},
-                       retrieve=_json_opt(retrieve, "--retrieve"), filter=_json_opt(filter_, "--filter"),
-                       train={**DEMO_TRAIN, **_json_opt(train, "--train")})
-    out = run_pipeline(cfg, run_dir)
-    typer.echo(Path(out["summary"]).read_text())
-    extra = f", {run_dir}/report/index.html" if out.get("report") is not None else ""
-    typer.echo(f"wrote {run_dir}/summary.md, {run_dir}/eval/report.md{extra}")
+    `neighborlt run CONFIG.yaml`, `neighborlt run RUN --config CONFIG.yaml` or `neighborlt run RUN [flags]`. Every
+    option is checked before any work starts; finished stages are skipped on a re-run."""
+    from ..errors import ConfigError
+    from ..pipeline import DEMO_TRAIN, pipeline_config, read_config_file, run_pipeline, stage_configs, stage_range
+
+    run_dir: Path | None = target
+    source = None
+    raw: dict = {}
+    if config is None and _is_config_file(target):
+        config, run_dir = target, None
+    if config is not None:
+        raw = read_config_file(config)
+        source = str(config)
+    flags = {"protocol": protocol, "data_dir": str(data_dir) if data_dir else None, "seed": seed, "loss": loss,
+             "lambda_s": lambda_s, "aux_cap": aux_cap, "baseline": baseline, "report": report}
+    raw.update({k: v for k, v in flags.items() if v is not None})
+    sections = {"neighbors": (neighbors, {"backend": "wordnet"}), "train": (train, DEMO_TRAIN),
+                "retrieve": (retrieve, {}), "filter": (filter_, {})}
+    for key, (text, default) in sections.items():
+        opt = "--filter" if key == "filter" else f"--{key}"
+        given = _json_opt(text, opt)
+        if given:
+            base = raw.get(key, default)
+            raw[key] = {**(base if isinstance(base, dict) else {}), **given}
+    stage_range(from_, until)
+    cfg = pipeline_config(raw, source=source)
+    try:
+        stage_configs(cfg)  # every section validated before the run directory is touched
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}" if source else str(e)) from None
+    if run_dir is None:
+        run_dir = Path(cfg.run_dir) if cfg.run_dir else Path("runs") / Path(str(config)).stem
+        typer.echo(f"run directory: {run_dir}", err=True)
+    out = run_pipeline(cfg, run_dir, from_stage=from_, until_stage=until)
+    if out.get("summary"):
+        typer.echo(Path(out["summary"]).read_text())
+    wrote = [p for p, ok in ((f"{run_dir}/summary.md", out.get("summary")),
+                             (f"{run_dir}/eval/report.md", out.get("method") is not None),
+                             (f"{run_dir}/report/index.html", out.get("report") is not None)) if ok]
+    typer.echo(f"stages run: {', '.join(out['stages']) or 'none'}; config in {run_dir}/config.yaml"
+               + (f"; wrote {', '.join(wrote)}" if wrote else ""))
 
 
 def demo_cmd(
@@ -81,16 +137,33 @@ def ablate_cmd(
     data_dir: Annotated[Path | None, typer.Option(help="Offline datasets folder.")] = None,
     train: Annotated[str | None, typer.Option(help="TrainConfig fields as JSON (merged over the demo's).")] = None,
     protocol_overrides: Annotated[str | None, typer.Option(help="ProtocolConfig fields as JSON.")] = None,
-    lambda_s: Annotated[float, typer.Option(help="λs where not swept.")] = 0.1,
-    aux_cap: Annotated[int, typer.Option(help="M where not swept.")] = 50,
+    filter_: Annotated[str | None, typer.Option(
+        "--filter", help="FilterConfig fields as JSON for every auxiliary setting (default: every rule off, every "
+                         "pool image kept, as the README's tables were run), e.g. '{\"band\": true, \"leak\": true}'.")]
+    = None,
+    lambda_s: Annotated[float, typer.Option(help="λs where not swept.")] = LAMBDA_S,
+    aux_cap: Annotated[str, typer.Option(help="M where not swept (a number or 'all').")] = str(AUX_CAP),
     per_class: Annotated[int, typer.Option(help="K where not swept.")] = 5,
     pairing: Annotated[list[str], typer.Option("--pairing", help="Grid pairs: visual (prototype cosine of frozen "
                                                                  "pretrained features) | random (repeat).")]
     = ["visual", "random"],  # noqa: B006
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    print_commands: Annotated[bool, typer.Option(
+        "--print-commands", help="Prepare every run folder (with its train.json) and print one shell command per "
+        "unfinished run (train + export + eval; also in OUT/commands.txt) instead of training, for a SLURM array, "
+        "Ray or GNU parallel; run the same ablate command afterwards to write the tables.")] = False,
+    executable: Annotated[str, typer.Option(
+        "--executable", help="How the printed commands call neighborlt (e.g. 'python -m neighborlt').")]
+    = "neighborlt",
+    include_finished: Annotated[bool, typer.Option(
+        "--include-finished", help="With --print-commands: also print the runs already trained and evaluated.")]
+    = False,
 ) -> None:
-    """Table 6 and the λs / M / K / split-ratio / loss grids: mean ± std over seeds, markdown + plots."""
-    from ..ablate import AblationConfig, run_ablation
+    """Table 6 and the λs / M / K / split-ratio / loss grids: mean ± std over seeds, markdown + plots, OUT/index.html.
+
+    Several `ablate` processes on one OUT share the runs (a lock per run folder); `--print-commands` hands the runs
+    to other machines instead."""
+    from ..ablate import AblationConfig, prepare_runs, run_ablation
     from ..errors import ConfigError
     from ..pipeline import DEMO_TRAIN
 
@@ -103,9 +176,26 @@ def ablate_cmd(
                        neighbors_vocabulary=neighbors_vocabulary, data_dir=str(data_dir) if data_dir else None,
                        train={**DEMO_TRAIN, **_json_opt(train, "--train")}, lambda_s=lambda_s, aux_cap=aux_cap,
                        per_class=per_class, pairings=pairing,
-                       protocol_overrides=_json_opt(protocol_overrides, "--protocol-overrides"))
+                       protocol_overrides=_json_opt(protocol_overrides, "--protocol-overrides"),
+                       **({"filter": {**AblationConfig.model_fields["filter"].default_factory(),  # type: ignore[misc]
+                                      **_json_opt(filter_, "--filter")}} if filter_ else {}))
+    from pydantic import ValidationError
+
+    from ..filter import FilterConfig
+
+    try:
+        FilterConfig(**cfg.filter)  # before any work: a bad key is one line naming it
+    except ValidationError as e:
+        from ._common import format_validation_error
+
+        raise ConfigError("--filter: " + format_validation_error(e, prefix="filter", model=FilterConfig)) from None
+    if print_commands:  # stdout carries only the commands (`... | parallel`); logs go to stderr
+        for command in prepare_runs(cfg, out_dir, executable=executable, include_finished=include_finished):
+            typer.echo(command)
+        return
     for res in run_ablation(cfg, out_dir, progress=not quiet):
         typer.echo(res.markdown)
+    typer.echo(f"wrote {out_dir / 'index.html'}")
 
 
 def register(app: typer.Typer) -> None:

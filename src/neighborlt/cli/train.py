@@ -1,4 +1,10 @@
-"""CLI for training: ``neighborlt train RUN_DIR ...`` (also ``torchrun --nproc_per_node N -m neighborlt train``)."""
+"""CLI for training: ``neighborlt train RUN_DIR ...`` (also ``torchrun --nproc_per_node N -m neighborlt train``).
+
+Every :class:`~neighborlt.train.config.TrainConfig` field has a flag here (``--protocol-set`` fills
+``protocol_overrides``, ``--loss-param`` ``loss_params``, ``--no-aux`` sets ``aux_manifest`` to None), and ``--set
+key=value`` reaches any field. The flags default to "not given": the defaults live only in ``TrainConfig`` (their
+help shows them), and ``--print-config`` prints the resolved config without training.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,8 @@ from typing import Annotated, Any
 
 import typer
 
+from ..defaults import AUX_CAP_ALL
+from ..train.config import TrainConfig
 from ._common import build_config
 
 logger = logging.getLogger(__name__)
@@ -31,6 +39,13 @@ def _pairs(items: list[str] | None, flag: str) -> dict[str, Any]:
     return out
 
 
+def _h(field: str, text: str) -> str:
+    """Help text of a field's flag, ending with the field's default (the one definition, in TrainConfig)."""
+    default = TrainConfig.model_fields[field].default
+    shown = AUX_CAP_ALL if field == "aux_cap" and default is None else default
+    return f"{text} (default: {shown})"  # not "[default: ...]": rich help would read it as markup
+
+
 def train_cmd(
     run_dir: Annotated[Path, typer.Argument(help="Run directory (reads split.json/neighbors.json, writes train/).")],
     config: Annotated[Path | None, typer.Option(
@@ -43,68 +58,107 @@ def train_cmd(
         "--protocol-set", help="Protocol override key=value (n_max=50, seed=1, ...); repeatable.")] = None,
     data_dir: Annotated[str | None, typer.Option("--data-dir", help="Offline data folder.")] = None,
     aux_manifest: Annotated[str | None, typer.Option(
-        "--aux-manifest", help="Auxiliary images (default RUN/filter/aux_manifest.parquet, written by "
-                               "`neighborlt filter`).")] = None,
+        "--aux-manifest", help=_h("aux_manifest", "Auxiliary images (relative to the run directory; written by "
+                                                  "`neighborlt filter`)."))] = None,
     no_aux: Annotated[bool, typer.Option(
         "--no-aux", help="Train on the target classes only (no auxiliary manifest).")] = False,
-    aux_cap: Annotated[int | None, typer.Option("--aux-cap", help="M: images per auxiliary class per epoch.")] = None,
+    aux_cap: Annotated[str | None, typer.Option(
+        "--aux-cap", help=_h("aux_cap", f"M: images per auxiliary class per epoch (>= 1), or {AUX_CAP_ALL!r} for "
+                                        "every image."))] = None,
     max_test_per_class: Annotated[int | None, typer.Option(
         "--max-test-per-class", help="Evaluate on at most this many test images per class.")] = None,
     model: Annotated[str | None, typer.Option(
-        "--model", help="resnet32_cifar | resnet8_cifar | efficientnet_lite0 | any timm name.")] = None,
-    init: Annotated[str | None, typer.Option("--init", help="random | pretrained | checkpoint path.")] = None,
-    image_size: Annotated[int | None, typer.Option("--image-size", help="Input side in pixels.")] = None,
+        "--model", help=_h("model", "resnet32_cifar | resnet8_cifar | efficientnet_lite0 | any timm name."))] = None,
+    init: Annotated[str | None, typer.Option("--init", help=_h("init", "random | pretrained | checkpoint path."))] = None,
+    image_size: Annotated[int | None, typer.Option("--image-size", help=_h("image_size", "Input side in pixels."))] = None,
     frozen: Annotated[bool | None, typer.Option(
         "--frozen/--no-frozen", help="Frozen-feature protocol: train only a head on cached features.")] = None,
-    head: Annotated[str | None, typer.Option("--head", help="Head on frozen features: linear | mlp.")] = None,
-    loss: Annotated[str | None, typer.Option(
-        "--loss", help="ce | balanced_softmax | logit_adjusted | balanced_bce | dro | neighbor_silencing.")] = None,
+    head: Annotated[str | None, typer.Option("--head", help=_h("head", "Head on frozen features: linear | mlp."))] = None,
+    head_hidden: Annotated[int | None, typer.Option(
+        "--head-hidden", help=_h("head_hidden", "Hidden units of the MLP head."))] = None,
+    sync_bn: Annotated[bool | None, typer.Option(
+        "--sync-bn/--no-sync-bn", help="SyncBatchNorm under DDP (CUDA only).")] = None,
+    loss: Annotated[str | None, typer.Option("--loss", help=_h(
+        "loss", "ce | balanced_softmax | logit_adjusted | balanced_bce | dro | neighbor_silencing."))] = None,
     loss_param: Annotated[list[str] | None, typer.Option(
         "--loss-param", help="Loss keyword key=value (tau=1.0); repeatable.")] = None,
     lambda_s: Annotated[float | None, typer.Option(
-        "--lambda-s", help="neighbor_silencing weight of neighbour pairs.")] = None,
-    optimizer: Annotated[str | None, typer.Option("--optimizer", help="sgd | adamw.")] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate (global batch).")] = None,
-    weight_decay: Annotated[float | None, typer.Option("--weight-decay", help="Weight decay.")] = None,
-    layer_decay: Annotated[float | None, typer.Option("--layer-decay", help="Layer-wise lr decay.")] = None,
-    epochs: Annotated[int | None, typer.Option("--epochs", help="Training epochs.")] = None,
-    warmup_epochs: Annotated[float | None, typer.Option("--warmup-epochs", help="Linear warm-up epochs.")] = None,
+        "--lambda-s", help=_h("lambda_s", "neighbor_silencing weight λs of neighbour pairs (1 = Balanced Softmax)."))
+    ] = None,
+    optimizer: Annotated[str | None, typer.Option("--optimizer", help=_h("optimizer", "sgd | adamw."))] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help=_h("lr", "Peak learning rate (global batch)."))] = None,
+    min_lr: Annotated[float | None, typer.Option("--min-lr", help=_h("min_lr", "Cosine floor."))] = None,
+    weight_decay: Annotated[float | None, typer.Option(
+        "--weight-decay", help=_h("weight_decay", "Weight decay."))] = None,
+    layer_decay: Annotated[float | None, typer.Option(
+        "--layer-decay", help=_h("layer_decay", "Layer-wise lr decay (ViTs)."))] = None,
+    betas: Annotated[tuple[float, float] | None, typer.Option(
+        "--betas", help=_h("betas", "AdamW betas: two numbers, e.g. --betas 0.9 0.999."))] = None,
+    momentum: Annotated[float | None, typer.Option("--momentum", help=_h("momentum", "SGD momentum."))] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", help=_h("epochs", "Training epochs."))] = None,
+    warmup_epochs: Annotated[float | None, typer.Option(
+        "--warmup-epochs", help=_h("warmup_epochs", "Linear warm-up epochs."))] = None,
     batch_size: Annotated[int | None, typer.Option(
-        "--batch-size", help="Global batch size (split over DDP processes).")] = None,
-    grad_accum: Annotated[int | None, typer.Option("--grad-accum", help="Micro-batches per step.")] = None,
-    sampler: Annotated[str | None, typer.Option("--sampler", help="random | class_balanced | sqrt.")] = None,
+        "--batch-size", help=_h("batch_size", "Global batch size (split over DDP processes)."))] = None,
+    grad_accum: Annotated[int | None, typer.Option(
+        "--grad-accum", help=_h("grad_accum", "Micro-batches per step."))] = None,
+    grad_clip: Annotated[float | None, typer.Option(
+        "--grad-clip", help="Clip the global gradient norm to this value (default: off).")] = None,
+    sampler: Annotated[str | None, typer.Option(
+        "--sampler", help=_h("sampler", "random | class_balanced | sqrt."))] = None,
     randaugment: Annotated[str | None, typer.Option(
-        "--randaugment", help="timm RandAugment spec, e.g. rand-m9-mstd0.5.")] = None,
-    mixup: Annotated[float | None, typer.Option("--mixup", help="Mixup alpha (0 = off).")] = None,
-    cutmix: Annotated[float | None, typer.Option("--cutmix", help="CutMix alpha (0 = off).")] = None,
+        "--randaugment", help="timm RandAugment spec, e.g. rand-m9-mstd0.5 (default: flip + crop only).")] = None,
+    mixup: Annotated[float | None, typer.Option("--mixup", help=_h("mixup", "Mixup alpha (0 = off)."))] = None,
+    cutmix: Annotated[float | None, typer.Option("--cutmix", help=_h("cutmix", "CutMix alpha (0 = off)."))] = None,
+    mix_prob: Annotated[float | None, typer.Option(
+        "--mix-prob", help=_h("mix_prob", "Probability of applying Mixup/CutMix to a batch."))] = None,
+    label_smoothing: Annotated[float | None, typer.Option(
+        "--label-smoothing", help=_h("label_smoothing", "Label smoothing of the Mixup/CutMix targets (needs --mixup "
+                                                        "or --cutmix)."))] = None,
     classifier: Annotated[str | None, typer.Option(
-        "--classifier", help="joint (direct classifier at export) | retrain (cRT after training).")] = None,
-    crt_epochs: Annotated[int | None, typer.Option("--crt-epochs", help="cRT epochs.")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
+        "--classifier", help=_h("classifier", "joint (direct classifier at export) | retrain (cRT after "
+                                              "training)."))] = None,
+    crt_epochs: Annotated[int | None, typer.Option("--crt-epochs", help=_h("crt_epochs", "cRT epochs."))] = None,
+    crt_lr: Annotated[float | None, typer.Option("--crt-lr", help=_h("crt_lr", "cRT learning rate."))] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help=_h("seed", "Random seed."))] = None,
     deterministic: Annotated[bool | None, typer.Option(
-        "--deterministic/--no-deterministic", help="Deterministic kernels (exact resume).")] = None,
-    amp: Annotated[str | None, typer.Option("--amp", help="auto | bf16 | off.")] = None,
-    device: Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda | cuda:N.")] = None,
-    num_workers: Annotated[int | None, typer.Option("--num-workers", help="DataLoader workers.")] = None,
-    threads: Annotated[int | None, typer.Option("--threads", help="torch CPU threads per process (0: default; "
-                                                "1 when several runs share the cores).")] = None,
+        "--deterministic/--no-deterministic", help="Deterministic kernels (exact resume) (default: on).")] = None,
+    amp: Annotated[str | None, typer.Option("--amp", help=_h("amp", "auto | bf16 | off."))] = None,
+    device: Annotated[str | None, typer.Option("--device", help=_h("device", "auto | cpu | cuda | cuda:N."))] = None,
+    num_workers: Annotated[int | None, typer.Option(
+        "--num-workers", help=_h("num_workers", "DataLoader workers."))] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help=_h(
+        "threads", "torch CPU threads per process (0: torch's default; 1 when several runs share the cores)."))] = None,
     eval_every: Annotated[int | None, typer.Option(
-        "--eval-every", help="Evaluate every N epochs (0 = at the end only).")] = None,
+        "--eval-every", help=_h("eval_every", "Evaluate every N epochs (0 = at the end only)."))] = None,
+    eval_batch_size: Annotated[int | None, typer.Option(
+        "--eval-batch-size", help=_h("eval_batch_size", "Images per inference batch."))] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from RUN/train/checkpoint/last.pt.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Delete earlier training outputs and start over.")] = False,
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide the progress bar.")] = False,
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Any TrainConfig field as key=value (JSON values: label_smoothing=0.1, betas=[0.9,0.99]); "
                       "repeatable.")] = None,
+    print_config: Annotated[bool, typer.Option(
+        "--print-config", help="Validate the options, print the resolved TrainConfig as JSON (the fields "
+                               "RUN/records/train.config.json will hold) and exit without training.")] = False,
 ) -> None:
     """Train on the target (+ auxiliary) classes; writes RUN/train/{model.safetensors, model.json, log.jsonl}."""
+    given = {k: v for k, v in locals().items() if k in TrainConfig.model_fields}
+    cfg = _resolve(config, given, no_aux=no_aux, protocol_set=protocol_set, loss_param=loss_param, set_=set_)
+    if print_config:
+        typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        return
+    _train(cfg, run_dir, resume=resume, force=force, progress=not no_progress)
+
+
+def _resolve(config: Path | None, given: dict[str, Any], *, no_aux: bool, protocol_set: list[str] | None,
+             loss_param: list[str] | None, set_: list[str] | None) -> TrainConfig:
+    """The TrainConfig of a command line: ``--config`` file < flags < ``--set``; ``--no-aux``, ``--protocol-set``
+    and ``--loss-param`` on top. Validation errors are one line naming the flag."""
     from ..errors import ConfigError
     from ..rundir import read_json
-    from ..train.config import TrainConfig
-    from ..train.engine import run_train
 
-    if os.environ.get("RANK", "0") != "0":
-        logging.getLogger().setLevel(logging.WARNING)
     base: dict[str, Any] = {}
     if config is not None:
         base = read_json(config)
@@ -112,16 +166,6 @@ def train_cmd(
             raise ConfigError(f"{config}: expected a JSON object of TrainConfig fields")
         for k in ("world_size", "config_key"):  # written by RunDir.record next to the config fields
             base.pop(k, None)
-    given = {
-        "protocol": protocol, "data_dir": data_dir, "aux_manifest": aux_manifest,
-        "aux_cap": aux_cap, "max_test_per_class": max_test_per_class, "model": model, "init": init,
-        "image_size": image_size, "frozen": frozen, "head": head, "loss": loss, "lambda_s": lambda_s,
-        "optimizer": optimizer, "lr": lr, "weight_decay": weight_decay, "layer_decay": layer_decay,
-        "epochs": epochs, "warmup_epochs": warmup_epochs, "batch_size": batch_size, "grad_accum": grad_accum,
-        "sampler": sampler, "randaugment": randaugment, "mixup": mixup, "cutmix": cutmix,
-        "classifier": classifier, "crt_epochs": crt_epochs, "seed": seed, "deterministic": deterministic,
-        "amp": amp, "device": device, "num_workers": num_workers, "threads": threads, "eval_every": eval_every,
-    }
     fields = {**base, **{k: v for k, v in given.items() if v is not None}, **_pairs(set_, "--set")}
     if no_aux:
         fields["aux_manifest"] = None
@@ -129,10 +173,16 @@ def train_cmd(
         fields["protocol_overrides"] = {**fields.get("protocol_overrides", {}), **_pairs(protocol_set, "--protocol-set")}
     if loss_param:
         fields["loss_params"] = {**fields.get("loss_params", {}), **_pairs(loss_param, "--loss-param")}
-    if aux_cap is not None and aux_cap <= 0:
-        fields["aux_cap"] = None  # --aux-cap 0: use every auxiliary image
-    cfg = build_config(TrainConfig, **fields)
-    result = run_train(cfg, run_dir, resume=resume, force=force, progress=not no_progress)
+    return build_config(TrainConfig, **fields)
+
+
+def _train(cfg: TrainConfig, run_dir: Path, *, resume: bool, force: bool, progress: bool) -> None:
+    """Run training and print its outcome (rank 0); exit 143 after a SIGTERM that saved a checkpoint."""
+    from ..train.engine import run_train
+
+    if os.environ.get("RANK", "0") != "0":
+        logging.getLogger().setLevel(logging.WARNING)
+    result = run_train(cfg, run_dir, resume=resume, force=force, progress=progress)
     if result.interrupted:
         typer.echo(f"interrupted after {result.epochs_done} epochs; checkpoint saved in {run_dir / 'train'}; "
                    "re-run with --resume", err=True)

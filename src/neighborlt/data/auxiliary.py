@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ..defaults import SHOT_THRESHOLDS
 from ..errors import ConfigError, DataError
 from .base import ImageSet
 from .protocol import Protocol
@@ -44,7 +45,7 @@ class AuxTrainingSet:
     pairs: np.ndarray
     aux_parents: dict[str, list[str]] = field(default_factory=dict)
     unmatched: list[str] = field(default_factory=list)
-    thresholds: tuple[int, int] = (100, 20)  # the protocol's shot thresholds (many-shot > [0], few-shot < [1])
+    thresholds: tuple[int, int] = SHOT_THRESHOLDS  # the protocol's shot thresholds (many-shot > [0], few-shot < [1])
 
     @property
     def num_auxiliary(self) -> int:
@@ -137,6 +138,27 @@ def _concat(a: ImageSet, b: ImageSet, labels_b: np.ndarray, names: list[str], id
                     source=a.source, synonyms=syn)
 
 
+#: a run silences "most of the auxiliary set for most targets" when this share of targets is paired with at least this
+#: share of the auxiliary classes; the README's K / ratio grid shows silencing then loses the tail gain
+DENSE_SHARE = 0.5
+
+
+def pair_density(pairs: np.ndarray, num_target: int, num_auxiliary: int) -> dict[str, Any]:
+    """How densely the silenced pairs cover the auxiliary set: pairs per target (mean / max), the mean share of the
+    auxiliary classes a target is paired with, and the share of targets paired with at least :data:`DENSE_SHARE` of
+    them (``dense_targets``). ``dense`` is True when that share is at least :data:`DENSE_SHARE` too."""
+    p = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+    deg = np.bincount(p[:, 0], minlength=num_target)[:num_target] if len(p) else np.zeros(num_target, np.int64)
+    share = deg / num_auxiliary if num_auxiliary else np.zeros(num_target)
+    dense_targets = float((share >= DENSE_SHARE).mean()) if num_target else 0.0
+    return {"pairs": len(p), "targets": int(num_target), "auxiliary": int(num_auxiliary),
+            "pairs_per_target_mean": float(deg.mean()) if num_target else 0.0,
+            "pairs_per_target_max": int(deg.max()) if num_target else 0,
+            "paired_share_mean": float(share.mean()) if num_target else 0.0,
+            "targets_without_pair": int((deg == 0).sum()), "dense_targets": dense_targets,
+            "dense": bool(num_auxiliary > 1 and dense_targets >= DENSE_SHARE)}
+
+
 #: columns the training set needs from ``RUN/filter/aux_manifest.parquet``
 AUX_MANIFEST_COLUMNS = ("uid", "name", "parents", "class_index", "location", "path", "pool_index", "offset", "size")
 
@@ -206,6 +228,12 @@ def aux_training_set(protocol: Protocol, rows: list[dict[str, Any]], root: Path,
     train = _concat(tt, aux, aux.labels, list(tt.class_names) + [names[k] for k in range(K)], ids)
     logger.info("auxiliary set: %d targets + %d auxiliary classes (%d images), %d pairs (%s)", L, K, len(rows),
                 len(pairs), path)
+    density = pair_density(np.array(pairs, dtype=np.int64), L, K)
+    if density["dense"]:
+        logger.warning("%s: %.0f%% of the targets are paired with at least half of the %d auxiliary classes (mean "
+                       "%.0f%%): neighbor silencing then removes most of the competition the auxiliary classes are for "
+                       "(README: K and split ratio); fewer names per target (--per-class) or a sparser relation may "
+                       "help", source, 100 * density["dense_targets"], K, 100 * density["paired_share_mean"])
     return AuxTrainingSet(train=train, test=test, num_target=L, pairs=np.array(pairs, dtype=np.int64).reshape(-1, 2),
                           aux_parents={names[k]: parents[k] for k in range(K)}, thresholds=thresholds)
 

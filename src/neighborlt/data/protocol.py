@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..defaults import FEW_SHOT, MANY_SHOT
 from ..errors import ConfigError, DataError
 from ..rundir import read_json
 from .base import ImageSet
@@ -62,16 +63,21 @@ class ProtocolConfig(BaseModel):
     n_max: int | None = 500  # images of the head target class
     seed: int = 0  # choice of targets, head -> tail order, long-tail sampling
     data_dir: str | None = None  # overrides the data directory (not part of the split's identity)
-    many: int = 100  # shot thresholds: many-shot > many, few-shot < few
-    few: int = 20
+    many: int = MANY_SHOT  # shot thresholds: many-shot > many, few-shot < few
+    few: int = FEW_SHOT
     sibling_k: int = Field(3, ge=0)  # nearest pool classes used as siblings when none shares a hypernym
     test_split: str = "test"
+    test_dataset: str | None = None  # test images from another dataset path (a test split file such as
+    #   ImageNet_LT_test.txt); None: the test split of ``dataset``
     skip_corrupt: bool = False
     download: bool = False  # fetch CIFAR-10/100 through torchvision when no local copy exists
 
     def identity(self) -> dict[str, Any]:
         """The fields that define the split (data_dir and download say where the data is, not what it is)."""
-        return self.model_dump(mode="json", exclude={"data_dir", "download"})
+        out = self.model_dump(mode="json", exclude={"data_dir", "download"})
+        if out.get("test_dataset") is None:  # unset: runs made before the field existed keep their key
+            out.pop("test_dataset", None)
+        return out
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -142,17 +148,25 @@ def resolve_config(preset_or_cfg: str | ProtocolConfig, data_dir: str | os.PathL
         raise ConfigError(f"invalid protocol config: {loc}: {err['msg']} (got {err.get('input')!r})") from None
 
 
+def known_classes(image_set: ImageSet, limit: int = 60) -> str:
+    """The class names of a set for an error message (``name (id)`` where they differ), at most ``limit``."""
+    items = [n if n == c else f"{n} ({c})" for c, n in zip(image_set.class_ids, image_set.class_names)]
+    more = f", ... and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
 def _index_by_id(image_set: ImageSet, ids: list[str], what: str) -> list[int]:
     lookup = {c: i for i, c in enumerate(image_set.class_ids)}
     lookup.update({n: i for i, n in enumerate(image_set.class_names) if n not in lookup})
     out = []
     for c in ids:
         if c not in lookup:
-            raise ConfigError(f"{what} class {c!r} is not in {image_set.source}; known ids start "
-                              f"{', '.join(image_set.class_ids[:5])}, ...")
+            raise ConfigError(f"{what} class {c!r} is not in {image_set.source}; known classes: "
+                              f"{known_classes(image_set)}")
         out.append(lookup[c])
     if len(set(out)) != len(out):
-        raise ConfigError(f"{what} classes list a class twice")
+        dup = next(c for c in ids if sum(lookup[x] == lookup[c] for x in ids) > 1)
+        raise ConfigError(f"{what} classes list {dup!r} twice")
     return out
 
 
@@ -236,9 +250,10 @@ def build_protocol(preset_or_cfg: str | ProtocolConfig, data_dir: str | os.PathL
     """
     cfg = resolve_config(preset_or_cfg, data_dir, **overrides)
     train = load_dataset(cfg.dataset, "train", cfg.data_dir, skip_corrupt=cfg.skip_corrupt, download=cfg.download)
-    test = load_dataset(cfg.dataset, cfg.test_split, cfg.data_dir, skip_corrupt=cfg.skip_corrupt,
+    test = load_dataset(cfg.test_dataset or cfg.dataset, cfg.test_split, cfg.data_dir, skip_corrupt=cfg.skip_corrupt,
                         download=cfg.download)
-    if train.class_ids != test.class_ids:
+    same_classes = train.class_ids == test.class_ids
+    if not same_classes and cfg.targets is None:
         raise DataError(f"{cfg.dataset}: train ({train.source}) and test ({test.source}) list different classes")
     stats: dict[str, Any] = {}
     targets, pool = cfg.targets, cfg.pool
@@ -268,7 +283,15 @@ def build_protocol(preset_or_cfg: str | ProtocolConfig, data_dir: str | os.PathL
     if cfg.imbalance_ratio is not None or cfg.n_max is not None:
         n_max = cfg.n_max if cfg.n_max is not None else int(target_train.counts().max())
         target_train = make_long_tailed(target_train, cfg.imbalance_ratio or 1.0, n_max, seed=cfg.seed)
-    target_test = _relabel(test, t_idx)
+    if same_classes:
+        target_test = _relabel(test, t_idx)
+    else:  # the test set need only hold the targets (pool classes are never tested)
+        test_ids = {c: i for i, c in enumerate(test.class_ids)}
+        missing = [c for c in targets if c not in test_ids]
+        if missing:
+            raise DataError(f"{test.source}: target class {missing[0]!r} has no test images (test classes: "
+                            f"{known_classes(test)})")
+        target_test = _relabel(test, [test_ids[c] for c in targets])
     pool_set = _relabel(train, p_idx) if p_idx else None
 
     siblings: dict[str, list[str]] = {}

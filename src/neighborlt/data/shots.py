@@ -1,4 +1,5 @@
-"""Many / medium / few-shot groups by training-image count (>many, many..few, <few; 100 and 20 by default)."""
+"""Many / medium / few-shot groups by training-image count (>many, many..few, <few; by default
+``neighborlt.defaults.MANY_SHOT`` = 100 and ``FEW_SHOT`` = 20)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..defaults import FEW_SHOT, MANY_SHOT
 from ..errors import ConfigError
 
 SHOT_NAMES = ("many", "medium", "few")
 
 
-def shot_groups(counts: Sequence[int] | np.ndarray, many: int = 100, few: int = 20) -> np.ndarray:
+def shot_groups(counts: Sequence[int] | np.ndarray, many: int = MANY_SHOT, few: int = FEW_SHOT) -> np.ndarray:
     """Label each class ``many`` (count > many), ``few`` (count < few) or ``medium`` (otherwise).
 
     Args:
@@ -35,7 +37,8 @@ def shot_groups(counts: Sequence[int] | np.ndarray, many: int = 100, few: int = 
     return out.astype("<U6")
 
 
-def shot_totals(counts: Sequence[int] | np.ndarray, many: int = 100, few: int = 20) -> dict[str, dict[str, int]]:
+def shot_totals(counts: Sequence[int] | np.ndarray, many: int = MANY_SHOT,
+                few: int = FEW_SHOT) -> dict[str, dict[str, int]]:
     """Number of classes and images in each group: ``{"many": {"classes": n, "images": n}, ...}``."""
     c = np.asarray(counts)
     g = shot_groups(c, many, few)

@@ -193,8 +193,9 @@ def run_filter(cfg: FilterConfig, run_dir: RunDir | str | os.PathLike[str]) -> F
             for idx in by_class.values():
                 v = sim[idx]
                 lo, hi = np.nanquantile(v, cfg.quantile_low), np.nanquantile(v, cfg.quantile_high)
-                for i in idx:
-                    if not (lo <= sim[i] <= hi) or np.isnan(sim[i]) or (cfg.quantile_low > 0 and sim[i] <= lo):
+                for i in idx:  # keep (q_low, q_high]: quantile_low = 0.1 drops the least similar tenth
+                    above = sim[i] > lo if cfg.quantile_low > 0 else sim[i] >= lo
+                    if np.isnan(sim[i]) or not (above and sim[i] <= hi):
                         reject(i, "band")
     if cfg.leak and live and feats is not None:
         test = protocol.target_test
@@ -262,6 +263,7 @@ def run_filter(cfg: FilterConfig, run_dir: RunDir | str | os.PathLike[str]) -> F
                                  "band_similarity": float(sim[i]), "leak_similarity": float(leak_sim[i])}
                                 for i, r in enumerate(rows)], dec_schema), out / "decisions.parquet")
     funnel = _funnel(rows, decision, cfg, dropped, len(class_index))
+    funnel["pair_density"] = _density(kept_rows, protocol, rd)
     atomic_write_json(out / "funnel.json", funnel)
     if cfg.sheets:
         _contact_sheets(cfg, rd, rows, decision, protocol)
@@ -291,6 +293,19 @@ def _funnel(rows: list[dict[str, Any]], decision: list[str], cfg: FilterConfig, 
     return {"schema": 1, "stages": list(FUNNEL), "total": left(list(range(len(rows)))),
             "per_class": [{"name": n, "parents": parents[n], **left(idx)} for n, idx in per.items()],
             "rules": cfg.key_fields(), "classes": n_classes, "dropped_classes": dropped}
+
+
+def _density(kept: list[dict[str, Any]], protocol: Any, rd: RunDir) -> dict[str, Any]:
+    """:func:`~neighborlt.data.auxiliary.pair_density` of the kept classes (targets named in ``classes.json``)."""
+    from ..data.auxiliary import pair_density
+    from ..rundir import read_json
+
+    targets = [c["name"] for c in read_json(rd.path("classes.json"))["classes"]] if rd.path("classes.json").is_file() \
+        else list(protocol.target_train.class_names) if protocol is not None else []
+    index = {n: i for i, n in enumerate(targets)}
+    K = len({r["class_index"] for r in kept})
+    pairs = sorted({(index[p], len(targets) + r["class_index"]) for r in kept for p in r["parents"] if p in index})
+    return pair_density(np.array(pairs, dtype=np.int64), len(targets), K)
 
 
 def _prototypes(features: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:

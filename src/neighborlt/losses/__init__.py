@@ -11,7 +11,7 @@ Names: ``ce``, ``balanced_softmax``, ``logit_adjusted``, ``balanced_bce``, ``dro
 from ._common import LOSSES, as_counts
 from .bce import BalancedBCE
 from .dro import DROLoss
-from .neighbor import NeighborSilencingCE, padded_neighbors, symmetric_pairs
+from .neighbor import SILENCING_PRESETS, NeighborSilencingCE, padded_neighbors, resolve_silencing, symmetric_pairs
 from .softmax import BalancedSoftmaxCE, CrossEntropy, LogitAdjustedCE
 
 __all__ = [
@@ -22,7 +22,9 @@ __all__ = [
     "DROLoss",
     "LogitAdjustedCE",
     "NeighborSilencingCE",
+    "SILENCING_PRESETS",
     "as_counts",
     "padded_neighbors",
+    "resolve_silencing",
     "symmetric_pairs",
 ]

@@ -1,6 +1,8 @@
 """The training configuration (``TrainConfig``) and its result (``TrainResult``).
 
-Every field carries its unit and allowed values. The resolved config is written to
+Every field carries its unit and allowed values, and is the one definition of its option: the method's defaults
+come from :mod:`neighborlt.defaults`, ``neighborlt train`` has a flag for every field (and ``--set key=value``), and
+``neighborlt train --print-config`` shows the resolved config without training. The resolved config is written to
 ``RUN/records/train.config.json`` by :func:`neighborlt.train.engine.run_train`, and its hash keys the run's
 completion marker and checkpoints, so a result can always be traced back to the options that made it.
 """
@@ -11,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..defaults import AUX_CAP, LAMBDA_S, AuxCap
 from ..errors import ConfigError
 
 # Fields that change how a run executes but not what it computes; they are left out of the config key so a
@@ -35,7 +38,8 @@ class TrainConfig(BaseModel):
     data_dir: str | None = None  # offline data folder; None: paths.resolve_data_dir()
     aux_manifest: str | None = "filter/aux_manifest.parquet"  # auxiliary images and their parent targets (written by
     #   `neighborlt filter`), relative to the run directory unless absolute; None: the target classes only
-    aux_cap: int | None = Field(50, ge=1)  # M: images per auxiliary class per epoch (redrawn each epoch); None=all
+    aux_cap: AuxCap = AUX_CAP  # M: images per auxiliary class per epoch (redrawn each epoch), >= 1; None (or
+    #   "all" in a config / --aux-cap all): every image; the rule is defaults.parse_aux_cap
     max_test_per_class: int | None = Field(None, ge=1)  # evaluate on at most this many test images/class (speed)
 
     # ---- model -------------------------------------------------------------------------------------------
@@ -51,7 +55,7 @@ class TrainConfig(BaseModel):
     loss: str = "balanced_softmax"  # losses.LOSSES name: ce | balanced_softmax | logit_adjusted | balanced_bce
     #   | dro | neighbor_silencing
     loss_params: dict[str, Any] = Field(default_factory=dict)  # extra keyword arguments of the loss (tau, ...)
-    lambda_s: float = Field(0.1, ge=0.0)  # neighbor_silencing weight of neighbour pairs (1.0 = Balanced-CE)
+    lambda_s: float = Field(LAMBDA_S, ge=0.0)  # neighbor_silencing weight of neighbour pairs (1.0 = Balanced-CE)
 
     # ---- optimisation ------------------------------------------------------------------------------------
     optimizer: Literal["sgd", "adamw"] = "sgd"  # SGD for CIFAR ResNets, AdamW for ViTs / fine-tuning
@@ -93,6 +97,7 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
+        """Option combinations that cannot work; each is one line naming the flags to change."""
         if self.frozen and (self.cutmix > 0 or self.randaugment):
             raise ConfigError("frozen-feature training sees no images: drop --cutmix/--randaugment or --frozen")
         if self.frozen and self.init == "random":

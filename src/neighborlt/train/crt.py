@@ -18,8 +18,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..defaults import SHOT_THRESHOLDS
+from ..metrics import target_accuracy
 from ..rundir import atomic_write_json
 from . import checkpoint as ckpt
+from .inference import build_from_meta, image_batches, tensor_batches
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +44,9 @@ def backbone_features(model: nn.Module, inputs: Any, *, image_size: int, batch_s
     Returns:
         float32 CPU tensor [N, D].
     """
-    from .engine import _image_batches, _tensor_batches
-
     model.eval().to(device)
-    batches = (_tensor_batches(inputs, batch_size) if isinstance(inputs, torch.Tensor)
-               else _image_batches(inputs, image_size, batch_size, num_workers, model_name))
+    batches = (tensor_batches(inputs, batch_size) if isinstance(inputs, torch.Tensor)
+               else image_batches(inputs, image_size, batch_size, num_workers, model_name))
     out = [model.forward_features(x.to(device)).float().cpu() for x in batches]  # type: ignore[operator]
     return torch.cat(out)
 
@@ -95,7 +96,7 @@ def train_balanced_classifier(feats: torch.Tensor, labels: np.ndarray, num_class
 def run_crt(cfg: Any, model: nn.Module, meta: dict[str, Any], aux: Any, test: Any, train_x: torch.Tensor | None,
             test_x: torch.Tensor | None, out_dir: Path, device: torch.device,
             train_counts: np.ndarray,
-            thresholds: tuple[int, int] = (100, 20)) -> tuple[Path, dict[str, float | None]]:
+            thresholds: tuple[int, int] = SHOT_THRESHOLDS) -> tuple[Path, dict[str, float | None]]:
     """Re-train a target-only classifier on the frozen backbone of ``model`` and write it to ``out_dir``.
 
     Args:
@@ -114,8 +115,6 @@ def run_crt(cfg: Any, model: nn.Module, meta: dict[str, Any], aux: Any, test: An
     Returns:
         ``(path of crt/model.safetensors, test metrics in %)``.
     """
-    from .engine import _build_from_meta, _test_metrics
-
     L = int(aux.num_target)
     tgt = np.flatnonzero(np.asarray(aux.train.labels) < L)
     labels = np.asarray(aux.train.labels)[tgt]
@@ -134,14 +133,14 @@ def run_crt(cfg: Any, model: nn.Module, meta: dict[str, Any], aux: Any, test: An
                                    weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, seed=cfg.seed)
     new_meta = {**meta, "num_classes": L, "class_names": meta["class_names"][:L],
                 "class_ids": meta["class_ids"][:L], "classifier_mode": "retrain"}
-    new_model = _build_from_meta(new_meta)
+    new_model = build_from_meta(new_meta)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     wkey, bkey = meta["classifier"]["weight"], meta["classifier"]["bias"]
     state[wkey], state[bkey] = fc.weight.detach().clone(), fc.bias.detach().clone()
     new_model.load_state_dict(state)
     with torch.no_grad():
         logits = fc(f_test).numpy()
-    metrics = _test_metrics(logits, np.asarray(test.labels), L, train_counts, thresholds)
+    metrics = target_accuracy(logits, np.asarray(test.labels), L, train_counts, thresholds)
     path = ckpt.save_weights(out_dir / "model.safetensors", new_model)
     atomic_write_json(out_dir / "model.json", {**new_meta, "crt": {"epochs": cfg.crt_epochs, "lr": cfg.crt_lr},
                                               "test": metrics})

@@ -1,6 +1,14 @@
 """The training engine: ``run_train`` trains on target + auxiliary classes (single process or DDP under
 torchrun), checkpoints every epoch, resumes exactly, saves and stops cleanly on SIGTERM, and writes the final
-weights and their description; ``predict_logits`` runs a trained or exported model on images.
+weights and their description. Inference (``predict_logits``, ``load_trained_model``) lives in
+:mod:`neighborlt.train.inference`, the frozen-feature head in :mod:`neighborlt.train.heads`; both are re-exported
+here for older imports.
+
+A run, in order (one function each): the key and the checks (:func:`_run_key`, :func:`_check_existing`,
+:func:`_per_rank_batch`), the setup (:func:`_build`: data, model, sampler, loss, optimiser, schedule, Mixup), the
+resume (:func:`_resume`), the epochs (:func:`_train` -> :func:`_train_epoch` -> :func:`_micro_step` /
+:func:`_optimizer_step`, then :func:`_end_epoch`: evaluation, log row, checkpoint) and the outputs
+(:func:`_write_outputs`: weights, model.json, cRT, completion marker).
 
 Files under ``RUN/train/``::
 
@@ -26,6 +34,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,67 +43,23 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..defaults import SHOT_THRESHOLDS
 from ..errors import ConfigError, NeighborLTError
 from ..rundir import RunDir, atomic_write_json, config_hash, file_sha256, read_json, to_jsonable
 from . import checkpoint as ckpt
 from . import ddp
 from .config import TrainConfig, TrainResult
+from .crt import run_crt
+from .heads import FeatureHead, WithFeatures
+from .inference import evaluate_model, load_trained_model, predict_logits
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FeatureHead", "TrainConfig", "TrainResult", "load_trained_model", "predict_logits", "run_train"]
+__all__ = ["FeatureHead", "TrainConfig", "TrainResult", "load_trained_model", "manifest_path", "predict_logits",
+           "run_train"]
 
 STAGE = "train"
 MODEL_SCHEMA = 1
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Models trained by the engine besides train.models: the head of the frozen-feature protocol.
-# ----------------------------------------------------------------------------------------------------------
-
-
-class FeatureHead(nn.Module):
-    """A linear or one-hidden-layer MLP classifier on frozen backbone features.
-
-    Has the same interface as :func:`neighborlt.train.models.create_model` models (``forward``,
-    ``forward_features``, ``num_features``, ``get_classifier``); the classifier is always ``fc``.
-    """
-
-    def __init__(self, in_features: int, num_classes: int, kind: str = "linear", hidden: int = 512) -> None:
-        super().__init__()
-        if kind not in ("linear", "mlp"):
-            raise ConfigError(f"unknown head {kind!r}; choose linear or mlp")
-        self.kind = kind
-        self.in_features = in_features
-        if kind == "mlp":
-            self.body: nn.Module = nn.Sequential(nn.Linear(in_features, hidden), nn.GELU())
-            self.num_features = hidden
-        else:
-            self.body = nn.Identity()
-            self.num_features = in_features
-        self.fc = nn.Linear(self.num_features, num_classes)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.body(x))
-
-    def get_classifier(self) -> nn.Linear:
-        return self.fc
-
-
-class _WithFeatures(nn.Module):
-    """Returns ``(logits, features)`` from one forward pass, so that DDP hooks see the whole computation
-    (losses such as DRO-LT need the pooled features too)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feats = self.model.forward_features(x)  # type: ignore[operator]
-        return self.model.get_classifier()(feats), feats  # type: ignore[operator]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -187,7 +152,8 @@ def _load_data(cfg: TrainConfig, rd: RunDir) -> Any:
                 f"{rd.path('split.json')}: not found; run `neighborlt classes {rd.root}` first or pass --protocol"
             )
         if cfg.protocol_overrides:
-            raise ConfigError("--protocol-overrides needs --protocol (RUN/split.json fixes the protocol)")
+            raise ConfigError("--protocol-set (protocol_overrides) needs --protocol (RUN/split.json fixes the "
+                              "protocol)")
         proto = load_protocol(rd.root, data_dir=cfg.data_dir)
     mpath = manifest_path(cfg, rd)
     aux = load_aux_training_set(proto, mpath, rd.root)
@@ -234,131 +200,6 @@ def _n_micro(n: int, batch: int, info: ddp.DistInfo) -> int:
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         k = int(t.item())
     return k
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Model description (model.json) and loading
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _build_from_meta(meta: dict[str, Any]) -> nn.Module:
-    """An untrained model with the architecture described by a ``model.json`` dict."""
-    frozen = meta.get("frozen")
-    if frozen:
-        return FeatureHead(int(frozen["in_features"]), int(meta["num_classes"]), frozen["head"],
-                           int(frozen.get("hidden") or 1))
-    from .models import create_model
-
-    return create_model(meta["architecture"], int(meta["num_classes"]), init="random",
-                        image_size=meta.get("image_size"))
-
-
-def _find_model_dir(path: str | os.PathLike[str]) -> Path:
-    path = Path(path)
-    for cand in (path, path / "export", path / "train"):
-        if (cand / "model.json").exists():
-            return cand
-    raise NeighborLTError(f"{path}: no model.json here nor in export/ or train/; run `neighborlt train` first")
-
-
-def load_trained_model(path: str | os.PathLike[str]) -> tuple[nn.Module, dict[str, Any]]:
-    """Load the model of a run dir (its ``export/`` if present, else ``train/``) or of a model directory.
-
-    Args:
-        path: ``RUN``, ``RUN/train``, ``RUN/train/crt`` or ``RUN/export`` (any folder with model.json +
-            model.safetensors).
-
-    Returns:
-        ``(model in eval mode on CPU, model.json dict)``.
-    """
-    d = _find_model_dir(path)
-    meta = read_json(d / "model.json")
-    model = _build_from_meta(meta)
-    state = ckpt.load_weights(d / meta.get("weights", "model.safetensors"))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0]
-        raise NeighborLTError(f"{d / 'model.safetensors'}: does not fit {d / 'model.json'} ({first}); "
-                              "re-run training or export") from None
-    return model.eval(), meta
-
-
-@torch.no_grad()
-def _logits_of(model: nn.Module, batches: Iterator[torch.Tensor], device: torch.device,
-               amp: bool) -> np.ndarray:
-    model.eval()
-    out = []
-    for x in batches:
-        x = x.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out.append(model(x).float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
-
-
-def _image_batches(image_set: Any, image_size: int, batch_size: int, num_workers: int,
-                   model_name: str | None = None) -> Iterator[torch.Tensor]:
-    from .data import ImageSetDataset, build_transform
-    from .models import model_normalization
-
-    norm = model_normalization(model_name) if model_name else None  # the input statistics the weights expect
-    ds = ImageSetDataset(image_set, build_transform(image_size, train=False, normalization=norm), image_size)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    for x, _y in loader:
-        yield x
-
-
-def _tensor_batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    for i in range(0, len(x), batch_size):
-        yield x[i:i + batch_size]
-
-
-def predict_logits(run_dir_or_export_dir: str | os.PathLike[str], image_set: Any, *, batch_size: int = 256,
-                   device: str = "cpu", num_workers: int = 0) -> np.ndarray:
-    """Logits of a trained (or exported) model on ``image_set``.
-
-    Args:
-        run_dir_or_export_dir: a run dir (uses ``export/`` when present, else ``train/``) or a folder with
-            ``model.json`` + ``model.safetensors``.
-        image_set: the images (labels are ignored).
-        batch_size: images per inference batch.
-        device: ``cpu``, ``cuda`` or ``auto``.
-        num_workers: DataLoader workers.
-
-    Returns:
-        float32 array [N, C] where C is the model's ``num_classes`` (L after export).
-
-    Example:
-        >>> logits = predict_logits("runs/c10", protocol.target_test)  # doctest: +SKIP
-        >>> (logits.argmax(1) == protocol.target_test.labels).mean()  # doctest: +SKIP
-    """
-    model, meta = load_trained_model(run_dir_or_export_dir)
-    dev = ddp.resolve_device(device)
-    model.to(dev)
-    amp = dev.type == "cuda"
-    frozen = meta.get("frozen")
-    if frozen:
-        from .features import extract_features
-
-        feats = extract_features(frozen["backbone"], frozen["init"], image_set, int(frozen["image_size"]),
-                                 batch_size=batch_size, device=str(dev))
-        return _logits_of(model, _tensor_batches(torch.from_numpy(np.asarray(feats, np.float32)), batch_size),
-                          dev, amp).astype(np.float32)
-    return _logits_of(model, _image_batches(image_set, int(meta["image_size"]), batch_size, num_workers,
-                                            meta.get("architecture")), dev, amp).astype(np.float32)
-
-
-def _test_metrics(logits: np.ndarray, labels: np.ndarray, num_target: int,
-                  train_counts: np.ndarray, thresholds: tuple[int, int] = (100, 20)) -> dict[str, float | None]:
-    """Accuracy (%) of the target rows (auxiliary rows masked), split into many/medium/few when evaluate exists."""
-    pred = logits[:, :num_target].argmax(1)
-    try:
-        from ..evaluate import shot_accuracy
-    except ImportError:
-        return {"overall": float((pred == labels).mean() * 100.0)}
-    # a shot group without classes has no accuracy (None)
-    return {k: None if v is None else float(v) for k, v in shot_accuracy(pred, labels, train_counts, many=thresholds[0],
-                                                                          few=thresholds[1]).items()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -455,98 +296,255 @@ def run_train(cfg: TrainConfig, run_dir: str | os.PathLike[str] | RunDir, *, res
         ddp.cleanup(info)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# One run, in parts: key and checks -> setup (data, model, sampler, loss, optimiser) -> resume -> epochs -> outputs
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Data:
+    """What a run trains and is scored on."""
+
+    aux: Any  # the AuxTrainingSet: ``train`` (targets 0..L-1, auxiliary L..C-1), ``pairs``, ``num_target``
+    test: Any  # the target test ImageSet (capped by ``max_test_per_class``)
+    relation: str  # where the auxiliary classes came from: "manifest" | "none" | "given"
+    L: int  # target classes
+    C: int  # all classes (L + K)
+    labels: np.ndarray  # int64 [N] training labels
+    train_counts: np.ndarray  # training images of the L targets
+    thresholds: tuple[int, int]  # the protocol's (many, few) shot thresholds
+
+
+@dataclass
+class _Model:
+    """The model and the inputs it trains on: images (``dataset``) or cached frozen features (``train_x``)."""
+
+    model: nn.Module
+    dataset: Any  # ImageSetDataset of the training images; None under the frozen-feature protocol
+    train_x: torch.Tensor | None  # frozen protocol: features [N, D] of the training images
+    test_x: torch.Tensor | None  # frozen protocol: features of the test images
+    frozen_info: dict[str, Any] | None  # model.json "frozen" entry (None for image models)
+
+
+@dataclass
+class _Setup:
+    """Everything one run trains with, built by :func:`_build` before the first epoch."""
+
+    cfg: TrainConfig
+    rd: RunDir
+    info: ddp.DistInfo
+    key: str  # the run's config key (config + data)
+    dev: torch.device
+    amp: bool  # bf16 autocast
+    per_rank: int  # images per micro-batch on this rank
+    data: _Data
+    m: _Model
+    sampler: Any  # EpochSampler
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loss_params: list[nn.Parameter]  # learnable parameters of the loss (DRO-LT margins), outside DDP
+    mixup_fn: Any  # timm Mixup or None
+    n_micro: int  # micro-batches per epoch on every rank
+    net: nn.Module | None = None  # what the loop calls: the model, wrapped for features and DDP (set after resume)
+
+    @property
+    def model(self) -> nn.Module:
+        return self.m.model
+
+    @property
+    def tdir(self) -> Path:
+        return self.rd.path(STAGE)
+
+    @property
+    def needs_features(self) -> bool:
+        return bool(getattr(self.criterion, "needs_features", False))
+
+
+@dataclass
+class _Start:
+    """Where the loop starts: epoch and micro-step, and (mid-epoch resume) the RNG state and partial loss sums."""
+
+    epoch: int = 0
+    step: int = 0
+    rng: dict[str, Any] | None = None
+    partial: tuple[float, int] = (0.0, 0)  # running loss sum and sample count of an epoch interrupted midway
+
+
 def _run(cfg: TrainConfig, rd: RunDir, info: ddp.DistInfo, *, resume: bool, force: bool, progress: bool,
          on_step: Callable[[int, int], None] | None, data: Any | None) -> TrainResult:
-    from ..losses import LOSSES
-    from .optim import build_optimizer, build_scheduler
-    from .samplers import build_sampler, effective_class_counts
-
+    """:func:`run_train` inside the process group and the determinism context."""
     t_start = time.time()
-    if data is None:
-        if not cfg.protocol and not rd.path("split.json").exists():
-            raise ConfigError(
-                f"{rd.path('split.json')}: not found; run `neighborlt classes {rd.root}` first or pass --protocol"
-            )
-        mpath = manifest_path(cfg, rd)
-        key = cfg.key() if mpath is None else config_hash([cfg.key(), file_sha256(mpath)])
-    else:
-        key = _data_key(cfg, data)
-    tdir = rd.path(STAGE)
+    key = _run_key(cfg, rd, data)
     if _check_existing(cfg, rd, key, resume, force, info):
-        meta = read_json(tdir / "model.json")
-        log.info("%s: finished run with the same configuration found; skipping (pass --force to retrain)", tdir)
-        done = read_json(rd.path("records", f"{STAGE}.done.json"))
-        crt = tdir / "crt" / "model.safetensors"
-        return TrainResult(run_dir=str(rd.root), model_path=str(tdir / "model.safetensors"),
-                           crt_model_path=str(crt) if crt.exists() else None, epochs_done=cfg.epochs,
-                           skipped=True, metrics=done.get("metrics", {}), crt_metrics=done.get("crt_metrics", {}),
-                           num_classes=meta["num_classes"], num_target_classes=meta["num_target_classes"],
-                           world_size=info.world_size)
-    if cfg.batch_size % info.world_size:
-        raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by the {info.world_size} DDP processes")
-    per_rank = cfg.batch_size // info.world_size
-    mixing = cfg.mixup > 0 or cfg.cutmix > 0
-    if mixing and per_rank % 2:
-        raise ConfigError(f"Mixup/CutMix need an even per-process batch; got {per_rank} (--batch-size / ranks)")
+        return _skipped(cfg, rd, info)
+    per_rank = _per_rank_batch(cfg, info)
     if info.is_main:
         rd.record(STAGE, {**cfg.model_dump(mode="json"), "world_size": info.world_size, "config_key": key},
                   seed=cfg.seed)
-    dev = info.device
+    s = _build(cfg, rd, info, key, per_rank, data)
+    start = _resume(s) if resume else _Start()
+    s.net = ddp.wrap(WithFeatures(s.model) if s.needs_features else s.model, info, sync_bn=cfg.sync_bn)
+    epochs_done, interrupted, metrics = _train(s, start, progress, on_step)
+    wall = time.time() - t_start
+    result = TrainResult(run_dir=str(rd.root), model_path=None, epochs_done=epochs_done, interrupted=interrupted,
+                         metrics=metrics, num_classes=s.data.C, num_target_classes=s.data.L, wall_s=wall,
+                         world_size=info.world_size)
+    if interrupted:
+        log.warning("stopped by signal at epoch %d; checkpoint saved in %s; re-run with --resume", epochs_done,
+                    s.tdir / "checkpoint")
+        return result
+    _write_outputs(s, result, metrics, wall)
+    ddp.barrier(info)
+    return result
+
+
+# ---- key and checks ---------------------------------------------------------------------------------------
+
+
+def _run_key(cfg: TrainConfig, rd: RunDir, data: Any | None) -> str:
+    """The key of the run: the config key, with the auxiliary manifest's hash (or the given data's fingerprint)."""
+    if data is not None:
+        return _data_key(cfg, data)
+    if not cfg.protocol and not rd.path("split.json").exists():
+        raise ConfigError(
+            f"{rd.path('split.json')}: not found; run `neighborlt classes {rd.root}` first or pass --protocol"
+        )
+    mpath = manifest_path(cfg, rd)
+    return cfg.key() if mpath is None else config_hash([cfg.key(), file_sha256(mpath)])
+
+
+def _skipped(cfg: TrainConfig, rd: RunDir, info: ddp.DistInfo) -> TrainResult:
+    """The result of a finished run with the same key, read from its files (nothing is trained)."""
+    tdir = rd.path(STAGE)
+    meta = read_json(tdir / "model.json")
+    log.info("%s: finished run with the same configuration found; skipping (pass --force to retrain)", tdir)
+    done = read_json(rd.path("records", f"{STAGE}.done.json"))
+    crt = tdir / "crt" / "model.safetensors"
+    return TrainResult(run_dir=str(rd.root), model_path=str(tdir / "model.safetensors"),
+                       crt_model_path=str(crt) if crt.exists() else None, epochs_done=cfg.epochs,
+                       skipped=True, metrics=done.get("metrics", {}), crt_metrics=done.get("crt_metrics", {}),
+                       num_classes=meta["num_classes"], num_target_classes=meta["num_target_classes"],
+                       world_size=info.world_size)
+
+
+def _per_rank_batch(cfg: TrainConfig, info: ddp.DistInfo) -> int:
+    """Images per micro-batch on each rank; the global batch must split evenly (and evenly again for Mixup)."""
+    if cfg.batch_size % info.world_size:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by the {info.world_size} DDP processes")
+    per_rank = cfg.batch_size // info.world_size
+    if (cfg.mixup > 0 or cfg.cutmix > 0) and per_rank % 2:
+        raise ConfigError(f"Mixup/CutMix need an even per-process batch; got {per_rank} (--batch-size / ranks)")
+    return per_rank
+
+
+def _use_amp(cfg: TrainConfig, dev: torch.device) -> bool:
+    """bf16 autocast: ``--amp bf16``, or ``auto`` on CUDA."""
     amp = cfg.amp == "bf16" or (cfg.amp == "auto" and dev.type == "cuda")
     if amp and dev.type != "cuda":
         log.info("bf16 autocast requested on %s: running on CPU in bf16 autocast", dev)
+    return amp
 
-    # ---- data and model --------------------------------------------------------------------------------
+
+# ---- setup ------------------------------------------------------------------------------------------------
+
+
+def _build(cfg: TrainConfig, rd: RunDir, info: ddp.DistInfo, key: str, per_rank: int, data: Any | None) -> _Setup:
+    """Data, model, sampler, loss, optimiser and schedule, in the order that fixes the RNG streams of a seed."""
+    from .optim import build_scheduler
+    from .samplers import build_sampler
+
+    dev = info.device
+    amp = _use_amp(cfg, dev)
     _seed_all(cfg.seed)
+    d = _prepare_data(cfg, rd, data)
+    m = _build_model(cfg, d, info)
+    sampler = build_sampler(cfg.sampler, d.labels, num_target_classes=d.L, aux_cap=cfg.aux_cap if d.C > d.L else None,
+                            seed=cfg.seed, rank=info.rank, world_size=info.world_size)
+    criterion = _build_loss(cfg, d, dev)
+    optimizer, loss_params = _build_optimizer(cfg, m.model, criterion)
+    n_micro = _n_micro(len(sampler), per_rank, info)
+    if n_micro >= cfg.grad_accum:  # whole accumulation groups only: each step sees batch_size * grad_accum images
+        n_micro -= n_micro % cfg.grad_accum
+    steps_per_epoch = math.ceil(n_micro / cfg.grad_accum)
+    scheduler = build_scheduler(optimizer, cfg.epochs, steps_per_epoch, min(cfg.warmup_epochs, cfg.epochs),
+                                cfg.min_lr)
+    return _Setup(cfg=cfg, rd=rd, info=info, key=key, dev=dev, amp=amp, per_rank=per_rank, data=d, m=m,
+                  sampler=sampler, criterion=criterion, optimizer=optimizer, scheduler=scheduler,
+                  loss_params=loss_params, mixup_fn=_build_mixup(cfg, d.C), n_micro=n_micro)
+
+
+def _prepare_data(cfg: TrainConfig, rd: RunDir, data: Any | None) -> _Data:
+    """The training set (the config's, or ``data``), the capped test set, labels, counts and shot thresholds."""
     aux, test, relation = _load_data(cfg, rd) if data is None else _given_data(cfg, data)
     L, C = int(aux.num_target), int(aux.train.num_classes)
-    labels = np.asarray(aux.train.labels, dtype=np.int64)
-    train_counts = aux.train.counts()[:L]
-    thresholds = tuple(getattr(aux, "thresholds", (100, 20)))  # the protocol's shot thresholds
-    frozen_info: dict[str, Any] | None = None
+    return _Data(aux=aux, test=test, relation=relation, L=L, C=C,
+                 labels=np.asarray(aux.train.labels, dtype=np.int64), train_counts=aux.train.counts()[:L],
+                 thresholds=tuple(getattr(aux, "thresholds", SHOT_THRESHOLDS)))
+
+
+def _build_model(cfg: TrainConfig, d: _Data, info: ddp.DistInfo) -> _Model:
+    """An image model with its training transform, or (frozen protocol) cached features and a head; on the device."""
     if cfg.frozen:
-        from .features import extract_features
-
-        def feats(image_set: Any) -> torch.Tensor:
-            # rank 0 fills the cache first; the others then read it
-            if not info.is_main:
-                ddp.barrier(info)
-            f = extract_features(cfg.model, cfg.init, image_set, cfg.image_size,
-                                 batch_size=cfg.eval_batch_size, device=str(dev))
-            if info.is_main:
-                ddp.barrier(info)
-            return torch.from_numpy(np.ascontiguousarray(f, dtype=np.float32))
-
-        train_x, test_x = feats(aux.train), feats(test)
+        train_x, test_x = _frozen_features(cfg, d.aux.train, info), _frozen_features(cfg, d.test, info)
         _seed_all(cfg.seed)
-        model: nn.Module = FeatureHead(train_x.shape[1], C, cfg.head, cfg.head_hidden)
+        head = FeatureHead(train_x.shape[1], d.C, cfg.head, cfg.head_hidden)
         frozen_info = {"backbone": cfg.model, "init": cfg.init, "image_size": cfg.image_size,
                        "in_features": int(train_x.shape[1]), "head": cfg.head,
                        "hidden": cfg.head_hidden if cfg.head == "mlp" else None}
-        dataset: Any = None
-    else:
-        from .data import ImageSetDataset, build_transform
-        from .models import create_model, model_normalization
+        return _Model(model=head.to(info.device), dataset=None, train_x=train_x, test_x=test_x,
+                      frozen_info=frozen_info)
+    from .data import ImageSetDataset, build_transform
+    from .models import create_model, model_normalization
 
-        model = create_model(cfg.model, C, init=cfg.init, image_size=cfg.image_size)
-        dataset = ImageSetDataset(aux.train, build_transform(cfg.image_size, train=True, randaugment=cfg.randaugment,
-                                                             normalization=model_normalization(cfg.model)),
-                                  cfg.image_size)
-    model.to(dev)
+    model = create_model(cfg.model, d.C, init=cfg.init, image_size=cfg.image_size)
+    dataset = ImageSetDataset(d.aux.train, build_transform(cfg.image_size, train=True, randaugment=cfg.randaugment,
+                                                           normalization=model_normalization(cfg.model)),
+                              cfg.image_size)
+    return _Model(model=model.to(info.device), dataset=dataset, train_x=None, test_x=None, frozen_info=None)
 
-    sampler = build_sampler(cfg.sampler, labels, num_target_classes=L, aux_cap=cfg.aux_cap if C > L else None,
-                            seed=cfg.seed, rank=info.rank, world_size=info.world_size)
-    counts = effective_class_counts(labels, C, L, cfg.aux_cap if C > L else None)
+
+def _frozen_features(cfg: TrainConfig, image_set: Any, info: ddp.DistInfo) -> torch.Tensor:
+    """Backbone features of ``image_set`` from the feature cache; rank 0 fills the cache first, the others read it."""
+    from .features import extract_features
+
+    if not info.is_main:
+        ddp.barrier(info)
+    f = extract_features(cfg.model, cfg.init, image_set, cfg.image_size,
+                         batch_size=cfg.eval_batch_size, device=str(info.device), bf16=False)
+    if info.is_main:
+        ddp.barrier(info)
+    return torch.from_numpy(np.ascontiguousarray(f, dtype=np.float32))
+
+
+def _build_loss(cfg: TrainConfig, d: _Data, dev: torch.device) -> nn.Module:
+    """The loss with the per-epoch class counts ``n_j`` (auxiliary classes capped at M) and, for
+    neighbor_silencing, the neighbour pairs and λs."""
+    from ..losses import LOSSES
+    from .samplers import effective_class_counts
+
+    counts = effective_class_counts(d.labels, d.C, d.L, cfg.aux_cap if d.C > d.L else None)
     loss_kw: dict[str, Any] = dict(cfg.loss_params)
     if cfg.loss == "neighbor_silencing":
-        loss_kw.setdefault("neighbor_pairs", torch.as_tensor(np.asarray(aux.pairs, dtype=np.int64)).reshape(-1, 2))
+        loss_kw.setdefault("neighbor_pairs", torch.as_tensor(np.asarray(d.aux.pairs, dtype=np.int64)).reshape(-1, 2))
         loss_kw.setdefault("lambda_s", cfg.lambda_s)
+        loss_kw.setdefault("num_targets", d.L)  # the auxiliary block L..C-1 (aux_weight)
+        from ..losses import resolve_silencing
+
+        if "silencing" in cfg.loss_params:  # a named preset: its lambda_s / aux_weight replace the field's
+            loss_kw.pop("lambda_s") if "lambda_s" not in cfg.loss_params else None
+            loss_kw = resolve_silencing(loss_kw)
     try:
         criterion: nn.Module = LOSSES.create(cfg.loss, class_counts=torch.as_tensor(counts), **loss_kw)
     except TypeError as e:
         raise ConfigError(f"loss {cfg.loss!r}: bad --loss-param ({e})") from None
-    criterion.to(dev)
-    needs_features = bool(getattr(criterion, "needs_features", False))
+    return criterion.to(dev)
+
+
+def _build_optimizer(cfg: TrainConfig, model: nn.Module,
+                     criterion: nn.Module) -> tuple[torch.optim.Optimizer, list[nn.Parameter]]:
+    """The optimiser of the model, plus a group (no weight decay) for learnable loss parameters (DRO-LT)."""
+    from .optim import build_optimizer
 
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.layer_decay,
                                 betas=cfg.betas, momentum=cfg.momentum)
@@ -555,185 +553,216 @@ def _run(cfg: TrainConfig, rd: RunDir, info: ddp.DistInfo, *, resume: bool, forc
         optimizer.add_param_group({"params": loss_params, "weight_decay": 0.0, "lr": cfg.lr})
         for g in optimizer.param_groups:
             g.setdefault("initial_lr", g["lr"])
-    n_micro = _n_micro(len(sampler), per_rank, info)
-    if n_micro >= cfg.grad_accum:  # whole accumulation groups only: each step sees batch_size * grad_accum images
-        n_micro -= n_micro % cfg.grad_accum
-    steps_per_epoch = math.ceil(n_micro / cfg.grad_accum)
-    scheduler = build_scheduler(optimizer, cfg.epochs, steps_per_epoch, min(cfg.warmup_epochs, cfg.epochs),
-                                cfg.min_lr)
-    mixup_fn = None
-    if mixing:
-        from timm.data import Mixup
+    return optimizer, loss_params
 
-        mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mix_prob,
-                         label_smoothing=cfg.label_smoothing, num_classes=C)
 
-    # ---- resume ------------------------------------------------------------------------------------------
-    start_epoch, start_step = 0, 0
-    ckpt_dir = tdir / "checkpoint"
-    rng_to_restore: dict[str, Any] | None = None
-    partial_to_restore = (0.0, 0)  # running loss sum and sample count of an epoch interrupted midway
-    if resume and ckpt.has_checkpoint(ckpt_dir):
-        weights, state = ckpt.load_checkpoint(ckpt_dir)
-        if state.get("config_key") != key:
-            raise ConfigError(f"{ckpt_dir / 'last.pt'}: was written with another configuration; resume with the "
-                              "same options or pass --force to start over")
-        model.load_state_dict(weights)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state.get("loss"):
-            criterion.load_state_dict(state["loss"])
-        start_epoch, start_step = int(state["epoch"]), int(state["step"])
-        per_rank_state = state.get("ranks") or []
-        if len(per_rank_state) == info.world_size:
-            sampler.load_state_dict(per_rank_state[info.rank]["sampler"])
-            rng_to_restore = per_rank_state[info.rank]["rng"]
-            partial_to_restore = (float(per_rank_state[info.rank].get("loss_sum", 0.0)),
-                                  int(per_rank_state[info.rank].get("seen", 0)))
-        elif start_step:
-            log.warning("checkpoint was written by %d processes, resuming with %d: epoch %d restarts",
-                        len(per_rank_state), info.world_size, start_epoch)
-            start_step = 0
-        if info.is_main:
-            _truncate_log(tdir / "log.jsonl", start_epoch)
-        log.info("resuming at epoch %d, step %d", start_epoch, start_step)
-    elif resume:
+def _build_mixup(cfg: TrainConfig, num_classes: int) -> Any:
+    """timm's Mixup/CutMix (with label smoothing) when ``--mixup`` or ``--cutmix`` is on, else None."""
+    if not (cfg.mixup > 0 or cfg.cutmix > 0):
+        return None
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mix_prob,
+                 label_smoothing=cfg.label_smoothing, num_classes=num_classes)
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------------
+
+
+def _resume(s: _Setup) -> _Start:
+    """Load ``checkpoint/last.pt`` into the model, optimiser, scheduler, loss and sampler; where to continue."""
+    ckpt_dir = s.tdir / "checkpoint"
+    if not ckpt.has_checkpoint(ckpt_dir):
         log.info("%s: no checkpoint; starting from scratch", ckpt_dir)
+        return _Start()
+    weights, state = ckpt.load_checkpoint(ckpt_dir)
+    if state.get("config_key") != s.key:
+        raise ConfigError(f"{ckpt_dir / 'last.pt'}: was written with another configuration; resume with the "
+                          "same options or pass --force to start over")
+    s.model.load_state_dict(weights)
+    s.optimizer.load_state_dict(state["optimizer"])
+    s.scheduler.load_state_dict(state["scheduler"])
+    if state.get("loss"):
+        s.criterion.load_state_dict(state["loss"])
+    start = _Start(epoch=int(state["epoch"]), step=int(state["step"]))
+    per_rank_state = state.get("ranks") or []
+    info = s.info
+    if len(per_rank_state) == info.world_size:
+        mine = per_rank_state[info.rank]
+        s.sampler.load_state_dict(mine["sampler"])
+        start.rng = mine["rng"]
+        start.partial = (float(mine.get("loss_sum", 0.0)), int(mine.get("seen", 0)))
+    elif start.step:
+        log.warning("checkpoint was written by %d processes, resuming with %d: epoch %d restarts",
+                    len(per_rank_state), info.world_size, start.epoch)
+        start.step = 0
+    if info.is_main:
+        _truncate_log(s.tdir / "log.jsonl", start.epoch)
+    log.info("resuming at epoch %d, step %d", start.epoch, start.step)
+    return start
 
-    net: nn.Module = _WithFeatures(model) if needs_features else model
-    net = ddp.wrap(net, info, sync_bn=cfg.sync_bn)
 
-    def save(epoch: int, step: int, partial: tuple[float, int] = (0.0, 0)) -> None:
-        mine = {"sampler": sampler.state_dict(), "rng": ckpt.rng_state(), "loss_sum": partial[0],
-                "seen": partial[1]}
-        ranks: list[Any] = [mine]
-        if info.distributed:
-            ranks = [None] * info.world_size
-            dist.all_gather_object(ranks, mine)
-        if info.is_main:
-            ckpt.save_checkpoint(ckpt_dir, model, {
-                "epoch": epoch, "step": step, "config_key": key, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "loss": criterion.state_dict(), "ranks": ranks,
-                "world_size": info.world_size,
-            })
-        ddp.barrier(info)
+def _save(s: _Setup, epoch: int, step: int, partial: tuple[float, int] = (0.0, 0)) -> None:
+    """Write ``checkpoint/last.pt`` (rank 0) with every rank's sampler position, RNG state and partial loss."""
+    info = s.info
+    mine = {"sampler": s.sampler.state_dict(), "rng": ckpt.rng_state(), "loss_sum": partial[0], "seen": partial[1]}
+    ranks: list[Any] = [mine]
+    if info.distributed:
+        ranks = [None] * info.world_size
+        dist.all_gather_object(ranks, mine)
+    if info.is_main:
+        ckpt.save_checkpoint(s.tdir / "checkpoint", s.model, {
+            "epoch": epoch, "step": step, "config_key": s.key, "optimizer": s.optimizer.state_dict(),
+            "scheduler": s.scheduler.state_dict(), "loss": s.criterion.state_dict(), "ranks": ranks,
+            "world_size": info.world_size,
+        })
+    ddp.barrier(info)
 
-    # ---- loop --------------------------------------------------------------------------------------------
+
+# ---- the loop ---------------------------------------------------------------------------------------------
+
+
+def _train(s: _Setup, start: _Start, progress: bool,
+           on_step: Callable[[int, int], None] | None) -> tuple[int, bool, dict[str, float | None]]:
+    """Train from ``start`` to ``cfg.epochs``; returns ``(epochs done, interrupted by a signal, last test metrics)``."""
+    cfg, info = s.cfg, s.info
     stop = _StopFlag()
     metrics: dict[str, float | None] = {}
-    epochs_done = start_epoch
-    interrupted = False
+    epochs_done = start.epoch
     bar = _progress(progress and info.is_main)
     with _catch_signals(stop), bar:
-        task = bar.add_task("train", total=(cfg.epochs - start_epoch) * n_micro - start_step)
-        for epoch in range(start_epoch, cfg.epochs):
+        task = bar.add_task("train", total=(cfg.epochs - start.epoch) * s.n_micro - start.step)
+        for epoch in range(start.epoch, cfg.epochs):
             t0 = time.time()
-            first = start_step if epoch == start_epoch else 0
-            if first and rng_to_restore is not None:
-                ckpt.set_rng_state(rng_to_restore)
-            else:
-                _seed_all(_derive_seed(cfg.seed, epoch, info.rank))
-            sampler.set_epoch(epoch)
-            if hasattr(criterion, "epoch_start"):
-                criterion.epoch_start(epoch)
-            idx = sampler.rank_indices(epoch)
-            batches = _batches(idx, per_rank, n_micro)[first:]
-            model.train()
-            loss_sum, seen = partial_to_restore if first else (0.0, 0)
-            for i, (x, y) in enumerate(_iterate(batches, dataset, train_x if cfg.frozen else None,
-                                                labels, cfg, epoch, info), start=first):
-                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-                target: torch.Tensor = y
-                if mixup_fn is not None and len(x) % 2 == 0:
-                    x, target = mixup_fn(x, y)
-                last_of_group = (i + 1) % cfg.grad_accum == 0 or i == n_micro - 1
-                sync = contextlib.nullcontext() if (last_of_group or not info.distributed) else net.no_sync()
-                with sync:
-                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                        out = net(x)
-                        if needs_features:
-                            logits, f = out
-                            loss = criterion(logits.float(), target, features=f.float())
-                        else:
-                            loss = criterion(out.float(), target)
-                    if not torch.isfinite(loss):
-                        raise NeighborLTError(f"loss is {loss.item()} at epoch {epoch} step {i}; lower --lr or "
-                                              "check the data")
-                    (loss / cfg.grad_accum).backward()
-                loss_sum += float(loss.detach()) * len(x)
-                seen += len(x)
-                bar.advance(task)
-                if not last_of_group:
-                    continue
-                if loss_params and info.world_size > 1:
-                    # the loss lives outside DDP: average its learnable parameters' gradients (DRO-LT margins)
-                    # across ranks so every rank takes the same step
-                    for p in loss_params:
-                        if p.grad is None:
-                            p.grad = torch.zeros_like(p)
-                        dist.all_reduce(p.grad)
-                        p.grad /= info.world_size
-                if cfg.grad_clip:
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                if on_step is not None:
-                    on_step(epoch, i + 1)
-                if ddp.any_flag(bool(stop), info) and i + 1 < n_micro:
-                    save(epoch, i + 1, (loss_sum, seen))
-                    interrupted = True
-                    break
-            if interrupted:
-                break
-            # ---- end of epoch: metrics, log, checkpoint ---------------------------------------------------
-            train_loss = ddp.mean_scalar(loss_sum / max(seen, 1), info)
-            is_last = epoch + 1 == cfg.epochs
-            do_eval = is_last or (cfg.eval_every > 0 and (epoch + 1) % cfg.eval_every == 0)
-            if do_eval and info.is_main:
-                metrics = _evaluate(model, test, test_x if cfg.frozen else None, cfg, dev, amp, L, train_counts,
-                                    thresholds)
-            if info.is_main:
-                row = {"epoch": epoch + 1, "epochs": cfg.epochs, "loss": train_loss,
-                       "lr": float(scheduler.get_last_lr()[0]), **sampler.epoch_counts(epoch),
-                       "time_s": time.time() - t0, "world_size": info.world_size}
-                if do_eval:
-                    row["test"] = metrics
-                _append_jsonl(tdir / "log.jsonl", row)
-                log.info("epoch %d/%d loss %.4f%s", epoch + 1, cfg.epochs, train_loss,
-                         f" test {metrics}" if do_eval else "")
-            save(epoch + 1, 0)
+            first = start.step if epoch == start.epoch else 0
+            loss_sum, seen, stopped = _train_epoch(s, epoch, first, start, stop, lambda: bar.advance(task), on_step)
+            if stopped:
+                return epochs_done, True, metrics
+            metrics = _end_epoch(s, epoch, t0, loss_sum, seen, metrics)
             epochs_done = epoch + 1
-            if ddp.any_flag(bool(stop), info) and not is_last:
-                interrupted = True
-                break
+            if ddp.any_flag(bool(stop), info) and epoch + 1 != cfg.epochs:
+                return epochs_done, True, metrics
+    return epochs_done, False, metrics
 
-    wall = time.time() - t_start
-    result = TrainResult(run_dir=str(rd.root), model_path=None, epochs_done=epochs_done, interrupted=interrupted,
-                         metrics=metrics, num_classes=C, num_target_classes=L, wall_s=wall,
-                         world_size=info.world_size)
-    if interrupted:
-        log.warning("stopped by signal at epoch %d; checkpoint saved in %s; re-run with --resume", epochs_done,
-                    ckpt_dir)
-        return result
 
-    # ---- final outputs (rank 0) --------------------------------------------------------------------------
+def _train_epoch(s: _Setup, epoch: int, first: int, start: _Start, stop: _StopFlag, advance: Callable[[], None],
+                 on_step: Callable[[int, int], None] | None) -> tuple[float, int, bool]:
+    """One epoch from micro-step ``first``; returns ``(loss sum, samples, stopped)``. A signal saves a mid-epoch
+    checkpoint after the current optimizer step and stops (``stopped``)."""
+    cfg, info = s.cfg, s.info
+    if first and start.rng is not None:
+        ckpt.set_rng_state(start.rng)
+    else:
+        _seed_all(_derive_seed(cfg.seed, epoch, info.rank))
+    s.sampler.set_epoch(epoch)
+    if hasattr(s.criterion, "epoch_start"):
+        s.criterion.epoch_start(epoch)
+    batches = _batches(s.sampler.rank_indices(epoch), s.per_rank, s.n_micro)[first:]
+    s.model.train()
+    loss_sum, seen = start.partial if first else (0.0, 0)
+    inputs = _iterate(batches, s.m.dataset, s.m.train_x if cfg.frozen else None, s.data.labels, cfg, epoch, info)
+    for i, (x, y) in enumerate(inputs, start=first):
+        last_of_group = (i + 1) % cfg.grad_accum == 0 or i == s.n_micro - 1
+        loss, n = _micro_step(s, x, y, last_of_group, epoch, i)
+        loss_sum += loss * n
+        seen += n
+        advance()
+        if not last_of_group:
+            continue
+        _optimizer_step(s)
+        if on_step is not None:
+            on_step(epoch, i + 1)
+        if ddp.any_flag(bool(stop), info) and i + 1 < s.n_micro:
+            _save(s, epoch, i + 1, (loss_sum, seen))
+            return loss_sum, seen, True
+    return loss_sum, seen, False
+
+
+def _micro_step(s: _Setup, x: torch.Tensor, y: torch.Tensor, last_of_group: bool, epoch: int,
+                i: int) -> tuple[float, int]:
+    """Forward and backward of one micro-batch (Mixup/CutMix, autocast; gradients synchronised across ranks only on
+    the last micro-batch of an accumulation group); returns ``(loss, batch size)``."""
+    cfg, info = s.cfg, s.info
+    x, y = x.to(s.dev, non_blocking=True), y.to(s.dev, non_blocking=True)
+    target: torch.Tensor = y
+    if s.mixup_fn is not None and len(x) % 2 == 0:
+        x, target = s.mixup_fn(x, y)
+    assert s.net is not None
+    sync = contextlib.nullcontext() if (last_of_group or not info.distributed) else s.net.no_sync()
+    with sync:
+        with torch.autocast(s.dev.type, dtype=torch.bfloat16, enabled=s.amp):
+            out = s.net(x)
+            if s.needs_features:
+                logits, f = out
+                loss = s.criterion(logits.float(), target, features=f.float())
+            else:
+                loss = s.criterion(out.float(), target)
+        if not torch.isfinite(loss):
+            raise NeighborLTError(f"loss is {loss.item()} at epoch {epoch} step {i}; lower --lr or check the data")
+        (loss / cfg.grad_accum).backward()
+    return float(loss.detach()), len(x)
+
+
+def _optimizer_step(s: _Setup) -> None:
+    """Average the loss's own gradients across ranks, clip, step the optimiser and the schedule."""
+    cfg, info = s.cfg, s.info
+    if s.loss_params and info.world_size > 1:
+        # the loss lives outside DDP: average its learnable parameters' gradients (DRO-LT margins)
+        # across ranks so every rank takes the same step
+        for p in s.loss_params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= info.world_size
+    if cfg.grad_clip:
+        nn.utils.clip_grad_norm_(s.model.parameters(), cfg.grad_clip)
+    s.optimizer.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    s.scheduler.step()
+
+
+def _end_epoch(s: _Setup, epoch: int, t0: float, loss_sum: float, seen: int,
+               metrics: dict[str, float | None]) -> dict[str, float | None]:
+    """Test metrics (every ``eval_every`` epochs and at the end), the log row and the checkpoint of a finished
+    epoch; returns the latest test metrics (``metrics`` when this epoch was not evaluated)."""
+    cfg, info, d = s.cfg, s.info, s.data
+    train_loss = ddp.mean_scalar(loss_sum / max(seen, 1), info)
+    do_eval = epoch + 1 == cfg.epochs or (cfg.eval_every > 0 and (epoch + 1) % cfg.eval_every == 0)
+    if do_eval and info.is_main:
+        metrics = evaluate_model(s.model, d.test, s.m.test_x if cfg.frozen else None, cfg, s.dev, s.amp, d.L,
+                                 d.train_counts, d.thresholds)
     if info.is_main:
-        meta = _model_meta(cfg, model, aux, frozen_info, key, "joint")
-        ckpt.save_weights(tdir / "model.safetensors", model)
-        atomic_write_json(tdir / "model.json", meta)
-        result.model_path = str(tdir / "model.safetensors")
-        if cfg.classifier == "retrain":
-            from .crt import run_crt
+        row = {"epoch": epoch + 1, "epochs": cfg.epochs, "loss": train_loss,
+               "lr": float(s.scheduler.get_last_lr()[0]), **s.sampler.epoch_counts(epoch),
+               "time_s": time.time() - t0, "world_size": info.world_size}
+        if do_eval:
+            row["test"] = metrics
+        _append_jsonl(s.tdir / "log.jsonl", row)
+        log.info("epoch %d/%d loss %.4f%s", epoch + 1, cfg.epochs, train_loss, f" test {metrics}" if do_eval else "")
+    _save(s, epoch + 1, 0)
+    return metrics
 
-            crt_path, crt_metrics = run_crt(cfg, model, meta, aux, test,
-                                            train_x if cfg.frozen else None, test_x if cfg.frozen else None,
-                                            tdir / "crt", dev, train_counts, thresholds)
-            result.crt_model_path, result.crt_metrics = str(crt_path), crt_metrics
-        rd.mark_done(STAGE, key, metrics=metrics, crt_metrics=result.crt_metrics, epochs=cfg.epochs,
-                     wall_s=wall, world_size=info.world_size, relation=relation)
-    ddp.barrier(info)
-    return result
+
+# ---- outputs ----------------------------------------------------------------------------------------------
+
+
+def _write_outputs(s: _Setup, result: TrainResult, metrics: dict[str, float | None], wall: float) -> None:
+    """Rank 0: the final weights and model.json, cRT with ``--classifier retrain``, and the completion marker
+    (fills ``result``'s model paths and cRT metrics)."""
+    cfg, d, tdir = s.cfg, s.data, s.tdir
+    if not s.info.is_main:
+        return
+    meta = _model_meta(cfg, s.model, d.aux, s.m.frozen_info, s.key, "joint")
+    ckpt.save_weights(tdir / "model.safetensors", s.model)
+    atomic_write_json(tdir / "model.json", meta)
+    result.model_path = str(tdir / "model.safetensors")
+    if cfg.classifier == "retrain":
+        crt_path, crt_metrics = run_crt(cfg, s.model, meta, d.aux, d.test, s.m.train_x if cfg.frozen else None,
+                                        s.m.test_x if cfg.frozen else None, tdir / "crt", s.dev, d.train_counts,
+                                        d.thresholds)
+        result.crt_model_path, result.crt_metrics = str(crt_path), crt_metrics
+    s.rd.mark_done(STAGE, s.key, metrics=metrics, crt_metrics=result.crt_metrics, epochs=cfg.epochs,
+                   wall_s=wall, world_size=s.info.world_size, relation=d.relation)
 
 
 def _iterate(batches: list[list[int]], dataset: Any, feats: torch.Tensor | None, labels: np.ndarray,
@@ -758,20 +787,6 @@ def _worker_init(worker_id: int) -> None:
     s = torch.initial_seed() & 0xFFFFFFFF
     np.random.seed(s)
     random.seed(s)
-
-
-def _evaluate(model: nn.Module, test: Any, test_x: torch.Tensor | None, cfg: TrainConfig, dev: torch.device,
-              amp: bool, L: int, train_counts: np.ndarray,
-              thresholds: tuple[int, int] = (100, 20)) -> dict[str, float | None]:
-    was_training = model.training
-    if test_x is not None:
-        logits = _logits_of(model, _tensor_batches(test_x, cfg.eval_batch_size), dev, amp)
-    else:
-        logits = _logits_of(model, _image_batches(test, cfg.image_size, cfg.eval_batch_size, cfg.num_workers,
-                                                  cfg.model),
-                            dev, amp)
-    model.train(was_training)
-    return _test_metrics(logits, np.asarray(test.labels), L, train_counts, thresholds)
 
 
 def _append_jsonl(path: Path, row: dict[str, Any]) -> None:

@@ -47,8 +47,10 @@ def weights_hash(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def feature_cache_key(model_name: str, model: nn.Module, image_set: ImageSet, image_size: int) -> dict[str, Any]:
-    """The parts of the cache key (model, weights hash, transform, data fingerprint) and their hash ``key``."""
+def feature_cache_key(model_name: str, model: nn.Module, image_set: ImageSet, image_size: int,
+                      precision: str = "fp32") -> dict[str, Any]:
+    """The parts of the cache key (model, weights hash, transform, data fingerprint, precision) and their hash
+    ``key``; fp32 keys are those of earlier versions (``precision`` joins the key only when it is not fp32)."""
     from ..data import fingerprint
 
     parts: dict[str, Any] = {
@@ -61,6 +63,8 @@ def feature_cache_key(model_name: str, model: nn.Module, image_set: ImageSet, im
         "data": fingerprint(image_set),
         "n": len(image_set),
     }
+    if precision != "fp32":
+        parts["precision"] = precision
     blob = json.dumps(parts, sort_keys=True).encode()
     parts["key"] = hashlib.sha256(blob).hexdigest()[:24]
     return parts
@@ -87,8 +91,9 @@ def _load_cached(path: Path, n: int) -> np.ndarray | None:
 
 @torch.inference_mode()
 def _extract(model: nn.Module, images: np.ndarray, batch_size: int, device: str,
-             normalization: tuple[tuple[float, ...], tuple[float, ...]]) -> np.ndarray:
-    """Features of uint8 [N, S, S, 3] images with the eval transform (ToTensor + normalise), batched."""
+             normalization: tuple[tuple[float, ...], tuple[float, ...]], bf16: bool = False) -> np.ndarray:
+    """Features of uint8 [N, S, S, 3] images with the eval transform (ToTensor + normalise), batched; under bf16
+    autocast when ``bf16`` (CUDA)."""
     mean, std = normalization
     m = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=device).view(1, 3, 1, 1)
@@ -96,12 +101,14 @@ def _extract(model: nn.Module, images: np.ndarray, batch_size: int, device: str,
     for start in range(0, len(images), batch_size):
         batch = torch.from_numpy(np.array(images[start:start + batch_size])).to(device)  # copy: mmap is read-only
         x = (batch.permute(0, 3, 1, 2).float().div_(255.0) - m) / s
-        out[start:start + len(batch)] = model.forward_features(x).float().cpu().numpy()  # type: ignore[operator]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            f = model.forward_features(x)  # type: ignore[operator]
+        out[start:start + len(batch)] = f.float().cpu().numpy()
     return out
 
 
 def extract_features(model_name: str, init: str, image_set: ImageSet, image_size: int, batch_size: int = 256,
-                     device: str = "cpu") -> np.ndarray:
+                     device: str = "cpu", bf16: bool | None = None) -> np.ndarray:
     """Pooled backbone features of every image, computed once and then read from the cache.
 
     The images are decoded to ``image_size`` (:func:`neighborlt.data.as_array`) and passed through the eval
@@ -115,6 +122,7 @@ def extract_features(model_name: str, init: str, image_set: ImageSet, image_size
         image_size: input side length.
         batch_size: images per forward pass.
         device: ``"cpu"`` or a CUDA device.
+        bf16: bf16 autocast (default: on for CUDA devices, off on CPU); part of the cache key.
 
     Returns:
         float32 array [N, D] in the order of ``image_set``.
@@ -136,7 +144,8 @@ def extract_features(model_name: str, init: str, image_set: ImageSet, image_size
     model = create_model(model_name, num_classes=1, init=init, image_size=image_size)
     if init == "random":
         logger.warning("extracting features of a randomly initialised %s; they are cached under a new key", model_name)
-    parts = feature_cache_key(model_name, model, image_set, image_size)
+    use_bf16 = str(device).startswith("cuda") if bf16 is None else bool(bf16)
+    parts = feature_cache_key(model_name, model, image_set, image_size, "bf16" if use_bf16 else "fp32")
     folder = cache_dir() / "features" / _safe(model_name)
     path = folder / f"{parts['key']}.npy"
     if path.is_file():
@@ -147,7 +156,7 @@ def extract_features(model_name: str, init: str, image_set: ImageSet, image_size
     images = as_array(image_set, image_size)
     model.eval().to(device)
     t0 = time.perf_counter()
-    feats = _extract(model, images, batch_size, device, model_normalization(model_name))
+    feats = _extract(model, images, batch_size, device, model_normalization(model_name), bf16=use_bf16)
     seconds = time.perf_counter() - t0
     if not np.isfinite(feats).all():
         raise ConfigError(f"{model_name}: non-finite features; check the checkpoint {init!r}")

@@ -18,13 +18,13 @@ from typing import Any, Literal
 import numpy as np
 from torch.utils.data import Sampler
 
+from ..defaults import parse_aux_cap
 from ..errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 SamplerKind = Literal["random", "class_balanced", "sqrt"]
 SAMPLER_KINDS: tuple[str, ...] = ("random", "class_balanced", "sqrt")
-DEFAULT_AUX_CAP = 50  # the paper's M: auxiliary images per auxiliary class per epoch
 
 
 def effective_class_counts(labels: np.ndarray | list[int], num_classes: int, num_target_classes: int | None = None,
@@ -38,7 +38,7 @@ def effective_class_counts(labels: np.ndarray | list[int], num_classes: int, num
         labels: int class index per training image.
         num_classes: C = L + K.
         num_target_classes: L; None means every class is a target class (no cap).
-        aux_cap: M; None means no cap.
+        aux_cap: M (>= 1, :func:`neighborlt.defaults.parse_aux_cap`); None means no cap.
 
     Returns:
         int64 array [C].
@@ -47,6 +47,7 @@ def effective_class_counts(labels: np.ndarray | list[int], num_classes: int, num
         >>> effective_class_counts([0, 0, 0, 1, 1, 1], 2, num_target_classes=1, aux_cap=2).tolist()
         [3, 2]
     """
+    aux_cap = parse_aux_cap(aux_cap)
     counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.int64)
     if len(counts) > num_classes:
         raise ConfigError(f"labels go up to {len(counts) - 1} but num_classes is {num_classes}")
@@ -65,7 +66,8 @@ class EpochSampler(Sampler[int]):
             to the square root of its image count). Balanced kinds draw with replacement and keep the epoch
             length equal to the number of images selected for the epoch.
         num_target_classes: L; classes ``>= L`` are auxiliary. None: all classes are targets.
-        aux_cap: M, the most images an auxiliary class contributes per epoch; None: no cap.
+        aux_cap: M, the most images an auxiliary class contributes per epoch (>= 1; 0 is refused, as everywhere:
+            :func:`neighborlt.defaults.parse_aux_cap`); None: no cap.
         seed: base seed; the epoch list depends only on ``(seed, epoch)`` and the labels.
         rank: this process's rank.
         world_size: number of processes.
@@ -77,8 +79,7 @@ class EpochSampler(Sampler[int]):
             raise ConfigError(f"unknown sampler {kind!r}; choose one of: {', '.join(SAMPLER_KINDS)}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is not in 0..{world_size - 1}")
-        if aux_cap is not None and aux_cap < 0:
-            raise ConfigError(f"aux_cap must be >= 0, got {aux_cap}")
+        aux_cap = parse_aux_cap(aux_cap)
         self.labels = np.asarray(labels, dtype=np.int64)
         if len(self.labels) == 0:
             raise ConfigError("the sampler got no training images")
@@ -106,7 +107,7 @@ class EpochSampler(Sampler[int]):
             for c, idx in self._by_class.items()
         )
         if self.total_size == 0:
-            raise ConfigError("the sampler selects no images per epoch (aux_cap 0 and no target images)")
+            raise ConfigError("the sampler selects no images per epoch")
         self.num_samples = math.ceil(self.total_size / world_size)
 
     # -- epoch list -----------------------------------------------------------------------------------------
@@ -215,7 +216,8 @@ def build_sampler(kind: str, labels: np.ndarray | list[int], *, num_target_class
         kind: ``"random"``, ``"class_balanced"`` or ``"sqrt"``.
         labels: class index per training image (targets ``0..L-1``, auxiliary ``L..L+K-1``).
         num_target_classes: L (None: no auxiliary classes).
-        aux_cap: M, images per auxiliary class per epoch (the method uses ``DEFAULT_AUX_CAP`` = 50; None: all).
+        aux_cap: M, images per auxiliary class per epoch (the method uses ``neighborlt.defaults.AUX_CAP`` = 50;
+            None: all).
         seed: base seed.
         rank: this process's rank (``torch.distributed.get_rank()``).
         world_size: number of processes.

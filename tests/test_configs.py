@@ -1,0 +1,116 @@
+"""The shipped configs (configs/*.yaml, examples/own_dataset/config.yaml) validate, and the "Bring your own
+dataset" example of the README runs end to end (shrunk: fewer images, 2 epochs at 16 px)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from neighborlt.pipeline import load_config, read_config_file, run_pipeline, stage_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "configs").glob("*.yaml")) + [ROOT / "examples" / "own_dataset" / "config.yaml"]
+PAPER = ("imagenet_lt", "places_lt", "inat18")
+
+
+def test_every_shipped_config_validates() -> None:
+    names = {p.stem for p in SHIPPED}
+    assert set(PAPER) <= names and len(SHIPPED) >= 4
+    for path in SHIPPED:
+        cfg = load_config(path)
+        stages = stage_configs(cfg)  # every stage's own pydantic config, built without running anything
+        assert set(stages) >= {"classes", "neighbors", "retrieve", "filter", "train", "baseline", "eval", "report"}
+        assert stages["baseline"].loss == "balanced_softmax" and stages["baseline"].aux_manifest is None
+        assert cfg.run_dir, path
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_paper_configs_carry_the_papers_recipe(name: str) -> None:
+    s = stage_configs(load_config(ROOT / "configs" / f"{name}.yaml"))
+    t = s["train"]
+    assert t.model in ("vit_base_patch16_224", "vit_base_patch14_dinov2") and t.image_size == 224
+    assert (t.optimizer, t.betas, t.layer_decay, t.weight_decay) == ("adamw", (0.9, 0.95), 0.75, 0.05)
+    assert t.batch_size * t.grad_accum == 512
+    assert (t.randaugment, t.mixup, t.cutmix) == ("rand-m9-mstd0.5", 0.8, 1.0)
+    assert (t.loss, t.lambda_s, t.aux_cap) == ("neighbor_silencing", 0.1, 50)
+    assert t.epochs == (30 if name == "places_lt" else 100)
+    assert s["classes"].dataset and s["classes"].test_dataset and s["neighbors"].backend == "openai"
+
+
+def _example_module() -> object:
+    spec = importlib.util.spec_from_file_location("make_example", ROOT / "examples" / "own_dataset" / "make_example.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_own_dataset_example_end_to_end(tmp_path: Path, data_dir: Path) -> None:
+    """make_example.py + config.yaml as the README runs them, shrunk to seconds: the WordNet neighbours of the
+    targets find pool captions, the method and the baseline are trained and compared, a re-run does nothing."""
+    t0 = time.time()
+    info = _example_module().build(tmp_path / "data", data_dir=str(data_dir), n_max=40, ratio=10, test=8,
+                                   pool_per_class=12)
+    raw = read_config_file(ROOT / "examples" / "own_dataset" / "config.yaml")
+    raw["run_dir"] = str(tmp_path / "run")
+    raw["classes"]["dataset"] = info["dataset"]
+    raw["retrieve"]["pool"] = info["pool"]
+    raw["train"].update(epochs=2, image_size=16, batch_size=32, warmup_epochs=0)
+    raw["filter"] = {"sheets": 1, "feature_image_size": 32}
+    raw["report"] = False
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([sys.executable, "-m", "neighborlt", "run", str(config)], capture_output=True, text=True,
+                          timeout=300, check=False, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    split = json.loads((run / "split.json").read_text())
+    counts = {t["name"]: t["train_count"] for t in split["targets"]}  # ImageFolder: classes in folder order
+    assert counts == dict(zip(info["train_counts"], [40, 25, 16, 10, 6, 4])) and split["pool"] == []
+    stats = json.loads((run / "retrieve" / "stats.json").read_text())
+    assert stats["names_with_images"] >= 6, stats  # WordNet neighbour names match the pool captions
+    funnel = json.loads((run / "filter" / "funnel.json").read_text())
+    assert funnel["classes"] >= 4 and funnel["total"]["kept"] > 0
+    model = json.loads((run / "train" / "model.json").read_text())
+    assert model["num_target_classes"] == 6 and model["num_classes"] == 6 + funnel["classes"]
+    summary = (run / "summary.md").read_text()
+    assert "Balanced-CE, no auxiliary data" in summary and "neighbor_silencing" in summary
+    assert (run / "baseline" / "eval" / "metrics.json").is_file()
+    # the resolved config is saved and re-runs to the same stage configs: every stage is skipped
+    resolved = yaml.safe_load((run / "config.yaml").read_text())
+    assert resolved["train"]["epochs"] == 2 and resolved["classes"]["dataset"] == info["dataset"]
+    record = json.loads((run / "records" / "pipeline.config.json").read_text())
+    assert record["config"] == resolved
+    mtime = (run / "train" / "model.safetensors").stat().st_mtime_ns
+    out = run_pipeline(load_config(run / "config.yaml"), progress=False)
+    assert (run / "train" / "model.safetensors").stat().st_mtime_ns == mtime
+    assert out["method"]["overall"] == json.loads((run / "eval" / "metrics.json").read_text())["overall"]
+    assert time.time() - t0 < 120
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train:\n  lambda_s: -1\n", "train.lambda_s: must be >= 0.0, got -1"),
+    ("trian: {}\n", "trian: unknown key; allowed: aux_cap, baseline, classes"),
+    ("train:\n  epoch: 3\n", "train.epoch: unknown key; allowed: amp, aux_cap"),
+    ("filter:\n  band_mode: median\n", "filter.band_mode: must be one of 'absolute' or 'quantile', got 'median'"),
+    ("retrieve: [1]\n", "retrieve: Input should be a valid dictionary"),
+    ("classes:\n  dataset: x\n  protocol: cifar10-lt\n", "classes: give exactly one of protocol"),
+    ("train:\n  lr: [\n", "config.yaml:3:1: not valid YAML"),
+    ("- 1\n", "expected a mapping of keys"),
+])
+def test_bad_configs_are_one_line(tmp_path: Path, text: str, message: str) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(text)
+    proc = subprocess.run([sys.executable, "-m", "neighborlt", "run", str(config)], capture_output=True, text=True,
+                          timeout=120, check=False, cwd=tmp_path)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and message in lines[0], lines[0]
+    assert not (tmp_path / "runs").exists()  # nothing ran
