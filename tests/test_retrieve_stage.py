@@ -215,6 +215,13 @@ def test_web_source_with_a_local_engine_backs_off_and_reports_empty_names(server
     stats = read_json(rd.path("retrieve", "stats.json"))
     assert stats["source"]["names_without_results"] == ["lynx"] and res.names_with_images == 2
     assert any("no results for 1 of 3 names" in m for m in caplog.messages)
+    # other download rules: the stage runs again, but neither asks the engine (gone now) nor fetches an ok image
+    before = server.snapshot()
+    again = run_retrieve(RetrieveConfig(source="web", web_engine="local-test", per_name=2, search_backoff_s=0.01,
+                                        search_delay_s=0, download={"allow_hosts": ["127.0.0.1"], "max_side": 100}),
+                         rd)
+    assert not again.skipped and again.status == {"ok": 4} and server.snapshot() == before
+    assert read_json(rd.path("retrieve", "stats.json"))["source"]["names_without_results"] == ["lynx"]
 
 
 @pytest.mark.network

@@ -3,6 +3,7 @@ JSONL logs and stage completion markers so every stage is resumable and idempote
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -24,22 +25,30 @@ from .errors import NeighborLTError
 RECORDED_PACKAGES = ("neighborlt", "torch", "torchvision", "timm", "numpy", "pydantic", "openai", "wn")
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temp file in the same directory and ``os.replace``."""
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike[str]) -> Iterator[str]:
+    """Yield a temp file name in ``path``'s folder; on success it replaces ``path`` (``os.replace``), on any error
+    it is removed, so readers see the old file or the whole new one, never a part (Parquet writers, numpy, ...)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temp file in the same directory (fsynced) and ``os.replace``."""
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return Path(path)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:

@@ -117,10 +117,11 @@ def run_filter(cfg: FilterConfig, run_dir: RunDir | str | os.PathLike[str]) -> F
         >>> run_filter(FilterConfig.keep_all(), "runs/demo").funnel["kept"]  # doctest: +SKIP
         25000
     """
-    rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    src = rd.path("retrieve", "manifest.parquet")
-    if not src.is_file():
-        raise ConfigError(f"{src}: not found; run `neighborlt retrieve {rd.root}` first")
+    root = run_dir.root if isinstance(run_dir, RunDir) else Path(run_dir)
+    src = root / "retrieve" / "manifest.parquet"
+    if not src.is_file():  # checked before RunDir(), which would create a mistyped folder
+        raise ConfigError(f"{src}: not found; run `neighborlt retrieve {root}` first")
+    rd = run_dir if isinstance(run_dir, RunDir) else RunDir(root)
     if not rd.path("split.json").is_file():
         raise ConfigError(f"{rd.path('split.json')}: not found; run `neighborlt classes {rd.root}` first")
     out = rd.path(STAGE)

@@ -11,7 +11,6 @@ else NaN), ``status`` (``ok`` or a short failure code), ``error`` (a human reaso
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import pyarrow.parquet as pq
 
 from ..data.base import ShardMember
 from ..errors import DataError
+from ..rundir import atomic_output
 
 SCHEMA = pa.schema([
     ("uid", pa.string()), ("name", pa.string()), ("parents", pa.list_(pa.string())), ("query", pa.string()),
@@ -46,18 +46,9 @@ def to_table(rows: list[dict[str, Any]], schema: pa.Schema = SCHEMA) -> pa.Table
 
 def write_table(table: pa.Table, path: str | os.PathLike[str]) -> Path:
     """Write a Parquet file atomically (temp file in the same folder, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_output(path) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return Path(path)
 
 
 def read_table(path: str | os.PathLike[str], required: tuple[str, ...] = ("uid", "name", "status"),

@@ -71,8 +71,13 @@ def aux_names(doc: Any, path: Path) -> list[AuxName]:
     return [AuxName(n, p) for n, p in out.items()]
 
 
-def _inputs_key(cfg: RetrieveConfig, rd: RunDir, npath: Path) -> str:
-    parts: dict[str, Any] = {"stage": STAGE, "cfg": cfg.key_fields()}
+def _inputs_key(cfg: RetrieveConfig, rd: RunDir, npath: Path, *, candidates: bool = False) -> str:
+    """Hash of the options and input files; ``candidates=True``: only what decides the candidate list (not the
+    download rules), so a re-run after a crash or with other download options does not ask the source again."""
+    fields = cfg.key_fields()
+    if candidates:
+        fields = {k: v for k, v in fields.items() if k not in ("download", "export_img2dataset")}
+    parts: dict[str, Any] = {"stage": STAGE, "cfg": fields}
     for label, p in (("neighbors", npath), ("split", rd.path("split.json"))):
         parts[label] = file_sha256(p) if p.is_file() else None
     for label, value in (("urls_file", cfg.urls_file), ("pool", cfg.pool), ("import", cfg.import_img2dataset)):
@@ -104,15 +109,18 @@ def run_retrieve(cfg: RetrieveConfig, run_dir: RunDir | str | os.PathLike[str]) 
         >>> run_retrieve(RetrieveConfig(source="local"), "runs/demo").status  # doctest: +SKIP
         {'ok': 25000}
     """
-    rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-    out = rd.path(STAGE)
-    npath = Path(cfg.neighbors) if cfg.neighbors else rd.path("neighbors.json")
+    SOURCES.get(cfg.source)  # unknown source: one line listing the known ones, before anything else
+    root = run_dir.root if isinstance(run_dir, RunDir) else Path(run_dir)
+    npath = Path(cfg.neighbors) if cfg.neighbors else root / "neighbors.json"
     needs_names = not (cfg.source == "local" and cfg.pool is None and cfg.match == "wordnet")
-    if needs_names and not npath.is_file():
-        raise ConfigError(f"{npath}: not found; run `neighborlt neighbors {rd.root}` first")
+    if needs_names and not npath.is_file():  # checked before RunDir(), which would create a mistyped folder
+        raise ConfigError(f"{npath}: not found; run `neighborlt neighbors {root}` first")
+    if not needs_names and not (root / "split.json").is_file():
+        raise ConfigError(f"{root / 'split.json'}: not found; run `neighborlt classes {root}` first")
+    rd = run_dir if isinstance(run_dir, RunDir) else RunDir(root)
+    out = rd.path(STAGE)
     if cfg.match == "wordnet" and (cfg.source != "local" or cfg.pool is not None):
         raise ConfigError("--match wordnet uses the protocol's sibling relation: it needs --source local without --pool")
-    SOURCES.get(cfg.source)  # unknown source: one line listing the known ones
     key = _inputs_key(cfg, rd, npath)
     manifest_path = out / "manifest.parquet"
     if not cfg.force and not cfg.retry_failed and rd.is_done(STAGE, key) and manifest_path.is_file():
@@ -130,13 +138,23 @@ def run_retrieve(cfg: RetrieveConfig, run_dir: RunDir | str | os.PathLike[str]) 
         return _load(rd.root, data_dir=cfg.data_dir)
 
     ctx = SourceContext(names=names, root=rd.root, load_protocol=load_protocol)
-    if cfg.import_img2dataset:
-        rows = _import_img2dataset(Path(cfg.import_img2dataset), names, ctx)
+    cand_key = _inputs_key(cfg, rd, npath, candidates=True)
+    cand_path, cand_doc = out / "candidates.parquet", out / "candidates.json"
+    previous = read_json(cand_doc) if cand_doc.is_file() and cand_path.is_file() and not cfg.force else {}
+    if previous.get("key") == cand_key:  # the source was asked already (web / kNN queries are not repeated)
+        rows = mf.read_table(cand_path).to_pylist()
+        ctx.stats = dict(previous.get("source_stats") or {})
+        logger.info("retrieve: %d candidates from %s (same options and inputs; the source is not asked again)",
+                    len(rows), cand_path)
     else:
-        rows = list(SOURCES.get(cfg.source)(cfg, ctx))
+        if cfg.import_img2dataset:
+            rows = _import_img2dataset(Path(cfg.import_img2dataset), names, ctx)
+        else:
+            rows = list(SOURCES.get(cfg.source)(cfg, ctx))
+        mf.write_table(mf.to_table(rows), cand_path)
+        atomic_write_json(cand_doc, {"schema": 1, "key": cand_key, "rows": len(rows), "source_stats": ctx.stats})
     if cfg.match == "wordnet":
         ctx.names = [AuxName(n, p) for n, p in {r["name"]: r["parents"] for r in rows}.items()]
-    mf.write_table(mf.to_table(rows), out / "candidates.parquet")
     logger.info("retrieve (%s): %d candidates for %d names", cfg.source, len(rows), len(ctx.names))
 
     if cfg.export_img2dataset:
