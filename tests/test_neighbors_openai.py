@@ -252,12 +252,12 @@ def test_example_copy_remarks_and_the_examples_own_class(tmp_path: Path) -> None
         doc = search([TargetClass(i, n) for i, n in enumerate(answers)],
                      cfg_for(srv, tmp_path, per_class=5, split_ratio="1:1:1"))
     found = {t["name"]: t["found"] for t in doc["targets"]}
-    assert found["automobile"] == ["shiba inuus", "sedan"] and found["deer"] == ["elk", "moose"]
+    assert found["automobile"] == ["sedan"] and found["deer"] == ["elk", "moose"]
     assert found["dog"] == ["wolf", "coyote", "dingo"] and found["cat"] == ["fox", "lynx", "racoon"]
     assert found["husky"] == ["alaskan malamute", "samoyed", "wolf"]
     st = doc["stats"]
     # "husky" is a target here, so the leak filter takes it first; "alaskan malamute" twice is the copy
-    assert st["dropped"]["target_class"] == 2 and st["dropped"]["example_copy"] == 2
+    assert st["dropped"]["target_class"] == 2 and st["dropped"]["example_copy"] == 3
     assert st["dropped"]["retracted"] == 1 and st["repaired"]["remark"] == 2
     with ChatServer(lambda no, name, p, b: Reply(content=answers[name])) as srv:  # the guard can be turned off
         doc = search([TargetClass(0, "deer")], cfg_for(srv, tmp_path / "off", example_copy_min=0))
@@ -338,7 +338,9 @@ def test_json_mode_used_where_supported_with_fallback(tmp_path: Path) -> None:
     with ChatServer() as srv:  # a server with JSON mode: every request carries response_format
         doc = search(targets, cfg_for(srv, tmp_path / "a", json_mode="auto", concurrency=1))
         assert all(b.get("response_format") == {"type": "json_object"} for b in srv.bodies) and len(srv.bodies) == 3
-        assert all(b["messages"][0]["content"].endswith(JSON_INSTRUCTION) for b in srv.bodies)
+        n = doc["targets"][0]["asked"]
+        assert all(b["messages"][0]["content"].endswith(JSON_INSTRUCTION.format(n=n)) for b in srv.bodies)
+        assert f"holding {n} names" in srv.bodies[0]["messages"][0]["content"]
     assert doc["stats"]["json_mode"] == "used" and doc["targets"][0]["found"][0] == "ant lookalike 1"
     with ChatServer(reject_response_format=True) as srv:  # HTTP 400 once, then plain requests only
         doc = search(targets, cfg_for(srv, tmp_path / "b", json_mode="auto", concurrency=1))

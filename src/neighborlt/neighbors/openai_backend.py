@@ -44,7 +44,8 @@ DEFAULT_PROMPT = (
 )
 TEMPLATE_FIELDS = {"n", "name", "context_line"}
 # appended to the prompt when JSON output is requested (OpenAI requires the word "JSON" in the messages)
-JSON_INSTRUCTION = '\nAnswer with a JSON object of the form {"categories": ["...", "..."]} and nothing else.'
+JSON_INSTRUCTION = ('\nAnswer with a JSON object of the form {{"categories": ["...", "..."]}} holding {n} names, and '
+                    "nothing else.")  # {n}: a small model asked without a count gave exactly two names (bench)
 # the follow-up turn when an answer parsed to no name ("..." placeholders: a copied placeholder is never a name)
 STRICT_INSTRUCTION = 'Answer with a JSON list of names only, like ["...", "..."], with {n} names and no other text.'
 STRICT_INSTRUCTION_JSON = ('Answer with a JSON object {{"categories": ["...", "..."]}} holding {n} names only, '
@@ -143,7 +144,7 @@ class OpenAIBackend(NeighborBackend):
 
     def prompt(self, target: TargetClass, n: int) -> str:
         text = render_prompt(self.template, target.name, n, self.cfg.context)
-        return text + JSON_INSTRUCTION if self.cfg.json_mode != "off" else text
+        return text + JSON_INSTRUCTION.format(n=n) if self.cfg.json_mode != "off" else text
 
     def _create(self, messages: list[dict[str, str]], json_req: bool) -> Any:
         """One chat-completions call, errors mapped to TransientError (retry) or NeighborLTError (user error)."""

@@ -47,6 +47,8 @@ _BRACKET_RE = re.compile(r"\[[^\[\]]*\]", re.DOTALL)
 _QUOTED_RE = re.compile(r"\"([^\"\n]{1,200})\"|\u201c([^\u201d\n]{1,200})\u201d")
 _STRIP_CHARS = " \t\"'`*_.,;:!?\u201c\u201d\u2018\u2019[]{}<>"
 # list numbering left inside a name ("first 2. second"); "2)" is caught by the parenthesis balance check
+# a dot followed by letters: a file name or a host name ("tiger in the wild 1985-2023.jpg", "i.example.com")
+_FILE_EXT_RE = re.compile(r"\.[^\W\d_]{2,}")
 _NUMBERING_RE = re.compile(r"(?:^|\s)\d{1,3}\.(?:\s|$)")
 # a number marker of an enumeration written on one line: "1) a 2) b", "1. a 2. b", "(1) a (2) b"
 _ENUM_RE = re.compile(r"(?:^|(?<=\s))\(?(\d{1,3})[.)]\s+")
@@ -77,7 +79,7 @@ def is_safe_name(name: str) -> bool:
         depth += (c == "(") - (c == ")")
         if depth < 0 or depth > 1:
             return False
-    if depth or _NUMBERING_RE.search(name):
+    if depth or _NUMBERING_RE.search(name) or _FILE_EXT_RE.search(name):
         return False
     return bool(_SAFE_RE.match(name))
 
@@ -297,6 +299,49 @@ def split_enumeration(line: str) -> list[str] | None:
     return items
 
 
+_JSON_NAME_KEYS = frozenset({"name", "names", "category", "categories", "class", "classes", "label", "labels",
+                             "neighbor", "neighbors", "neighbour", "neighbours", "items", "list", "result",
+                             "results", "answer"})
+
+
+def _json_object_items(text: str) -> list[str] | None:
+    """Names in an answer that is one JSON object (a Markdown code fence around it allowed): the strings of every
+    list, nested lists and objects included, and the string values of name-like keys ("name", "category", ...).
+    Keys and other values (descriptions, URLs, types) are never names. None when the answer is not such an
+    object (the bracket-list and line parsers handle it)."""
+    s = re.sub(r"^\s*```[\w-]*[ \t]*\n?", "", text)
+    s = re.sub(r"\n?\s*```\s*$", "", s).strip()
+    if not s.startswith("{") or len(s) > 20_000:
+        return None
+    try:
+        val = json.loads(s)
+    except ValueError:
+        return None
+    if not isinstance(val, dict):
+        return None
+    out: list[str] = []
+
+    def walk(v: object, depth: int = 0) -> None:
+        if depth > 20:
+            return
+        if isinstance(v, list):
+            for x in v:
+                if isinstance(x, str):
+                    out.append(x)
+                else:
+                    walk(x, depth + 1)
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                if isinstance(x, str):
+                    if str(k).strip().lower() in _JSON_NAME_KEYS:
+                        out.append(x)
+                else:
+                    walk(x, depth + 1)
+
+    walk(val)
+    return out
+
+
 def _line_items(text: str, res: ParseResult) -> list[str]:
     """Items from numbered/bulleted lines (one-line enumerations split first), else quoted strings, else a
     comma/semicolon list on one line, else one name per line."""
@@ -319,7 +364,8 @@ def _line_items(text: str, res: ParseResult) -> list[str]:
     bulleted = [_BULLET_RE.sub("", ln, count=1) for ln in lines if _BULLET_RE.match(ln)]
     if bulleted:
         return [re.split(r"\s+[-\u2013\u2014:]\s+|:\s", b, maxsplit=1)[0] for b in bulleted]
-    quoted = [a or b for a, b in _QUOTED_RE.findall(text)]
+    quoted = [m.group(1) or m.group(2) for m in _QUOTED_RE.finditer(text)
+              if not re.match(r"\s*:", text[m.end():m.end() + 20])]  # a JSON key is not a name
     if len(quoted) >= 2:
         return quoted
     candidates = [ln for ln in lines if ln.count(",") + ln.count(";") >= 1]
@@ -386,7 +432,9 @@ def parse_answer(text: str, max_items: int = MAX_ITEMS) -> ParseResult:
         cleaned = clean_controls(text)
         if cleaned != text:
             res.repaired["control_char"] += 1
-        items = _list_items(cleaned, res)
+        items = _json_object_items(cleaned)
+        if items is None:
+            items = _list_items(cleaned, res)
         if items is None:
             items = _line_items(cleaned, res)
         seen: set[str] = set()

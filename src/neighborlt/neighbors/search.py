@@ -371,6 +371,13 @@ def relevance_scores(model: str, pairs: list[tuple[str, str]]) -> list[float]:
     return [round(float(emb[idx[a]] @ emb[idx[b]]), 4) for a, b in pairs]
 
 
+def _near_copy(name: str, example_names: frozenset[str]) -> bool:
+    """A mangled copy of an example name: a word of ``name`` that starts with a word (3+ letters) of an example
+    name or is its start ("shiba inuus", "inuya", "malamute" for "shiba inu", "alaskan malamute")."""
+    ex_words = {w for n in example_names for w in n.split() if len(w) >= 3}
+    return any(w.startswith(e) or (len(w) >= 3 and e.startswith(w)) for w in name.split() for e in ex_words)
+
+
 def generic_cap(cfg: NeighborsConfig, n_targets: int) -> int:
     """Most targets one LLM-proposed name may serve before it counts as generic (0: the guard is off)."""
     if cfg.generic_cap_fraction <= 0:
@@ -404,12 +411,14 @@ def _assemble(targets: list[TargetClass], cfg: NeighborsConfig, backend: Neighbo
         own = {k for k in (name_key(x) for x in (t.name, *t.synonyms)) if k}
         copied: set[str] = set()
         if cfg.example_copy_min > 0:
+            got = {nm.replace("-", " ") for nm in parsed.names}
             for cls, names in examples.items():
                 if cls in own:
                     continue
-                hit = {nm.replace("-", " ") for nm in parsed.names} & names
+                hit = got & names
                 if len(hit) >= cfg.example_copy_min:
-                    copied |= hit
+                    # the copied names and their mangled copies in the same answer ("shiba inuus", "inuya")
+                    copied |= hit | {k for k in got - names if _near_copy(k, names)}
         out: list[str] = []
         for nm in parsed.names:
             k = nm.replace("-", " ")
