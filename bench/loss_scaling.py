@@ -61,7 +61,7 @@ class NaiveNeighborSilencing(torch.nn.Module):
         fused = NeighborSilencingCE(counts, neighbor_pairs=pairs, lambda_s=lambda_s)
         self.register_buffer("log_counts", fused.log_counts.float())
         self.register_buffer("index", fused.neighbor_index[:, 1:])
-        self.register_buffer("mask", (fused.neighbor_coef[:, 1:] != 0).float() * float(np.log(lambda_s)))
+        self.register_buffer("mask", fused.neighbor_logw[:, 1:].float())  # log λs at neighbours, 0 on padding
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         a = logits + self.log_counts

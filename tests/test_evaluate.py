@@ -18,6 +18,7 @@ from neighborlt.errors import ConfigError, DataError, NeighborLTError
 from neighborlt.evaluate import (
     EvalConfig,
     evaluate_predictions,
+    expected_calibration_error,
     read_predictions_file,
     run_eval,
     shot_accuracy,
@@ -368,3 +369,48 @@ def test_eval_model_on_cifar10_protocol(data_dir, tmp_path, capsys) -> None:
     assert (run / "eval" / "report.md").exists() and (run / "eval-train" / "per_class.png").exists()
     main(["eval", str(run), "--max-test-per-class", "20", "--batch-size", "64"])  # same config: skipped
     assert f"| {direct['overall']:.2f} |" in capsys.readouterr().out
+
+
+# ECE: 3 targets + 1 auxiliary output (column 3, the largest logit everywhere: it must be masked). Target
+# probabilities are given as log-probabilities, so softmax over the targets returns them exactly.
+ECE_PROBS = np.array([[0.90, 0.05, 0.05],   # conf 0.90, correct -> bin 13 (13/15, 14/15]
+                      [0.62, 0.28, 0.10],   # conf 0.62, wrong   -> bin 9 (9/15, 10/15]
+                      [0.20, 0.70, 0.10],   # conf 0.70, correct -> bin 10 (10/15, 11/15]
+                      [0.10, 0.25, 0.65]])  # conf 0.65, wrong   -> bin 9
+ECE_LABELS = np.array([0, 1, 1, 0])
+# bin 13: 1/4 * |1 - 0.9| ; bin 9: 2/4 * |0 - (0.62 + 0.65) / 2| ; bin 10: 1/4 * |1 - 0.7|
+ECE_EXPECTED = 100 * (0.25 * 0.1 + 0.5 * 0.635 + 0.25 * 0.3)  # = 41.75 %
+
+
+def _ece_logits() -> np.ndarray:
+    return np.concatenate([np.log(ECE_PROBS), np.full((4, 1), 5.0)], 1)
+
+
+def test_ece_hand_computed() -> None:
+    assert expected_calibration_error(_ece_logits(), ECE_LABELS, num_target=3) == pytest.approx(ECE_EXPECTED)
+    assert ECE_EXPECTED == pytest.approx(41.75)
+    # unmasked, the auxiliary column would take every prediction: a different number
+    assert expected_calibration_error(_ece_logits(), ECE_LABELS) != pytest.approx(ECE_EXPECTED)
+    # one bin: |accuracy - mean confidence| = |0.5 - 0.7175|
+    assert expected_calibration_error(_ece_logits(), ECE_LABELS, 3, bins=1) == pytest.approx(21.75)
+    # perfectly confident and right: 0; shift-invariant logits
+    assert expected_calibration_error(np.array([[50.0, 0.0], [0.0, 50.0]]), [0, 1]) == pytest.approx(0.0, abs=1e-9)
+    assert expected_calibration_error(_ece_logits() + 3.0, ECE_LABELS, 3) == pytest.approx(ECE_EXPECTED)
+    assert expected_calibration_error(np.zeros((0, 3)), np.zeros(0, np.int64)) is None
+    with pytest.raises(DataError, match="logit rows"):
+        expected_calibration_error(_ece_logits(), ECE_LABELS[:2], 3)
+
+
+def test_ece_in_metrics_and_eval(tmp_path) -> None:
+    m = evaluate_predictions(_ece_logits(), ECE_LABELS, [50, 30, 10], ["a", "b", "c"], num_outputs=4)
+    assert m["ece"] == pytest.approx(ECE_EXPECTED) and m["ece_bins"] == 15 and m["num_outputs"] == 4
+    assert evaluate_predictions(ECE_LABELS, ECE_LABELS, [50, 30, 10], ["a", "b", "c"])["ece"] is None  # indices only
+    run = tmp_path / "run"
+    run.mkdir()
+    z = tmp_path / "full.npz"
+    np.savez(z, labels=ECE_LABELS, logits=_ece_logits(), class_names=np.array(["a", "b", "c"]),
+             train_counts=np.array([50, 30, 10]))
+    out = run_eval(EvalConfig(predictions=z), run)
+    assert json.loads((run / "eval" / "metrics.json").read_text())["ece"] == pytest.approx(ECE_EXPECTED)
+    assert out["ece"] == pytest.approx(ECE_EXPECTED)
+    assert "Expected calibration error: 41.75 %" in (run / "eval" / "report.md").read_text()

@@ -44,7 +44,7 @@ from .rundir import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_
 logger = logging.getLogger(__name__)
 
 SPLITS = ("overall", "many", "medium", "few")
-GRIDS = ("table6", "lambda", "cap", "k", "ratio", "losses", "pairs")
+GRIDS = ("table6", "lambda", "cap", "k", "ratio", "losses", "pairs", "silencing")
 
 
 class AblationConfig(BaseModel):
@@ -52,7 +52,7 @@ class AblationConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    grids: list[Literal["table6", "lambda", "cap", "k", "ratio", "losses", "pairs"]] = ["table6"]
+    grids: list[Literal["table6", "lambda", "cap", "k", "ratio", "losses", "pairs", "silencing"]] = ["table6"]
     protocol: str = "cifar10-neighbours"  # split-neighbour preset (neighborlt.data.PRESETS)
     protocol_overrides: dict[str, Any] = Field(default_factory=dict)  # n_max, imbalance_ratio, seed, ...
     data_dir: str | None = None
@@ -170,6 +170,19 @@ def grid_rows(cfg: AblationConfig, grid: str) -> list[Row]:
         return ([Row("† (λs = 1), direct classifier", dag)] + [Row(f"{lab}, direct classifier", r) for lab, r in runs]
                 + [Row("† (λs = 1), cRT classifier", dag, "crt_metrics")]
                 + [Row(f"{lab}, cRT classifier", r, "crt_metrics") for lab, r in runs])
+    if grid == "silencing":
+        # the paper's equation against the authors' hard mask (issue 12), all with the same auxiliary set, seeds and
+        # the direct classifier; the first row is † (nothing silenced), every other row is compared with it
+        nsl = "neighbor_silencing"
+        return [Row("† (λs 1, Bal-CE + auxiliary data)", _spec(cfg, "balce_aux", aux=True, loss="balanced_softmax")),
+                Row(f"paper (λs {LAMBDA_S:g}, aux_weight 1)", _spec(cfg, f"ns{LAMBDA_S:g}_aux", aux=True, loss=nsl,
+                                                                   lambda_s=LAMBDA_S)),
+                Row("hard pairs (λs 0, aux_weight 1)", _spec(cfg, "ns0_aux", aux=True, loss=nsl, lambda_s=0.0)),
+                Row("aux-exclusive only (λs 1, aux_weight 0)",
+                    _spec(cfg, "ns1_aux_auxw0", aux=True, loss=nsl, lambda_s=1.0, loss_params=(("aux_weight", 0.0),))),
+                Row("official (λs 0, aux_weight 0)",
+                    _spec(cfg, "ns_official_aux", aux=True, loss=nsl, lambda_s=0.0,
+                          loss_params=(("silencing", "official"),)))]
     raise ConfigError(f"unknown grid {grid!r}; choose one of: {', '.join(GRIDS)}")
 
 
@@ -405,7 +418,10 @@ def train_config(cfg: AblationConfig, spec: RunSpec, seed: int) -> Any:
     from .train import TrainConfig
 
     aux = {} if spec.aux else {"aux_manifest": None}
-    return TrainConfig(**{"max_test_per_class": None, **cfg.train, **dict(spec.train), "seed": seed,
+    own = dict(spec.train)
+    if isinstance(own.get("loss_params"), tuple):  # kept as sorted pairs in the (hashable) spec
+        own["loss_params"] = {**cfg.train.get("loss_params", {}), **dict(own["loss_params"])}
+    return TrainConfig(**{"max_test_per_class": None, **cfg.train, **own, "seed": seed,
                           "data_dir": cfg.data_dir, **aux})
 
 
@@ -576,6 +592,8 @@ def run_ablation(cfg: AblationConfig, out_dir: str | os.PathLike[str], *, progre
                     with _run_lock(run_dir, wait=True):
                         metrics = posthoc_crt(run_dir, tcfg_of(row.run, seed), data.training_set(row.run))
                 per_seed[seed] = {s: metrics.get(s) for s in SPLITS}
+                if metrics.get("ece") is not None:  # runs trained before ECE was recorded have none
+                    per_seed[seed]["ece"] = metrics["ece"]
                 walls.append(wall)
             if baseline is None:
                 baseline = per_seed
@@ -593,6 +611,10 @@ def run_ablation(cfg: AblationConfig, out_dir: str | os.PathLike[str], *, progre
             n = len(table_rows) // 2
             md += _silencing_vs_dagger(table_rows, cfg.seeds, [(table_rows[off + i]["label"], off, off + i)
                                                                 for off in (0, n) for i in range(1, n)])
+        elif grid == "silencing":
+            md += _silencing_vs_dagger(table_rows, cfg.seeds, [(table_rows[i]["label"], 0, i)
+                                                                for i in range(1, len(table_rows))])
+            md += _silencing_notes(cfg, table_rows, [data.training_set(r.run) for r in rows])
         gr = GridResult(grid=grid, rows=table_rows, markdown=md)
         atomic_write_text(out / f"{grid}.md", gr.markdown)
         atomic_write_json(out / f"{grid}.json", {"config": cfg, "rows": table_rows})
@@ -632,6 +654,31 @@ def _silencing_vs_dagger(rows: list[dict[str, Any]], seeds: list[int],
             vals = [ns[k][s] - dag[k][s] for k in seeds if ns[k][s] is not None and dag[k][s] is not None]
             parts.append(f"{s} {_fmt(*_summary(vals))}")
         lines.append(f"* {source}: " + ", ".join(parts))
+    return "\n".join(lines) + "\n"
+
+
+def _silencing_notes(cfg: AblationConfig, rows: list[dict[str, Any]], sets: Sequence[Any]) -> str:
+    """Grid ``silencing``: each row's ECE (when recorded) and the pair density of each row's training set
+    (:func:`neighborlt.data.auxiliary.pair_density`: how much of the auxiliary set the silenced pairs cover)."""
+    from .data.auxiliary import pair_density
+
+    lines = [""]
+    eces = [(r["label"], [r["seeds"][k].get("ece") for k in cfg.seeds]) for r in rows]
+    if all(v is not None for _, vals in eces for v in vals):
+        lines += ["Expected calibration error (%, 15 bins, target rows, direct classifier): "
+                  + "; ".join(f"{lab} {_fmt(*_summary(vals))}" for lab, vals in eces), ""]
+    lines += ["Pair density of the training set (the pairs that λs silences):", ""]
+    seen: dict[tuple[Any, ...], list[str]] = {}
+    for r, aux in zip(rows, sets):
+        key = (tuple(map(tuple, np.asarray(aux.pairs).tolist())), int(aux.num_target), int(aux.train.num_classes))
+        seen.setdefault(key, []).append(r["label"])
+    for (pairs, L, C), labels in seen.items():
+        d = pair_density(np.asarray(pairs, dtype=np.int64).reshape(-1, 2), L, C - L)
+        lines.append(f"* {', '.join(labels)}: {d['pairs']} pairs over {L} targets and {C - L} auxiliary classes; "
+                     f"pairs per target {d['pairs_per_target_mean']:.2f} (max {d['pairs_per_target_max']}), paired "
+                     f"share of the auxiliary set {100 * d['paired_share_mean']:.0f} %, targets without a pair "
+                     f"{d['targets_without_pair']}, targets paired with most of it {100 * d['dense_targets']:.0f} %"
+                     + (" (dense: silencing removes most of the auxiliary competition)" if d["dense"] else ""))
     return "\n".join(lines) + "\n"
 
 

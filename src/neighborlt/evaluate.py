@@ -39,6 +39,7 @@ from .metrics import (  # noqa: F401  re-exported: the pure metrics live in neig
     _check_counts,
     _check_labels,
     evaluate_predictions,
+    expected_calibration_error,
     shot_accuracy,
 )
 from .rundir import (
@@ -102,6 +103,9 @@ def report_markdown(metrics: dict[str, Any], title: str = "Evaluation", source: 
     for s in SPLITS:
         lines.append(f"| {s} | {sc[s]} | {metrics['split_test_samples'][s]} |")
     notes = []
+    if metrics.get("ece") is not None:
+        lines += ["", (f"Expected calibration error: {_pct(metrics['ece'])} % ({metrics.get('ece_bins', 15)} "
+                       "equal-width bins of the top-1 softmax confidence over the target classes).")]
     empty = [s for s in SPLITS if metrics[s] is None]
     if empty:
         notes.append(f"No class with test images in split(s) {', '.join(empty)}: shown as n/a; the harmonic mean "

@@ -25,10 +25,12 @@ from .data.shots import shot_groups
 from .defaults import FEW_SHOT, MANY_SHOT, SHOT_THRESHOLDS
 from .errors import ConfigError, DataError
 
-__all__ = ["SCHEMA", "SPLITS", "evaluate_predictions", "shot_accuracy", "target_accuracy"]
+__all__ = ["ECE_BINS", "SCHEMA", "SPLITS", "evaluate_predictions", "expected_calibration_error", "shot_accuracy",
+           "target_accuracy"]
 
 SPLITS = ("many", "medium", "few")
 SCHEMA = 1
+ECE_BINS = 15  # equal-width confidence bins of the expected calibration error (as the paper's official code)
 
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -180,6 +182,51 @@ def _compute(
     return out
 
 
+def expected_calibration_error(logits: Any, labels: Any, num_target: int | None = None,
+                               bins: int = ECE_BINS) -> float | None:
+    """Expected calibration error (%) of the top-1 prediction over the target rows.
+
+    ``softmax`` of ``logits[:, :num_target]`` (the auxiliary rows ``num_target..`` of a joint model are masked, so
+    the confidences are those of the direct classifier over the L targets); each sample's top-1 confidence falls
+    in one of ``bins`` equal-width bins of ``[0, 1]`` (``(k/bins, (k+1)/bins]``, the first bin also holds 0);
+    ``ECE = sum_k |B_k| / N * |accuracy(B_k) - mean confidence(B_k)|``, times 100.
+
+    Args:
+        logits: float [N, C >= num_target].
+        labels: true target indices [N].
+        num_target: L; None: every column is a target.
+        bins: number of bins (default :data:`ECE_BINS` = 15).
+
+    Returns:
+        The ECE in percent (0..100), or None for an empty test set.
+
+    Example:
+        >>> round(expected_calibration_error([[2.0, 0.0], [0.0, 0.0]], [0, 1], bins=2), 2)
+        30.96
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 2:
+        raise DataError(f"ECE needs logits [N, C], got shape {z.shape}")
+    y = np.asarray(labels).astype(np.int64)
+    if len(y) != len(z):
+        raise DataError(f"ECE: {len(z)} logit rows but {len(y)} labels")
+    if bins < 1:
+        raise ConfigError(f"ECE bins must be >= 1, got {bins}")
+    if len(y) == 0:
+        return None
+    z = z[:, : (z.shape[1] if num_target is None else int(num_target))]
+    z = z - z.max(1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(1, keepdims=True)
+    conf, pred = p.max(1), p.argmax(1)
+    correct = (pred == y).astype(np.float64)
+    # bin k holds (k/bins, (k+1)/bins]; confidence 0 (impossible with a softmax) goes to bin 0
+    k = np.clip(np.ceil(conf * bins).astype(np.int64) - 1, 0, bins - 1)
+    acc_sum = np.bincount(k, weights=correct, minlength=bins)
+    conf_sum = np.bincount(k, weights=conf, minlength=bins)
+    return float(100.0 * np.abs(acc_sum - conf_sum).sum() / len(y))
+
+
 def evaluate_predictions(
     predictions: Any,
     labels: Any,
@@ -206,7 +253,9 @@ def evaluate_predictions(
         (mean per-class accuracy over classes with test samples), ``balanced_error`` (100 - that),
         ``worst_class`` (``{"index", "name", "accuracy"}``, lowest index on ties), ``harmonic_mean`` of the
         non-empty splits (``harmonic_mean_splits`` lists which; 0 when one of them is 0), ``thresholds``,
-        ``split_classes`` (classes per split), ``classes_without_test`` and ``per_class`` rows
+        ``split_classes`` (classes per split), ``classes_without_test``, ``ece`` (expected calibration error, %,
+        :func:`expected_calibration_error` over the first ``len(train_counts)`` logit columns; None when
+        ``predictions`` are class indices), ``ece_bins`` and ``per_class`` rows
         (``index, name, train_count, shot, n_test, correct, accuracy``).
 
     Raises:
@@ -258,6 +307,9 @@ def evaluate_predictions(
         "split_classes": {s: int((groups == s).sum()) for s in SPLITS},
         "split_test_samples": {s: int(n_test[groups == s].sum()) for s in SPLITS},
         "classes_without_test": [str(class_names[i]) for i in np.flatnonzero(~has_test)],
+        "ece": (expected_calibration_error(predictions, m["y"], len(counts)) if np.ndim(predictions) == 2
+                else None),
+        "ece_bins": ECE_BINS,
         "per_class": per_class,
     }
     return metrics
@@ -276,8 +328,11 @@ def target_accuracy(logits: np.ndarray, labels: np.ndarray, num_target: int, tra
         thresholds: ``(many, few)``.
 
     Returns:
-        ``{"overall", "many", "medium", "few"}``.
+        ``{"overall", "many", "medium", "few", "ece"}`` (``ece``: :func:`expected_calibration_error` of the target
+        rows, %).
     """
     pred = logits[:, :num_target].argmax(1)
-    return {k: None if v is None else float(v) for k, v in shot_accuracy(pred, labels, train_counts, many=thresholds[0],
-                                                                          few=thresholds[1]).items()}
+    out = {k: None if v is None else float(v) for k, v in shot_accuracy(pred, labels, train_counts, many=thresholds[0],
+                                                                         few=thresholds[1]).items()}
+    out["ece"] = expected_calibration_error(logits, labels, num_target)
+    return out

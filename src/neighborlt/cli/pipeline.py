@@ -123,8 +123,8 @@ def demo_cmd(
 
 def ablate_cmd(
     out_dir: Annotated[Path, typer.Argument(help="Experiment folder (created; re-running resumes).")],
-    grid: Annotated[list[str], typer.Option("--grid", help="table6 | lambda | cap | k | ratio | losses | pairs "
-                                                           "(repeat).")]
+    grid: Annotated[list[str], typer.Option(
+        "--grid", help="table6 | lambda | cap | k | ratio | losses | pairs | silencing (repeat).")]
     = ["table6"],  # noqa: B006
     protocol: Annotated[str, typer.Option(help="Split-neighbour preset.")] = "cifar10-neighbours",
     seeds: Annotated[str, typer.Option(help="Comma-separated training seeds.")] = "0,1,2",

@@ -6,6 +6,9 @@ or a soft Mixup/CutMix target float [B, C]. Class counts live in buffers (``.to(
 is called at the start of every epoch. ``LOSSES.meta(name)`` holds the paper link and the formula.
 
 Names: ``ce``, ``balanced_softmax``, ``logit_adjusted``, ``balanced_bce``, ``dro``, ``neighbor_silencing``.
+``neighbor_silencing`` takes ``lambda_s``, ``num_targets`` and ``aux_weight``; :data:`SILENCING_PRESETS` names the
+paper's setting (``paper``) and the authors' hard mask (``official``), :func:`resolve_silencing` expands a
+``silencing=`` preset in loss keyword arguments (``TrainConfig.loss_params``).
 """
 
 from ._common import LOSSES, as_counts
@@ -16,13 +19,13 @@ from .softmax import BalancedSoftmaxCE, CrossEntropy, LogitAdjustedCE
 
 __all__ = [
     "LOSSES",
+    "SILENCING_PRESETS",
     "BalancedBCE",
     "BalancedSoftmaxCE",
     "CrossEntropy",
     "DROLoss",
     "LogitAdjustedCE",
     "NeighborSilencingCE",
-    "SILENCING_PRESETS",
     "as_counts",
     "padded_neighbors",
     "resolve_silencing",

@@ -52,20 +52,24 @@ SILENCING_PRESETS: dict[str, dict[str, float]] = {
 
 
 def resolve_silencing(params: Mapping[str, Any]) -> dict[str, Any]:
-    """``params`` (keyword arguments of :class:`NeighborSilencingCE`) with a ``silencing`` preset name replaced by
-    its ``lambda_s`` / ``aux_weight``; the preset wins over a ``lambda_s`` given alongside it only when that is
-    the TrainConfig default (the engine passes it with ``setdefault``), a conflicting ``aux_weight`` is an error."""
+    """``params`` (keyword arguments of :class:`NeighborSilencingCE`) with a ``silencing`` preset name
+    (:data:`SILENCING_PRESETS`, or ``"custom"`` = none) replaced by its ``lambda_s`` / ``aux_weight``.
+
+    Raises:
+        ConfigError: an unknown name, or a ``lambda_s`` / ``aux_weight`` given next to a preset that sets it
+            otherwise.
+    """
     out = dict(params)
     name = out.pop("silencing", None)
     if name is None or name == "custom":
         return out
     if name not in SILENCING_PRESETS:
         raise ConfigError(f"silencing={name!r}: choose one of custom, {', '.join(SILENCING_PRESETS)}")
-    preset = SILENCING_PRESETS[name]
-    if "aux_weight" in out and float(out["aux_weight"]) != preset["aux_weight"]:
-        raise ConfigError(f"silencing={name!r} sets aux_weight={preset['aux_weight']:g}; drop aux_weight="
-                          f"{out['aux_weight']} or use silencing=custom")
-    out.update(preset)
+    for key, value in SILENCING_PRESETS[name].items():
+        if key in out and float(out[key]) != value:
+            raise ConfigError(f"silencing={name!r} sets {key}={value:g}; drop {key}={out[key]} or use "
+                              "silencing=custom")
+        out[key] = value
     return out
 
 
@@ -147,7 +151,7 @@ def _shift_(a: torch.Tensor, target: torch.Tensor, index: torch.Tensor | None, l
         idx = index.index_select(0, target)  # [B, K + 1]: the label, then its neighbours (padding repeats it)
         v = a.gather(1, idx)
     if num_targets is not None:
-        off = torch.where(target >= num_targets, log_aux, 0.0).to(a.dtype)
+        off = torch.zeros(target.shape[0], dtype=a.dtype, device=a.device).masked_fill_(target >= num_targets, log_aux)
         a.narrow(1, num_targets, a.shape[1] - num_targets).add_(off[:, None])  # the auxiliary block: a column range
     if idx is not None and v is not None and logw is not None:
         a.scatter_(1, idx, v.add_(logw.index_select(0, target)))  # duplicates (padding) write the same value
@@ -337,7 +341,7 @@ class NeighborSilencingCE(nn.Module):
             base = torch.ones(rows.shape[0], dtype=p.dtype, device=p.device)
             if self._aux_active:
                 L = int(self.num_targets)  # type: ignore[arg-type]
-                base = torch.where((rows >= L) & (cols >= L), self.aux_weight, 1.0).to(p.dtype)
+                base = base.masked_fill((rows >= L) & (cols >= L), self.aux_weight)
             vals = self.lambda_s - base
             adj = torch.sparse_coo_tensor(self.pair_index, vals, (self.num_classes, self.num_classes),
                                           is_coalesced=True, check_invariants=False)

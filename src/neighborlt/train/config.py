@@ -54,7 +54,10 @@ class TrainConfig(BaseModel):
     # ---- loss --------------------------------------------------------------------------------------------
     loss: str = "balanced_softmax"  # losses.LOSSES name: ce | balanced_softmax | logit_adjusted | balanced_bce
     #   | dro | neighbor_silencing
-    loss_params: dict[str, Any] = Field(default_factory=dict)  # extra keyword arguments of the loss (tau, ...)
+    loss_params: dict[str, Any] = Field(default_factory=dict)  # extra keyword arguments of the loss (tau, ...);
+    #   neighbor_silencing: aux_weight (auxiliary-vs-auxiliary terms, 1 = the paper's equation, 0 = masked) and
+    #   silencing = paper (λs 0.1, aux_weight 1) | official (λs 0, aux_weight 0: the authors' hard mask) | custom,
+    #   a preset that replaces lambda_s (--loss-param silencing=official)
     lambda_s: float = Field(LAMBDA_S, ge=0.0)  # neighbor_silencing weight of neighbour pairs (1.0 = Balanced-CE)
 
     # ---- optimisation ------------------------------------------------------------------------------------
@@ -105,6 +108,13 @@ class TrainConfig(BaseModel):
         if self.loss == "neighbor_silencing" and self.aux_manifest is None:
             raise ConfigError("--loss neighbor_silencing needs auxiliary classes: drop --no-aux (training reads "
                               "RUN/filter/aux_manifest.parquet) or use --loss balanced_softmax")
+        if "silencing" in self.loss_params:  # the named neighbor-silencing presets (losses.SILENCING_PRESETS)
+            from ..losses import resolve_silencing
+
+            if self.loss != "neighbor_silencing":
+                raise ConfigError("loss_params silencing=... is a neighbor_silencing preset: add --loss "
+                                  "neighbor_silencing or drop it")
+            resolve_silencing(self.loss_params)
         if self.label_smoothing > 0 and self.mixup == 0 and self.cutmix == 0:
             raise ConfigError("--label-smoothing is applied through Mixup/CutMix targets: set --mixup or --cutmix")
         return self

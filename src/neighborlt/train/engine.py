@@ -519,21 +519,20 @@ def _frozen_features(cfg: TrainConfig, image_set: Any, info: ddp.DistInfo) -> to
 
 def _build_loss(cfg: TrainConfig, d: _Data, dev: torch.device) -> nn.Module:
     """The loss with the per-epoch class counts ``n_j`` (auxiliary classes capped at M) and, for
-    neighbor_silencing, the neighbour pairs and λs."""
+    neighbor_silencing, the neighbour pairs, λs (``loss_params["silencing"]`` preset, else the field), the
+    number of targets L (the auxiliary block of ``aux_weight``)."""
     from ..losses import LOSSES
     from .samplers import effective_class_counts
 
     counts = effective_class_counts(d.labels, d.C, d.L, cfg.aux_cap if d.C > d.L else None)
     loss_kw: dict[str, Any] = dict(cfg.loss_params)
     if cfg.loss == "neighbor_silencing":
+        from ..losses import resolve_silencing
+
+        loss_kw = resolve_silencing(loss_kw)  # a `silencing` preset's lambda_s / aux_weight win over the field
         loss_kw.setdefault("neighbor_pairs", torch.as_tensor(np.asarray(d.aux.pairs, dtype=np.int64)).reshape(-1, 2))
         loss_kw.setdefault("lambda_s", cfg.lambda_s)
         loss_kw.setdefault("num_targets", d.L)  # the auxiliary block L..C-1 (aux_weight)
-        from ..losses import resolve_silencing
-
-        if "silencing" in cfg.loss_params:  # a named preset: its lambda_s / aux_weight replace the field's
-            loss_kw.pop("lambda_s") if "lambda_s" not in cfg.loss_params else None
-            loss_kw = resolve_silencing(loss_kw)
     try:
         criterion: nn.Module = LOSSES.create(cfg.loss, class_counts=torch.as_tensor(counts), **loss_kw)
     except TypeError as e:

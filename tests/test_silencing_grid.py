@@ -1,0 +1,80 @@
+"""The ``silencing`` grid of ``neighborlt ablate`` (issue 12): † / paper / hard pairs / aux-exclusive / official on
+one auxiliary set, paired deltas to †, ECE and the pair density under the table; tiny CIFAR-10 protocol, 1 epoch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from neighborlt.ablate import AblationConfig, grid_rows, run_ablation, train_config
+from neighborlt.errors import ConfigError
+from neighborlt.pipeline import DEMO_TRAIN
+from neighborlt.train import TrainConfig
+
+SMALL = {"n_max": 40, "imbalance_ratio": 10}  # 40/22/12/7/4 target images
+TRAIN = {**DEMO_TRAIN, "image_size": 16, "epochs": 1, "batch_size": 16, "warmup_epochs": 0, "max_test_per_class": 10,
+         "threads": 1}
+
+
+def _cfg(data_dir: Path | None = None) -> AblationConfig:
+    return AblationConfig(grids=["silencing"], protocol="cifar10-neighbours", protocol_overrides=SMALL,
+                          data_dir=None if data_dir is None else str(data_dir), seeds=[0, 1], relation="wordnet",
+                          aux_cap=8, train=TRAIN)
+
+
+def test_rows_and_resolved_loss_settings() -> None:
+    cfg = _cfg()
+    rows = grid_rows(cfg, "silencing")
+    assert [r.run.name for r in rows] == ["balce_aux", "ns0.1_aux", "ns0_aux", "ns1_aux_auxw0", "ns_official_aux"]
+    assert all(r.run.aux and r.source == "metrics" for r in rows)  # same auxiliary set, direct classifier
+    tcfgs = [train_config(cfg, r.run, 0) for r in rows]
+    assert tcfgs[0].loss == "balanced_softmax"
+    assert [(t.lambda_s, t.loss_params) for t in tcfgs[1:]] == [
+        (0.1, {}), (0.0, {}), (1.0, {"aux_weight": 0.0}), (0.0, {"silencing": "official"})]
+    # the loss_params survive a JSON round trip (the run folders' train.json)
+    assert TrainConfig(**json.loads(tcfgs[4].model_dump_json())) == tcfgs[4]
+
+
+def test_preset_validation() -> None:
+    with pytest.raises(ConfigError, match="neighbor_silencing preset"):
+        TrainConfig(loss="balanced_softmax", loss_params={"silencing": "official"})
+    with pytest.raises(ConfigError, match="choose one of custom, paper, official"):
+        TrainConfig(loss="neighbor_silencing", loss_params={"silencing": "hard"})
+    with pytest.raises(ConfigError, match="sets aux_weight=0"):
+        TrainConfig(loss="neighbor_silencing", loss_params={"silencing": "official", "aux_weight": 1})
+    TrainConfig(loss="neighbor_silencing", loss_params={"silencing": "paper"})
+
+
+def test_silencing_grid_end_to_end(tmp_path: Path, data_dir: Path) -> None:
+    cfg = _cfg(data_dir)
+    trained: list[tuple[str, int]] = []
+    (res,) = run_ablation(cfg, tmp_path, progress=False, on_run=lambda n, s: trained.append((n, s)))
+    names = ("balce_aux", "ns0.1_aux", "ns0_aux", "ns1_aux_auxw0", "ns_official_aux")
+    assert sorted(trained) == sorted((n, s) for n in names for s in (0, 1))
+    assert res.rows[0]["delta_overall"] == (0.0, 0.0)
+    for row in res.rows:
+        assert set(row["seeds"]) == {0, 1} and row["seeds"][0]["overall"] is not None
+        assert 0.0 <= row["seeds"][0]["ece"] <= 100.0
+    # the official preset reached the loss: its recorded config and a finite training loss
+    rec = json.loads((tmp_path / "runs" / "ns_official_aux" / "seed0" / "records" / "train.config.json").read_text())
+    assert rec["loss_params"] == {"silencing": "official"}
+    def losses(run: str) -> list[float]:
+        log = (tmp_path / "runs" / run / "seed0" / "train" / "log.jsonl").read_text().splitlines()
+        return [json.loads(x)["loss"] for x in log if '"epoch"' in x]
+
+    dag = losses("balce_aux")
+    assert all(0 < v < 100 for n in names for v in losses(n))  # finite, also under the hard masks
+    # aux_weight and lambda_s reached the loss (same data, seeds and init: only the loss differs)
+    assert all(losses(n) != dag for n in names[1:])
+    md = (tmp_path / "silencing.md").read_text()
+    assert md.count("\n| ") == 6  # header + 5 rows
+    assert md.count("Neighbor silencing − †") == 1 and md.count("\n* ") >= 5  # 4 deltas + the density line
+    assert "official (λs 0, aux_weight 0): overall" in md
+    assert "Pair density of the training set" in md and "pairs per target 1.00" in md  # WordNet: 1 pair / target
+    assert "Expected calibration error" in md
+    # re-running only re-reads the finished runs
+    trained.clear()
+    run_ablation(cfg, tmp_path, progress=False, on_run=lambda n, s: trained.append((n, s)))
+    assert len(trained) == 10
