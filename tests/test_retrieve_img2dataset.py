@@ -4,6 +4,7 @@ see the README.txt there: 6 images, one HTTP 404, one HTML page; names "red fox"
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shlex
@@ -66,6 +67,7 @@ def test_import_img2dataset_manifest(tmp_path: Path) -> None:
         assert r["location"] == "shard" and Path(r["path"]) == tar
         assert mf.image_ref(r, run) == ShardMember(tar, r["offset"], r["size"])
         data = ShardMember(Path(r["path"]), r["offset"], r["size"]).read_bytes()
+        assert r["sha256"] == hashlib.sha256(data).hexdigest()  # of the stored bytes, as our own downloads
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             assert im.format == "JPEG" and im.size == (r["width"], r["height"]) == (s["width"], s["height"])
