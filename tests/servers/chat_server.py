@@ -206,13 +206,13 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8765, help="0 picks a free port (printed on the first line)")
     ap.add_argument("--latency", type=float, default=0.0, help="seconds added to every request")
     args = ap.parse_args()
-    srv = ChatServer(latency=args.latency, port=args.port).start()
-    print(f"serving {srv.base_url} (Ctrl-C to stop)", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        srv.stop()
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # also when run as a script: tests/ on the path
+    from servers import serve_until_interrupted
+
+    serve_until_interrupted(ChatServer(latency=args.latency, port=args.port))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ class FilterConfig(BaseModel):
     The band defaults (centered cosine, γ1 = 0.0, γ2 = 0.5 of the offline EfficientNet-Lite0 features at 64 px) were
     chosen on the Tiny-ImageNet pool by ``bench/filter_band.py`` (see bench/README.md): they keep 75 % of the images
     of a target's true WordNet siblings and 45 % of unrelated pool images; γ2 = 0.5 drops 20 % of the target's own
-    test images (and 2 % of sibling images). Re-choose them for another feature model (DINOv2 separates better).
+    test images (and 3 % of sibling images). Re-choose them for another feature model (DINOv2 separates better).
 
     Example:
         >>> FilterConfig(band=False).leak_threshold

@@ -10,6 +10,7 @@ and inputs is skipped.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -130,6 +131,7 @@ def run_retrieve(cfg: RetrieveConfig, run_dir: RunDir | str | os.PathLike[str]) 
 
     names = aux_names(read_json(npath), npath) if needs_names else []
 
+    @functools.lru_cache(maxsize=1)  # the source and the local references share one build of the protocol
     def load_protocol() -> Any:
         from ..data import load_protocol as _load
 
@@ -170,14 +172,15 @@ def run_retrieve(cfg: RetrieveConfig, run_dir: RunDir | str | os.PathLike[str]) 
     _reference_local([r for r in rows if r["location"] in ("pool", "file")], load_protocol)
 
     stats = _stats(rows, ctx)
-    mf.write_table(mf.to_table(rows), manifest_path)
+    table = mf.to_table(rows)
+    mf.write_table(table, manifest_path)
     atomic_write_json(out / "stats.json", stats)
     rd.log(STAGE, event="done", candidates=len(rows), status=stats["status"])
     rd.mark_done(STAGE, key, candidates=len(rows), status=stats["status"])
     ok_names = stats["names_with_images"]
     if ctx.names and ok_names == 0:
         logger.warning("retrieve: no auxiliary name got a single image; check %s", out / "stats.json")
-    return _result(mf.to_table(rows), stats)
+    return _result(table, stats)
 
 
 def _result(table: Any, stats: dict[str, Any], skipped: bool = False) -> RetrieveResult:
