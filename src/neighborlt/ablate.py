@@ -22,14 +22,13 @@ Every run is keyed by its resolved config, so re-running the same command only t
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -39,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .defaults import AUX_CAP, LAMBDA_S, AuxCap
 from .errors import ConfigError
-from .rundir import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from .rundir import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, run_lock
 
 logger = logging.getLogger(__name__)
 
@@ -367,29 +366,6 @@ def posthoc_crt(run_dir: Path, tcfg: Any, aux: Any) -> dict[str, float | None]:
     return metrics
 
 
-@contextlib.contextmanager
-def _run_lock(run_dir: Path, *, wait: bool) -> Iterator[bool]:
-    """Hold ``RUN/.lock`` (an advisory ``flock``, released by the OS if the process dies) while a run trains, so that
-    several ``ablate`` processes can work through one folder; yields False when another holds it and ``wait`` is
-    False. Where ``fcntl`` is missing (Windows) it always yields True: run one process per folder there."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:
-        yield True
-        return
-    with open(run_dir / ".lock", "a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def _train_seconds(run_dir: Path) -> float:
     """Training time of a run: the sum of its epochs' times in ``train/log.jsonl`` (also right for runs that were
     resumed, or skipped because they had finished earlier)."""
@@ -557,7 +533,7 @@ def run_ablation(cfg: AblationConfig, out_dir: str | os.PathLike[str], *, progre
     def train(key: tuple[Any, int], spec: RunSpec, name: str, *, wait: bool) -> bool:
         seed = key[1]
         run_dir = out / "runs" / name / f"seed{seed}"
-        with _run_lock(run_dir, wait=wait) as mine:
+        with run_lock(run_dir, wait=wait) as mine:
             if not mine:  # another `ablate` process on this folder is training it: come back to it at the end
                 return False
             if on_run:
@@ -589,7 +565,7 @@ def run_ablation(cfg: AblationConfig, out_dir: str | os.PathLike[str], *, progre
                 metrics = getattr(res, row.source) or {}
                 if row.source == "crt_metrics" and not metrics:  # a joint-classifier run: cRT after the fact
                     run_dir = out / "runs" / folder[k[0]] / f"seed{seed}"
-                    with _run_lock(run_dir, wait=True):
+                    with run_lock(run_dir, wait=True):
                         metrics = posthoc_crt(run_dir, tcfg_of(row.run, seed), data.training_set(row.run))
                 per_seed[seed] = {s: metrics.get(s) for s in SPLITS}
                 if metrics.get("ece") is not None:  # runs trained before ECE was recorded have none

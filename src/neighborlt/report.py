@@ -1184,6 +1184,25 @@ def _markdown_blocks(md: str) -> list[_Block]:
     return blocks
 
 
+def _provenance_section(out: Path, command: str) -> _Section:
+    """The config of an experiment folder (``OUT/records/<command>.config.json``) and the versions it ran with."""
+    cfg = _maybe_json(out / "records" / f"{command}.config.json") or {}
+    prov = _Section("provenance", "Config and provenance")
+    if cfg:
+        env = _maybe_json(out / "records" / f"{command}.env.json") or {}
+        pk = env.get("packages") or {}
+        prov.blocks.append(_Table(["field", "value"], [
+            ["git commit", str(env.get("git_commit") or "n/a")], ["recorded", str(env.get("time", ""))],
+            ["python", str(env.get("python", ""))], ["platform", str(env.get("platform", ""))]]
+            + [[f"package {k}", str(v)] for k, v in pk.items()]))
+        prov.blocks.append(_Details(f"{command} config (records/{command}.config.json)",
+                                    json.dumps(cfg, indent=2, ensure_ascii=False)))
+    else:
+        prov.available = False
+        prov.blocks.append(_Missing(f"OUT/records/{command}.config.json", f"neighborlt {command} OUT"))
+    return prov
+
+
 def ablation_sections(out_dir: str | os.PathLike[str], grids: Sequence[str]) -> list[_Section]:
     """The sections of the ablation page: a summary, one section per grid (its table(s) from ``OUT/<grid>.md``
     and the plot ``OUT/<grid>.png`` inline), the runs, and the config with its provenance."""
@@ -1219,19 +1238,7 @@ def ablation_sections(out_dir: str | os.PathLike[str], grids: Sequence[str]) -> 
         sections.append(_Section("runs", "Runs", True, [
             _Para("Each distinct training run of the grids, trained once per seed (rows of several grids share it)."),
             _Table(["run", "grids", "seeds", "train s/run", "folder"], rows, [False, False, False, True, False])]))
-    prov = _Section("provenance", "Config and provenance")
-    if cfg:
-        env = _maybe_json(out / "records" / "ablate.env.json") or {}
-        pk = env.get("packages") or {}
-        prov.blocks.append(_Table(["field", "value"], [
-            ["git commit", str(env.get("git_commit") or "n/a")], ["recorded", str(env.get("time", ""))],
-            ["python", str(env.get("python", ""))], ["platform", str(env.get("platform", ""))]]
-            + [[f"package {k}", str(v)] for k, v in pk.items()]))
-        prov.blocks.append(_Details("ablate config (records/ablate.config.json)",
-                                    json.dumps(cfg, indent=2, ensure_ascii=False)))
-    else:
-        prov.available = False
-        prov.blocks.append(_Missing("OUT/records/ablate.config.json", "neighborlt ablate OUT"))
+    prov = _provenance_section(out, "ablate")
     sections.append(prov)
     facts = []
     if cfg:
@@ -1267,4 +1274,37 @@ def write_ablation_page(out_dir: str | os.PathLike[str], grids: Sequence[str], *
     page = render_html(title or f"neighborlt ablation: {out.resolve().name}", subtitle, ablation_sections(out, grids))
     marker = "<footer>Written by neighborlt report from"
     page = page.replace(marker, "<footer>Written by neighborlt ablate from")
+    return atomic_write_text(out / "index.html", page)
+
+
+def write_pilot_page(out_dir: str | os.PathLike[str]) -> Path:
+    """Write ``OUT/index.html`` for ``neighborlt pilot``: the tables of ``OUT/pilot.md``, the gap-vs-ratio plot
+    ``OUT/pilot.png`` and the config, self-contained like the other pages."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise NeighborLTError(f"{out}: experiment folder not found; run `neighborlt pilot {out}` first")
+    sec = _Section("pilot", "Head-tail gap by granularity")
+    md_path, png_path = out / "pilot.md", out / "pilot.png"
+    if md_path.is_file():
+        sec.blocks += _markdown_blocks(md_path.read_text(encoding="utf-8"))
+    else:
+        sec.available = False
+        sec.blocks.append(_Missing("OUT/pilot.md", "neighborlt pilot OUT"))
+    if png_path.is_file():
+        try:
+            sec.blocks.append(_Figure(_png_of_file(png_path), "head − tail accuracy gap against the imbalance ratio, "
+                                      "one line per number of superclasses (mean ± std over seeds)", "pilot_gap",
+                                      "pilot plot"))
+        except (OSError, ValueError) as e:
+            sec.blocks.append(_Para(f"{png_path.name}: cannot read the plot ({e})", "warn"))
+    groups = _maybe_json(out / "superclasses.json")
+    if isinstance(groups, dict) and isinstance(groups.get("group_sizes"), dict):
+        names = groups.get("group_names") or {}
+        rows = [[str(names.get(g, g)), str(g), str(n)] for g, n in list(groups["group_sizes"].items())[:20]]
+        sec.blocks.append(_Para(f"The dataset's classes fall into {groups.get('groups')} superclasses; the 20 largest "
+                                "(OUT/superclasses.json lists all, and the classes of every sample):", "note"))
+        sec.blocks.append(_Table(["superclass", "id", "classes"], rows, [False, False, True]))
+    page = render_html(f"neighborlt pilot: {out.resolve().name}", str(out.resolve()),
+                       [sec, _provenance_section(out, "pilot")])
+    page = page.replace("<footer>Written by neighborlt report from", "<footer>Written by neighborlt pilot from")
     return atomic_write_text(out / "index.html", page)

@@ -198,3 +198,26 @@ class RunDir:
             for line in p.read_text(encoding="utf-8").splitlines():
                 if line.strip():
                     yield json.loads(line)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, *, wait: bool) -> Iterator[bool]:
+    """Hold ``RUN/.lock`` (an advisory ``flock``, released by the OS if the process dies) while a run trains, so that
+    several ``ablate`` / ``pilot`` processes can work through one folder; yields False when another holds it and ``wait`` is
+    False. Where ``fcntl`` is missing (Windows) it always yields True: run one process per folder there."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield True
+        return
+    with open(run_dir / ".lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -1,4 +1,5 @@
-"""CLI for the whole pipeline and the experiment grids: ``neighborlt demo``, ``neighborlt run``, ``neighborlt ablate``."""
+"""CLI for the whole pipeline and the experiment grids: ``neighborlt demo``, ``neighborlt run``, ``neighborlt ablate``,
+``neighborlt pilot``."""
 
 from __future__ import annotations
 
@@ -198,7 +199,52 @@ def ablate_cmd(
     typer.echo(f"wrote {out_dir / 'index.html'}")
 
 
+def _number_list(text: str, what: str, kind: type) -> list:
+    from ..errors import ConfigError
+
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{what} {text!r}: expected comma-separated numbers such as 1,2,10") from None
+
+
+def pilot_cmd(
+    out_dir: Annotated[Path, typer.Argument(help="Experiment folder (created; re-running resumes).")],
+    dataset: Annotated[str, typer.Option(
+        help="Dataset name or path whose classes are WordNet ids (tiny-imagenet) or 'group/class' (omniglot).")]
+    = "tiny-imagenet",
+    num_classes: Annotated[int, typer.Option(help="Classes per long-tailed dataset.")] = 40,
+    superclasses: Annotated[str, typer.Option(help="Comma-separated numbers of superclasses S.")] = "5,10,20,40",
+    ratios: Annotated[str, typer.Option(help="Comma-separated imbalance ratios n_max / n_min.")] = "1,2,10,20,100",
+    n_max: Annotated[int, typer.Option(help="Training images of the head class.")] = 100,
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds (class sample, long tail, training).")] = "0,1,2",
+    partition_groups: Annotated[int, typer.Option(
+        help="WordNet datasets: split the hypernym tree into at least this many superclasses.")] = 48,
+    train: Annotated[str | None, typer.Option(
+        help="TrainConfig fields as JSON (merged over the pilot's ResNet-8 / Balanced-CE defaults).")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Offline datasets folder.")] = None,
+    workers: Annotated[int, typer.Option(help="Training processes (each trains whole runs).")] = 1,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """The granularity study (the paper's Fig. 3): head-tail accuracy gap against the imbalance ratio, for classes
+    drawn from S superclasses; Balanced-CE from scratch, mean ± std over seeds, OUT/pilot.md and OUT/index.html.
+
+    Several `pilot` processes on one OUT share the runs (a lock per run folder)."""
+    from ..pilot import PILOT_TRAIN, PilotConfig, run_pilot
+
+    cfg = build_config(PilotConfig, dataset=dataset, num_classes=num_classes,
+                       superclasses=_number_list(superclasses, "--superclasses", int),
+                       ratios=_number_list(ratios, "--ratios", float), n_max=n_max,
+                       seeds=_number_list(seeds, "--seeds", int), partition_groups=partition_groups,
+                       train={**PILOT_TRAIN, **_json_opt(train, "--train")},
+                       data_dir=str(data_dir) if data_dir else None)
+    doc = run_pilot(cfg, out_dir, workers=workers, progress=not quiet and workers == 1)
+    typer.echo((out_dir / "pilot.md").read_text(encoding="utf-8"))
+    typer.echo(f"wrote {out_dir / 'index.html'} ({len(doc['rows'])} settings)")
+
+
 def register(app: typer.Typer) -> None:
     app.command("run")(run_cmd)
     app.command("demo")(demo_cmd)
     app.command("ablate")(ablate_cmd)
+    app.command("pilot")(pilot_cmd)

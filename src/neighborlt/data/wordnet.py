@@ -124,5 +124,54 @@ def sibling_relation(targets: Sequence[str], pool: Sequence[str], k_nearest: int
     return out
 
 
-__all__ = ["direct_hypernyms", "distance_matrix", "is_wnid", "sibling_relation", "synset", "synset_wnid", "taxonomy_distance",
-           "wordnet"]
+def root_path(wnid: str) -> list[str]:
+    """The shortest hypernym path of ``wnid`` from the root (``entity``) down to the synset itself, as WordNet ids
+    (ties between equally short paths broken by their ids, so the path is the same on every machine)."""
+    paths = [[synset_wnid(s) for s in p] for p in synset(wnid).hypernym_paths()]
+    return min(paths, key=lambda p: (len(p), p))
+
+
+def superclass_partition(wnids: Sequence[str], min_groups: int) -> dict[str, str]:
+    """Group WordNet classes into at least ``min_groups`` superclasses by splitting the hypernym tree top-down.
+
+    Each class hangs below the root on its :func:`root_path`. Starting from one group (the common root), the
+    largest group that can be split is replaced by its children's groups (the next synset on each member's path;
+    a member that *is* the group's synset stays in a group of its own), until there are ``min_groups`` groups or
+    none can be split. The result is a partition into coherent subtrees of comparable size (on Tiny-ImageNet with
+    48: ``mammal``, ``arthropod``, ``clothing``, ``wheeled_vehicle``, ... with 1-17 classes each).
+
+    Args:
+        wnids: class ids (WordNet noun ids).
+        min_groups: how many superclasses to split into (at least; one split can add several).
+
+    Returns:
+        class id -> the WordNet id of its superclass's synset.
+    """
+    paths = {w: root_path(w) for w in wnids}
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for w, p in paths.items():  # one group per root synset (WordNet nouns: all under entity)
+        groups.setdefault((p[0],), []).append(w)
+    frozen: set[tuple[str, ...]] = set()
+    while len(groups) < min_groups:
+        candidates = sorted((k for k in groups if k not in frozen), key=lambda k: (-len(groups[k]), k))
+        if not candidates:
+            break
+        key = candidates[0]
+        depth = len(key)
+        children: dict[tuple[str, ...], list[str]] = {}
+        for w in groups[key]:
+            p = paths[w]
+            children.setdefault(tuple(p[:depth + 1]) if len(p) > depth else key, []).append(w)
+        if list(children) == [key]:  # every member is the group's own synset: nothing below it
+            frozen.add(key)
+            continue
+        del groups[key]
+        for k, members in children.items():
+            if k == key:  # members that are the split synset itself keep it as their own group
+                frozen.add(k)
+            groups[k] = members
+    return {w: k[-1] for k, members in groups.items() for w in members}
+
+
+__all__ = ["direct_hypernyms", "distance_matrix", "is_wnid", "root_path", "sibling_relation", "superclass_partition",
+           "synset", "synset_wnid", "taxonomy_distance", "wordnet"]
