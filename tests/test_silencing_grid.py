@@ -78,3 +78,19 @@ def test_silencing_grid_end_to_end(tmp_path: Path, data_dir: Path) -> None:
     trained.clear()
     run_ablation(cfg, tmp_path, progress=False, on_run=lambda n, s: trained.append((n, s)))
     assert len(trained) == 10
+
+
+def test_variants_subset_and_runs_shared_with_table6(tmp_path: Path, data_dir: Path) -> None:
+    """`--silencing-variant official` with Table 6: † and the paper's λs are Table 6's runs (the classifier option
+    does not make a run distinct), so four runs train, and the silencing rows read the direct classifier."""
+    cfg = AblationConfig(**{**_cfg(data_dir).model_dump(), "grids": ["table6", "silencing"], "seeds": [0],
+                            "silencing_variants": ["official"]})
+    assert [r.run.name for r in grid_rows(cfg, "silencing")] == ["balce_aux", "ns_official_aux"]
+    trained: list[tuple[str, int]] = []
+    t6, sil = run_ablation(cfg, tmp_path, progress=False, on_run=lambda n, s: trained.append((n, s)))
+    assert sorted(n for n, _ in trained) == ["balce", "balce_aux_crt", "ns0.1_aux_crt", "ns_official_aux"]
+    assert [r["run"] for r in sil.rows] == ["balce_aux_crt", "ns_official_aux"]
+    dag_direct = next(r for r in t6.rows if r["label"] == "+ auxiliary data, Bal-CE (†), direct classifier")
+    assert sil.rows[0]["seeds"][0]["overall"] == dag_direct["seeds"][0]["overall"]
+    with pytest.raises(ValueError, match="silencing_variants"):
+        AblationConfig(silencing_variants=["hard"])

@@ -74,6 +74,9 @@ class AblationConfig(BaseModel):
     # "visual" = the auxiliary classes whose prototypes of frozen pretrained features are closest to the target's,
     # "random" = drawn at random (once, seed 0)
     pairings: list[Literal["visual", "random"]] = ["visual", "random"]
+    # grid "silencing": which settings follow † (all four by default; fewer for a cheaper grid)
+    silencing_variants: list[Literal["paper", "hard_pairs", "aux_exclusive", "official"]] = [
+        "paper", "hard_pairs", "aux_exclusive", "official"]
     pairing_model: str = "efficientnet_lite0"  # offline ImageNet weights: the stand-in for DINOv2 features
     pairing_image_size: int = Field(64, ge=16)
     pairing_images_per_class: int = Field(100, ge=1)  # prototype images per class (seeded sample)
@@ -173,25 +176,32 @@ def grid_rows(cfg: AblationConfig, grid: str) -> list[Row]:
         # the paper's equation against the authors' hard mask (issue 12), all with the same auxiliary set, seeds and
         # the direct classifier; the first row is † (nothing silenced), every other row is compared with it
         nsl = "neighbor_silencing"
-        return [Row("† (λs 1, Bal-CE + auxiliary data)", _spec(cfg, "balce_aux", aux=True, loss="balanced_softmax")),
-                Row(f"paper (λs {LAMBDA_S:g}, aux_weight 1)", _spec(cfg, f"ns{LAMBDA_S:g}_aux", aux=True, loss=nsl,
-                                                                   lambda_s=LAMBDA_S)),
-                Row("hard pairs (λs 0, aux_weight 1)", _spec(cfg, "ns0_aux", aux=True, loss=nsl, lambda_s=0.0)),
-                Row("aux-exclusive only (λs 1, aux_weight 0)",
-                    _spec(cfg, "ns1_aux_auxw0", aux=True, loss=nsl, lambda_s=1.0, loss_params=(("aux_weight", 0.0),))),
-                Row("official (λs 0, aux_weight 0)",
-                    _spec(cfg, "ns_official_aux", aux=True, loss=nsl, lambda_s=0.0,
-                          loss_params=(("silencing", "official"),)))]
+        variants = {
+            "paper": Row(f"paper (λs {LAMBDA_S:g}, aux_weight 1)", _spec(cfg, f"ns{LAMBDA_S:g}_aux", aux=True, loss=nsl,
+                                                                        lambda_s=LAMBDA_S)),
+            "hard_pairs": Row("hard pairs (λs 0, aux_weight 1)", _spec(cfg, "ns0_aux", aux=True, loss=nsl,
+                                                                        lambda_s=0.0)),
+            "aux_exclusive": Row("aux-exclusive only (λs 1, aux_weight 0)",
+                                 _spec(cfg, "ns1_aux_auxw0", aux=True, loss=nsl, lambda_s=1.0,
+                                       loss_params=(("aux_weight", 0.0),))),
+            "official": Row("official (λs 0, aux_weight 0)",
+                            _spec(cfg, "ns_official_aux", aux=True, loss=nsl, lambda_s=0.0,
+                                  loss_params=(("silencing", "official"),)))}
+        return ([Row("† (λs 1, Bal-CE + auxiliary data)", _spec(cfg, "balce_aux", aux=True, loss="balanced_softmax"))]
+                + [row for name, row in variants.items() if name in cfg.silencing_variants])
     raise ConfigError(f"unknown grid {grid!r}; choose one of: {', '.join(GRIDS)}")
 
 
 def _canonical(spec: RunSpec, data: _Data) -> tuple[Any, ...]:
     """What makes two runs identical (the folder name does not): the training options and the auxiliary set they
     see, i.e. its classes and neighbour pairs. Two neighbour settings that give the same set (K = 7 and K = 8 when the
-    pool has only 5 classes, say) therefore train once."""
+    pool has only 5 classes, say) therefore train once. The classifier option is left out: a run with
+    ``classifier="retrain"`` also gives the direct classifier's metrics, and a joint run gets its cRT after the fact
+    (:func:`posthoc_crt`), so Table 6's † and the silencing grid's † are one run."""
     aux = data.training_set(spec)
     classes = tuple(aux.train.class_ids[aux.num_target:])
-    return (classes, tuple(map(tuple, np.asarray(aux.pairs).tolist())), spec.train)
+    train = tuple((k, v) for k, v in spec.train if k != "classifier")
+    return (classes, tuple(map(tuple, np.asarray(aux.pairs).tolist())), train)
 
 
 def _neighbors_dir(out: Path, spec: RunSpec) -> Path:

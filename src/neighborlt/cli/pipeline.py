@@ -148,6 +148,10 @@ def ablate_cmd(
     pairing: Annotated[list[str], typer.Option("--pairing", help="Grid pairs: visual (prototype cosine of frozen "
                                                                  "pretrained features) | random (repeat).")]
     = ["visual", "random"],  # noqa: B006
+    silencing_variant: Annotated[list[str], typer.Option(
+        "--silencing-variant", help="Grid silencing: the settings after † (repeat): paper | hard_pairs | "
+                                    "aux_exclusive | official.")]
+    = ["paper", "hard_pairs", "aux_exclusive", "official"],  # noqa: B006
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
     print_commands: Annotated[bool, typer.Option(
         "--print-commands", help="Prepare every run folder (with its train.json) and print one shell command per "
@@ -172,7 +176,9 @@ def ablate_cmd(
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise ConfigError(f"--seeds {seeds!r}: expected comma-separated integers such as 0,1,2") from None
-    cfg = build_config(AblationConfig, repeated={"grids": "--grid", "pairings": "--pairing"}, grids=grid,
+    cfg = build_config(AblationConfig, repeated={"grids": "--grid", "pairings": "--pairing",
+                                                 "silencing_variants": "--silencing-variant"}, grids=grid,
+                       silencing_variants=silencing_variant,
                        protocol=protocol, seeds=seed_list, relation=relation, neighbors_backend=backend,
                        neighbors_vocabulary=neighbors_vocabulary, data_dir=str(data_dir) if data_dir else None,
                        train={**DEMO_TRAIN, **_json_opt(train, "--train")}, lambda_s=lambda_s, aux_cap=aux_cap,
