@@ -74,6 +74,13 @@ def test_silencing_grid_end_to_end(tmp_path: Path, data_dir: Path) -> None:
     assert "official (λs 0, aux_weight 0): overall" in md
     assert "Pair density of the training set" in md and "pairs per target 1.00" in md  # WordNet: 1 pair / target
     assert "Expected calibration error" in md
+    # where each row's joint model sends the test images: the four shares add up, cached under the weights' hash
+    assert "Where the target test images go" in md and md.count("paired auxiliary ") == 5
+    where = json.loads((tmp_path / "runs" / "ns_official_aux" / "seed0" / "train" / "where.json").read_text())
+    share = where["share"]
+    assert sum(share[k] for k in ("correct", "other_target", "paired_aux", "unpaired_aux")) == pytest.approx(100)
+    assert share["aux"] == pytest.approx(share["paired_aux"] + share["unpaired_aux"])
+    assert where["n_test"] == 5 * TRAIN["max_test_per_class"]
     # re-running only re-reads the finished runs
     trained.clear()
     run_ablation(cfg, tmp_path, progress=False, on_run=lambda n, s: trained.append((n, s)))

@@ -600,7 +600,11 @@ def run_ablation(cfg: AblationConfig, out_dir: str | os.PathLike[str], *, progre
         elif grid == "silencing":
             md += _silencing_vs_dagger(table_rows, cfg.seeds, [(table_rows[i]["label"], 0, i)
                                                                 for i in range(1, len(table_rows))])
-            md += _silencing_notes(cfg, table_rows, [data.training_set(r.run) for r in rows])
+            sets = [data.training_set(r.run) for r in rows]
+            where = [[where_on_test(out / "runs" / folder[_canonical(r.run, data)] / f"seed{sd}", aux,
+                                    tcfg_of(r.run, sd).max_test_per_class) for sd in cfg.seeds]
+                     for r, aux in zip(rows, sets)]
+            md += _silencing_notes(cfg, table_rows, sets, where)
         gr = GridResult(grid=grid, rows=table_rows, markdown=md)
         atomic_write_text(out / f"{grid}.md", gr.markdown)
         atomic_write_json(out / f"{grid}.json", {"config": cfg, "rows": table_rows})
@@ -643,9 +647,36 @@ def _silencing_vs_dagger(rows: list[dict[str, Any]], seeds: list[int],
     return "\n".join(lines) + "\n"
 
 
-def _silencing_notes(cfg: AblationConfig, rows: list[dict[str, Any]], sets: Sequence[Any]) -> str:
-    """Grid ``silencing``: each row's ECE (when recorded) and the pair density of each row's training set
-    (:func:`neighborlt.data.auxiliary.pair_density`: how much of the auxiliary set the silenced pairs cover)."""
+def where_on_test(run_dir: Path, aux: Any, max_test_per_class: int | None) -> dict[str, Any]:
+    """Where a finished run's joint model (``RUN/train``, L + K outputs) sends the target test images it was scored
+    on (:func:`neighborlt.evaluate.where_predictions` with the training set's pairs), cached in
+    ``RUN/train/where.json`` under the weights' SHA-256."""
+    from .evaluate import where_predictions
+    from .rundir import file_sha256
+    from .train.engine import _cap_test
+    from .train.inference import predict_logits
+
+    model_dir = run_dir / "train"
+    sha = file_sha256(model_dir / "model.safetensors")
+    cached = model_dir / "where.json"
+    if cached.is_file():
+        doc = read_json(cached)
+        if isinstance(doc, dict) and doc.get("weights_sha256") == sha:
+            return doc
+    test = _cap_test(aux.test, max_test_per_class)
+    logits = predict_logits(model_dir, test)
+    doc = {**where_predictions(logits, test.labels, int(aux.num_target), aux.pairs), "weights_sha256": sha}
+    doc.pop("per_class", None)
+    atomic_write_json(cached, doc)
+    return doc
+
+
+def _silencing_notes(cfg: AblationConfig, rows: list[dict[str, Any]], sets: Sequence[Any],
+                     where: Sequence[Sequence[dict[str, Any]]] = ()) -> str:
+    """Grid ``silencing``: each row's ECE (when recorded), where each row's joint model sends the target test images
+    (``where``: one :func:`where_on_test` per seed; the paired share of the confusions) and the pair density of
+    each row's training set (:func:`neighborlt.data.auxiliary.pair_density`: how much of the auxiliary set the
+    silenced pairs cover)."""
     from .data.auxiliary import pair_density
 
     lines = [""]
@@ -653,6 +684,16 @@ def _silencing_notes(cfg: AblationConfig, rows: list[dict[str, Any]], sets: Sequ
     if all(v is not None for _, vals in eces for v in vals):
         lines += ["Expected calibration error (%, 15 bins, target rows, direct classifier): "
                   + "; ".join(f"{lab} {_fmt(*_summary(vals))}" for lab, vals in eces), ""]
+    if where:
+        lines += [("Where the target test images go under the full L + K head (top-1 %, mean ± std over seeds; "
+                  "`paired aux` = an auxiliary class paired with the image's own class, the only ones silencing "
+                  "touches):"), ""]
+        for r, docs in zip(rows, where):
+            share = {k: _fmt(*_summary([d["share"][k] for d in docs]))
+                     for k in ("correct", "other_target", "aux", "paired_aux")}
+            lines.append(f"* {r['label']}: correct {share['correct']}, other target {share['other_target']}, "
+                         f"auxiliary {share['aux']}, paired auxiliary {share['paired_aux']}")
+        lines.append("")
     lines += ["Pair density of the training set (the pairs that λs silences):", ""]
     seen: dict[tuple[Any, ...], list[str]] = {}
     for r, aux in zip(rows, sets):
