@@ -78,6 +78,9 @@ def test_pilot_end_to_end_and_resume(tmp_path: Path, tiny: Path) -> None:
         for v in row["seeds"].values():
             assert v["gap"] == pytest.approx(v["head"] - v["tail"])
         assert len(row["gap"]) == 2
+        for sd, v in row["seeds"].items():  # paired with the same classes at ratio 1
+            base = next(r for r in doc["rows"] if r["superclasses"] == row["superclasses"] and r["ratio"] == 1)
+            assert v["gap_vs_balanced"] == pytest.approx(v["gap"] - base["seeds"][sd]["gap"])
     # the ratio is what changes within a row: 6 images per class at ratio 1, the long-tail profile at ratio 3
     assert doc["rows"][0]["seeds"][0]["train_images"] == 24
     assert doc["rows"][1]["seeds"][0]["train_images"] == sum(long_tail_counts(4, 6, 3)) < 24
@@ -107,7 +110,7 @@ def test_pilot_cli_errors(tmp_path: Path, tiny: Path, capsys: pytest.CaptureFixt
 
     assert "ratio 10 leaves the tail class no image" in err("--num-classes", "4", "--superclasses", "2",
                                                             "--n-max", "6", "--ratios", "1,10")
-    assert "--n-max 50 is more than 8 classes have" in err("--num-classes", "4", "--superclasses", "2",
+    assert "--n-max 50: 8 classes have fewer training images" in err("--num-classes", "4", "--superclasses", "2",
                                                            "--n-max", "50", "--ratios", "1")
     assert err("--ratios", "1,x").startswith("error: --ratios '1,x': expected comma-separated numbers")
     assert "--ratios" in err("--ratios", "0.5")

@@ -236,8 +236,8 @@ def run_pilot(cfg: PilotConfig, out_dir: str | os.PathLike[str], *, workers: int
     short = [f"{names[c]!r} ({counts[image_set.class_ids.index(c)]} images)" for c in image_set.class_ids
              if counts[image_set.class_ids.index(c)] < cfg.n_max]
     if short:
-        raise ConfigError(f"pilot: --n-max {cfg.n_max} is more than {len(short)} classes have, e.g. {short[0]}; "
-                          "lower --n-max")
+        raise ConfigError(f"pilot: --n-max {cfg.n_max}: {len(short)} classes have fewer training images, e.g. "
+                          f"{short[0]}; lower --n-max")
     empty = [r for r in cfg.ratios if int(cfg.n_max / r) < 1]
     if empty:
         raise ConfigError(f"pilot: with --n-max {cfg.n_max}, ratio {empty[0]:g} leaves the tail class no image; "
@@ -302,6 +302,14 @@ def write_results(cfg: PilotConfig, out_dir: str | os.PathLike[str]) -> dict[str
             for k in ("gap", "head", "tail", "overall"):
                 row[k] = _summary([per_seed[sd][k] for sd in cfg.seeds])
             rows.append(row)
+        # the same classes in the same order at ratio 1: what the imbalance adds to the gap (class difficulty,
+        # which makes the ratio-1 gap differ from 0, cancels)
+        balanced = next((row for row in rows[-len(cfg.ratios):] if row["ratio"] == 1.0), None)
+        for row in rows[-len(cfg.ratios):]:
+            if balanced is not None:
+                for sd in cfg.seeds:
+                    row["seeds"][sd]["gap_vs_balanced"] = row["seeds"][sd]["gap"] - balanced["seeds"][sd]["gap"]
+                row["gap_vs_balanced"] = _summary([row["seeds"][sd]["gap_vs_balanced"] for sd in cfg.seeds])
     md = _markdown(cfg, rows)
     doc = {"config": cfg.model_dump(mode="json"), "rows": rows}
     atomic_write_json(out / "pilot.json", doc)
@@ -322,8 +330,11 @@ def _markdown(cfg: PilotConfig, rows: list[dict[str, Any]]) -> str:
             f"the head {pct} % of the classes minus the tail {pct} % (by training-count rank), mean ± std over seeds.")
     cols = " | ".join(f"ratio {r:g}" for r in cfg.ratios)
     lines = [head, ""]
-    for key, title in (("gap", "head − tail gap (points)"), ("overall", "overall accuracy (%)"),
-                       ("tail", "tail accuracy (%)")):
+    tables = [("gap", "head − tail gap (points)")]
+    if 1.0 in cfg.ratios:
+        tables.append(("gap_vs_balanced", "gap minus the same classes' gap at ratio 1 (points; paired per seed)"))
+    tables += [("overall", "overall accuracy (%)"), ("tail", "tail accuracy (%)")]
+    for key, title in tables:
         lines += [f"**{title}**", "", f"| superclasses | {cols} |", "|---|" + "---|" * len(cfg.ratios)]
         for s in cfg.superclasses:
             cells = [_fmt(next(r[key] for r in rows if r["superclasses"] == s and r["ratio"] == ratio))
@@ -339,21 +350,24 @@ def _plot(cfg: PilotConfig, rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    for s in cfg.superclasses:
-        pts = [r for r in rows if r["superclasses"] == s]
-        x = [r["ratio"] for r in pts]
-        y = [r["gap"][0] for r in pts]
-        e = [0.0 if math.isnan(r["gap"][1]) else r["gap"][1] for r in pts]
-        ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label=f"{s} superclasses")
-    ax.set_xscale("log")
-    ax.set_xticks(list(cfg.ratios), [f"{r:g}" for r in cfg.ratios])
-    ax.axhline(0, color="0.7", lw=0.8)
-    ax.set_xlabel("imbalance ratio n_max / n_min")
-    ax.set_ylabel("head − tail accuracy (points)")
-    ax.set_title(f"{cfg.num_classes} classes of {cfg.dataset}, Balanced-CE, mean ± std over {len(cfg.seeds)} seeds",
+    keys = [("gap", "head − tail accuracy (points)")]
+    if all("gap_vs_balanced" in r for r in rows):
+        keys.append(("gap_vs_balanced", "gap − the same classes' gap at ratio 1"))
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 3.8), squeeze=False)
+    for ax, (key, label) in zip(axes[0], keys):
+        for s in cfg.superclasses:
+            pts = [r for r in rows if r["superclasses"] == s]
+            y = [r[key][0] for r in pts]
+            e = [0.0 if math.isnan(r[key][1]) else r[key][1] for r in pts]
+            ax.errorbar([r["ratio"] for r in pts], y, yerr=e, marker="o", capsize=3, label=f"{s} superclasses")
+        ax.set_xscale("log")
+        ax.set_xticks(list(cfg.ratios), [f"{r:g}" for r in cfg.ratios])
+        ax.axhline(0, color="0.7", lw=0.8)
+        ax.set_xlabel("imbalance ratio n_max / n_min")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{cfg.num_classes} classes of {cfg.dataset}, Balanced-CE, mean ± std over {len(cfg.seeds)} seeds",
                  fontsize=9)
-    ax.legend(fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
