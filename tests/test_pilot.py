@@ -99,6 +99,11 @@ def test_pilot_end_to_end_and_resume(tmp_path: Path, tiny: Path) -> None:
     before = [w.stat().st_mtime_ns for w in weights]
     run_pilot(cfg, out, progress=False)
     assert [w.stat().st_mtime_ns for w in weights] == before
+    # another study on the same folder is refused up front; more seeds extend it
+    with pytest.raises(ConfigError, match="made by a pilot with n_max = 6, not 5"):
+        run_pilot(cfg.model_copy(update={"n_max": 5}), out, progress=False)
+    with pytest.raises(ConfigError, match="train"):
+        run_pilot(cfg.model_copy(update={"train": {**TRAIN, "epochs": 2}}), out, progress=False)
 
 
 def test_pilot_cli_errors(tmp_path: Path, tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:

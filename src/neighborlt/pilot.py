@@ -218,8 +218,8 @@ def run_pilot(cfg: PilotConfig, out_dir: str | os.PathLike[str], *, workers: int
         on_run: called as ``on_run(run_name, seed)`` before each run this process trains (``workers`` = 1).
 
     Returns:
-        The content of ``OUT/pilot.json``: the config, the partition's sizes and one row per (S, ratio) with the
-        per-seed figures and their mean ± std.
+        The content of ``OUT/pilot.json``: the config and one row per (S, ratio) with the per-seed figures and
+        their mean ± std (the partition and the samples are in ``OUT/superclasses.json``).
     """
     from .data import load_dataset
 
@@ -228,7 +228,7 @@ def run_pilot(cfg: PilotConfig, out_dir: str | os.PathLike[str], *, workers: int
     for seed in cfg.seeds:
         train_config(cfg, seed)  # a bad train field: one line before any work
     out = Path(out_dir)
-    RunDir(out).record("pilot", cfg)
+    _check_same_study(out, cfg)
     image_set = load_dataset(cfg.dataset, "train", cfg.data_dir)
     groups = superclass_groups(image_set.class_ids, cfg.partition_groups)
     names = dict(zip(image_set.class_ids, image_set.class_names))
@@ -253,6 +253,7 @@ def run_pilot(cfg: PilotConfig, out_dir: str | os.PathLike[str], *, workers: int
         "samples": [{"superclasses": s, "seed": seed, "classes": cls, "class_names": [names[c] for c in cls],
                      "superclass_of": [groups[c] for c in cls]} for (s, seed), cls in samples.items()]})
 
+    RunDir(out).record("pilot", cfg)
     todo = [(s, r, seed) for s in cfg.superclasses for r in cfg.ratios for seed in cfg.seeds]
     doc = cfg.model_dump(mode="json")
     if workers == 1:
@@ -273,6 +274,27 @@ def run_pilot(cfg: PilotConfig, out_dir: str | os.PathLike[str], *, workers: int
             busy_args = [(*a[:-1], True) for a, ok in zip(args, done) if not ok]
             list(pool.map(_worker, busy_args))
     return write_results(cfg, out)
+
+
+EXTENSIBLE = ("seeds", "superclasses", "ratios", "data_dir")  # may change between runs on one OUT
+
+
+def _check_same_study(out: Path, cfg: PilotConfig) -> None:
+    """An OUT holds one study: more seeds, superclass counts or ratios extend it; any other change is a one-line
+    error naming the field (its runs would conflict with the finished ones)."""
+    path = out / "records" / "pilot.config.json"
+    if not path.is_file():
+        return
+    try:
+        old = read_json(path)
+    except Exception:  # noqa: BLE001 - an unreadable record: nothing to compare with
+        return
+    new = cfg.model_dump(mode="json")
+    diff = [k for k in new if k not in EXTENSIBLE and old.get(k) != new[k]]
+    if diff:
+        k = diff[0]
+        raise ConfigError(f"{out}: made by a pilot with {k} = {old.get(k)!r}, not {new[k]!r}; use a new folder "
+                          f"(only --seeds, --superclasses and --ratios may change on one folder)")
 
 
 def _group_name(group: str) -> str:
