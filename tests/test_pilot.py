@@ -102,7 +102,7 @@ def test_pilot_end_to_end_and_resume(tmp_path: Path, tiny: Path) -> None:
     # another study on the same folder is refused up front; more seeds extend it
     with pytest.raises(ConfigError, match="made by a pilot with n_max = 6, not 5"):
         run_pilot(cfg.model_copy(update={"n_max": 5}), out, progress=False)
-    with pytest.raises(ConfigError, match="train"):
+    with pytest.raises(ConfigError, match="train.epochs = 1, not 2"):
         run_pilot(cfg.model_copy(update={"train": {**TRAIN, "epochs": 2}}), out, progress=False)
 
 

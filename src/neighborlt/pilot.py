@@ -289,12 +289,22 @@ def _check_same_study(out: Path, cfg: PilotConfig) -> None:
         old = read_json(path)
     except Exception:  # noqa: BLE001 - an unreadable record: nothing to compare with
         return
+    from .train.config import EXECUTION_FIELDS
+
     new = cfg.model_dump(mode="json")
-    diff = [k for k in new if k not in EXTENSIBLE and old.get(k) != new[k]]
+
+    def flat(doc: dict[str, Any]) -> dict[str, Any]:  # train.<field>, execution-only fields aside
+        out = {k: v for k, v in doc.items() if k != "train"}
+        out.update({f"train.{k}": v for k, v in (doc.get("train") or {}).items() if k not in EXECUTION_FIELDS})
+        return out
+
+    flat_old, flat_new = flat(old), flat(new)
+    diff = [k for k in sorted(set(flat_old) | set(flat_new))
+            if k not in EXTENSIBLE and flat_old.get(k) != flat_new.get(k)]
     if diff:
         k = diff[0]
-        raise ConfigError(f"{out}: made by a pilot with {k} = {old.get(k)!r}, not {new[k]!r}; use a new folder "
-                          f"(only --seeds, --superclasses and --ratios may change on one folder)")
+        raise ConfigError(f"{out}: made by a pilot with {k} = {flat_old.get(k)!r}, not {flat_new.get(k)!r}; use a "
+                          "new folder (only --seeds, --superclasses and --ratios may change on one folder)")
 
 
 def _group_name(group: str) -> str:
