@@ -104,6 +104,10 @@ def test_pilot_end_to_end_and_resume(tmp_path: Path, tiny: Path) -> None:
         run_pilot(cfg.model_copy(update={"n_max": 5}), out, progress=False)
     with pytest.raises(ConfigError, match="train.epochs = 1, not 2"):
         run_pilot(cfg.model_copy(update={"train": {**TRAIN, "epochs": 2}}), out, progress=False)
+    # another head / tail share only re-reads the finished runs
+    half = run_pilot(cfg.model_copy(update={"head_tail_fraction": 0.5}), out, progress=False)
+    assert [w.stat().st_mtime_ns for w in weights] == before
+    assert half["config"]["head_tail_fraction"] == 0.5 and "head 50 %" in (out / "pilot.md").read_text()
 
 
 def test_pilot_cli_errors(tmp_path: Path, tiny: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -276,7 +276,8 @@ def run_pilot(cfg: PilotConfig, out_dir: str | os.PathLike[str], *, workers: int
     return write_results(cfg, out)
 
 
-EXTENSIBLE = ("seeds", "superclasses", "ratios", "data_dir")  # may change between runs on one OUT
+# may change between runs on one OUT: more runs, where the data live, or how finished runs are summarised
+EXTENSIBLE = ("seeds", "superclasses", "ratios", "data_dir", "head_tail_fraction")
 
 
 def _check_same_study(out: Path, cfg: PilotConfig) -> None:
@@ -304,7 +305,8 @@ def _check_same_study(out: Path, cfg: PilotConfig) -> None:
     if diff:
         k = diff[0]
         raise ConfigError(f"{out}: made by a pilot with {k} = {flat_old.get(k)!r}, not {flat_new.get(k)!r}; use a "
-                          "new folder (only --seeds, --superclasses and --ratios may change on one folder)")
+                          "new folder (only --seeds, --superclasses, --ratios and --head-tail-fraction may change on "
+                          "one folder)")
 
 
 def _group_name(group: str) -> str:
@@ -398,7 +400,9 @@ def _plot(cfg: PilotConfig, rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_xlabel("imbalance ratio n_max / n_min")
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{cfg.num_classes} classes of {cfg.dataset}, Balanced-CE, mean ± std over {len(cfg.seeds)} seeds",
+    name = str(cfg.train.get("loss", "balanced_softmax"))
+    loss = {"balanced_softmax": "Balanced-CE"}.get(name, name)
+    fig.suptitle(f"{cfg.num_classes} classes of {cfg.dataset}, {loss}, mean ± std over {len(cfg.seeds)} seeds",
                  fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()

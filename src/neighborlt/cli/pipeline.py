@@ -226,6 +226,8 @@ def pilot_cmd(
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds (class sample, long tail, training).")] = "0,1,2",
     partition_groups: Annotated[int, typer.Option(
         help="WordNet datasets: split the hypernym tree into at least this many superclasses.")] = 48,
+    head_tail_fraction: Annotated[float, typer.Option(
+        help="Head / tail = this share of the classes by training-count rank (0 < f <= 0.5).")] = 1 / 3,
     train: Annotated[str | None, typer.Option(
         help="TrainConfig fields as JSON (merged over the pilot's ResNet-8 / Balanced-CE defaults).")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Offline datasets folder.")] = None,
@@ -242,6 +244,7 @@ def pilot_cmd(
                        superclasses=_number_list(superclasses, "--superclasses", int),
                        ratios=_number_list(ratios, "--ratios", float), n_max=n_max,
                        seeds=_number_list(seeds, "--seeds", int), partition_groups=partition_groups,
+                       head_tail_fraction=head_tail_fraction,
                        train={**PILOT_TRAIN, **_json_opt(train, "--train")},
                        data_dir=str(data_dir) if data_dir else None)
     doc = run_pilot(cfg, out_dir, workers=workers, progress=not quiet and workers == 1)
