@@ -63,6 +63,7 @@ FLAGS: dict[str, tuple[list[str], Any]] = {
     "device": (["--device", "cpu"], "cpu"),
     "num_workers": (["--num-workers", "2"], 2),
     "threads": (["--threads", "1"], 1),
+    "channels_last": (["--channels-last"], True),
     "eval_every": (["--eval-every", "0"], 0),
     "eval_batch_size": (["--eval-batch-size", "64"], 64),
 }

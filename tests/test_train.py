@@ -262,3 +262,26 @@ def test_no_import_cycles_between_engine_crt_train_and_evaluate() -> None:
     for order in ("neighborlt.train, neighborlt.evaluate", "neighborlt.evaluate, neighborlt.train",
                   "neighborlt.train.crt, neighborlt.train.engine", "neighborlt.train.engine, neighborlt.evaluate"):
         subprocess.run([sys.executable, "-c", f"import {order}"], check=True)
+
+
+def test_channels_last_is_execution_only(tmp_path: Path, small_aux) -> None:
+    """--channels-last trains the same function (other float rounding), keeps the run key, and writes ordinary
+    contiguous weights that load into an NCHW model."""
+    base = {"model": "efficientnet_lite0", "init": "pretrained", "image_size": 32, "epochs": 1, "batch_size": 16,
+            "lr": 1e-4, "optimizer": "adamw", "warmup_epochs": 0, "aux_cap": 4, "loss": "neighbor_silencing",
+            "threads": 1}
+    a = run_train(TrainConfig(**base), tmp_path / "nchw", data=small_aux, progress=False)
+    b = run_train(TrainConfig(**base, channels_last=True), tmp_path / "nhwc", data=small_aux, progress=False)
+    ka = read_json(tmp_path / "nchw" / "records" / "train.done.json")["key"]
+    assert read_json(tmp_path / "nhwc" / "records" / "train.done.json")["key"] == ka
+    from neighborlt.train.checkpoint import load_weights
+
+    wa = load_weights(tmp_path / "nchw" / "train" / "model.safetensors")
+    wb = load_weights(tmp_path / "nhwc" / "train" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(w.is_contiguous() for w in wb.values())
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-2, atol=1e-3)  # AdamW amplifies rounding of tiny grads
+    la = predict_logits(tmp_path / "nchw" / "train", small_aux.test)
+    lb = predict_logits(tmp_path / "nhwc" / "train", small_aux.test)
+    np.testing.assert_allclose(lb, la, rtol=1e-3, atol=1e-3)
+    assert a.metrics["overall"] == pytest.approx(b.metrics["overall"], abs=100 / 50 + 1e-9)  # at most one image

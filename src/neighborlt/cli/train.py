@@ -129,6 +129,9 @@ def train_cmd(
         "--num-workers", help=_h("num_workers", "DataLoader workers."))] = None,
     threads: Annotated[int | None, typer.Option("--threads", help=_h(
         "threads", "torch CPU threads per process (0: torch's default; 1 when several runs share the cores)."))] = None,
+    channels_last: Annotated[bool | None, typer.Option(
+        "--channels-last/--no-channels-last", help="NHWC memory order for convolutions (faster for EfficientNet on "
+                                                   "CPU; execution only, not part of the run key) (default: off).")] = None,
     eval_every: Annotated[int | None, typer.Option(
         "--eval-every", help=_h("eval_every", "Evaluate every N epochs (0 = at the end only)."))] = None,
     eval_batch_size: Annotated[int | None, typer.Option(

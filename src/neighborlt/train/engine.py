@@ -498,6 +498,8 @@ def _build_model(cfg: TrainConfig, d: _Data, info: ddp.DistInfo) -> _Model:
     from .models import create_model, model_normalization
 
     model = create_model(cfg.model, d.C, init=cfg.init, image_size=cfg.image_size)
+    if cfg.channels_last:  # weights in NHWC make every convolution's output NHWC too; inputs can stay NCHW
+        model = model.to(memory_format=torch.channels_last)
     dataset = ImageSetDataset(d.aux.train, build_transform(cfg.image_size, train=True, randaugment=cfg.randaugment,
                                                            normalization=model_normalization(cfg.model)),
                               cfg.image_size)

@@ -388,6 +388,7 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str, 
                 break
     w_key, b_key = classifier_keys(model)
     head_keys = {w_key, b_key}
+    reinit = False
     for k in head_keys:
         if k in state and state[k].shape != own[k].shape:
             logger.info(
@@ -395,6 +396,7 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str, 
                 source, k, tuple(state[k].shape), tuple(own[k].shape),
             )
             state = {kk: v for kk, v in state.items() if kk not in head_keys}
+            reinit = True
             break
     missing = [k for k in own if k not in state and k not in head_keys]
     unexpected = [k for k in state if k not in own]
@@ -409,6 +411,6 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str, 
             f"{source}: checkpoint does not fit {type(model).__name__} ({detail}); pass a checkpoint of the same "
             "architecture"
         )
-    if not head_keys <= set(state):
+    if not reinit and not head_keys <= set(state):  # (a re-initialised classifier was logged above)
         logger.info("%s: no classifier in the checkpoint; the classifier keeps its random initialisation", source)
     model.load_state_dict(state, strict=False)
