@@ -166,3 +166,22 @@ def test_ablation_page_escapes_file_strings(tmp_path: Path) -> None:
     assert "<td>a | b</td>" in page and '<td class=num>12.5 ± 0.3</td>' in page
     assert "OUT/missing.md" in page and "neighborlt ablate OUT --grid missing" in page
     assert len(_img_sources(page)) == 1
+
+
+@pytest.mark.parametrize(("command", "option", "message"), [
+    ("ablate", ["--train", '{"channel_last": true}'],
+     "error: --train 'channel_last': unknown TrainConfig key; did you mean 'channels_last'?"),
+    ("ablate", ["--train", '{"lr": -1}'], "error: --train lr: must be > 0.0, got -1"),
+    ("ablate", ["--filter", '{"bnd": false}'], "error: --filter 'bnd': unknown FilterConfig key; did you mean 'band'?"),
+    ("pilot", ["--train", '{"epoch": 3}'], "error: --train 'epoch': unknown TrainConfig key; did you mean 'epochs'?"),
+])
+def test_bad_section_key_is_one_line_before_any_work(command: str, option: list[str], message: str,
+                                                     tmp_path: Path) -> None:
+    """A mistyped --train / --filter key stops the command before it prepares any data (no output folder)."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "neighborlt", command, str(out), *option], capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
+    assert not out.exists()

@@ -86,6 +86,18 @@ class AblationConfig(BaseModel):
     #   (default: every rule off, every pool image kept, as the README's tables were run)
 
     @model_validator(mode="after")
+    def _sections_are_valid(self) -> AblationConfig:
+        """``train`` and ``filter`` are checked as TrainConfig / FilterConfig fields up front, so a mistyped key is
+        one line before any data stage runs (not after minutes of preparing the protocol)."""
+        from .cli._common import check_section
+        from .filter.config import FilterConfig
+        from .train.config import TrainConfig
+
+        check_section(self.train, TrainConfig, "--train")
+        check_section(self.filter, FilterConfig, "--filter")
+        return self
+
+    @model_validator(mode="after")
     def _vocabulary_needs_embedding(self) -> AblationConfig:
         if self.neighbors_vocabulary == "pool" and self.neighbors_backend != "embedding":
             raise ValueError(f"the pool vocabulary needs the embedding backend (got {self.neighbors_backend!r}); "

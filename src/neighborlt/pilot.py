@@ -225,8 +225,12 @@ def run_pilot(cfg: PilotConfig, out_dir: str | os.PathLike[str], *, workers: int
 
     if workers < 1:
         raise ConfigError(f"--workers {workers}: give 1 or more training processes")
+    from .cli._common import check_section
+    from .train import TrainConfig
+
+    check_section(cfg.train, TrainConfig, "--train")  # a bad train field: one line before any work
     for seed in cfg.seeds:
-        train_config(cfg, seed)  # a bad train field: one line before any work
+        train_config(cfg, seed)
     out = Path(out_dir)
     _check_same_study(out, cfg)
     image_set = load_dataset(cfg.dataset, "train", cfg.data_dir)

@@ -119,3 +119,25 @@ def click_error_line(e: Exception) -> str:
         except (AttributeError, IndexError):
             pass
     return f"error: {msg}"
+
+
+def check_section(fields: dict[str, Any], model: type[BaseModel], option: str) -> None:
+    """Validate a dict of ``model`` fields given as one option (``--train '{...}'`` of ``ablate`` / ``pilot``) before
+    any work: an unknown key is one line with the closest field name and the allowed ones, a bad value one line
+    naming the key.
+
+    Raises:
+        ConfigError: ``--train 'epoch': unknown TrainConfig key; did you mean 'epochs'? allowed: ...``
+    """
+    unknown = [k for k in fields if k not in model.model_fields]
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(str(unknown[0]), list(model.model_fields), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"{option} {unknown[0]!r}: unknown {model.__name__} key; {hint}allowed: "
+                          f"{', '.join(sorted(model.model_fields))}")
+    try:
+        model(**fields)
+    except ValidationError as e:
+        raise ConfigError(f"{option} " + format_validation_error(e, model=model)) from None
