@@ -96,8 +96,8 @@ class TrainConfig(BaseModel):
     threads: int = Field(0, ge=0)  # torch intra-op CPU threads per process (0: torch's default). Use 1 when several
     #   runs share the cores: OpenMP threads spinning on an oversubscribed CPU made a ResNet-8 step 8x slower here
     channels_last: bool = False  # convolution weights and activations in NHWC memory order (timm's --channels-last):
-    #   the same function with other float rounding; EfficientNet-Lite0 at 64 px trained 1.4x faster on one CPU
-    #   thread here (bench/train_step.py)
+    #   the same function with other float rounding; an EfficientNet-Lite0 step at 64 px was 1.5x faster on this CPU
+    #   (bench/train_step.py); ignored by --frozen (features are extracted separately)
     eval_every: int = Field(1, ge=0)  # evaluate on the test set every N epochs (0 = only at the end)
     eval_batch_size: int = Field(256, ge=1)  # images per inference batch
 
