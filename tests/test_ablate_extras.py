@@ -185,3 +185,9 @@ def test_bad_section_key_is_one_line_before_any_work(command: str, option: list[
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
     assert not out.exists()
+
+
+def test_means_that_round_to_zero_print_without_a_minus_sign() -> None:
+    from neighborlt.ablate import _fmt
+
+    assert _fmt(-0.04, 0.2) == "0.0 ± 0.2" and _fmt(-0.05001, 0.2) == "-0.1 ± 0.2" and _fmt(0.04, float("nan")) == "0.0"

@@ -408,7 +408,10 @@ def _summary(values: list[float]) -> tuple[float, float]:
 def _fmt(mean: float, std: float) -> str:
     if math.isnan(mean):
         return "–"
-    return f"{mean:.1f}" if math.isnan(std) else f"{mean:.1f} ± {std:.1f}"
+    m = f"{mean:.1f}"
+    if m == "-0.0":  # a mean that rounds to zero is 0.0, not "-0.0"
+        m = "0.0"
+    return m if math.isnan(std) else f"{m} ± {std:.1f}"
 
 
 def train_config(cfg: AblationConfig, spec: RunSpec, seed: int) -> Any:
