@@ -97,8 +97,8 @@ def test_own_dataset_example_end_to_end(tmp_path: Path, data_dir: Path) -> None:
 
 @pytest.mark.parametrize("text, message", [
     ("train:\n  lambda_s: -1\n", "train.lambda_s: must be >= 0.0, got -1"),
-    ("trian: {}\n", "trian: unknown key; allowed: aux_cap, baseline, classes"),
-    ("train:\n  epoch: 3\n", "train.epoch: unknown key; allowed: amp, aux_cap"),
+    ("trian: {}\n", "trian: unknown key (did you mean 'train'?); allowed: aux_cap, baseline, classes"),
+    ("train:\n  epoch: 3\n", "train.epoch: unknown key (did you mean 'epochs'?); allowed: amp, aux_cap"),
     ("filter:\n  band_mode: median\n", "filter.band_mode: must be one of 'absolute' or 'quantile', got 'median'"),
     ("retrieve: [1]\n", "retrieve: Input should be a valid dictionary"),
     ("classes:\n  dataset: x\n  protocol: cifar10-lt\n", "classes: give exactly one of protocol"),

@@ -98,7 +98,7 @@ def test_grid_definitions() -> None:
     (["ablate", "OUT", "--neighbors-vocabulary", "pool"], "the pool vocabulary needs the embedding backend"),
     (["run", "OUT", "--train", "[1]"], "--train: expected a JSON object"),
     (["run", "OUT", "--train", '{"lambda_s": -1}'], "train.lambda_s: must be >= 0.0, got -1"),
-    (["run", "OUT", "--filter", '{"gama_low": 0}'], "filter.gama_low: unknown key; allowed: band, band_mode"),
+    (["run", "OUT", "--filter", '{"gama_low": 0}'], "filter.gama_low: unknown key (did you mean 'gamma_low'?); allowed: band, band_mode"),
     (["run", "OUT", "--lambda-s", "-1"], "lambda_s: must be >= 0.0, got -1.0"),
     (["run", "OUT", "--until", "training"], "--until 'training': unknown stage; use one of classes, neighbors"),
     (["run", "OUT", "--from", "eval", "--until", "train"], "--from eval comes after --until train"),

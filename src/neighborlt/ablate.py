@@ -405,7 +405,8 @@ def _summary(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else float("nan")  # one seed: no std
 
 
-def _fmt(mean: float, std: float) -> str:
+def fmt_mean_std(mean: float, std: float) -> str:
+    """``12.3 ± 0.4`` (one decimal; "–" for no value, no "± nan"; a mean that rounds to zero is 0.0, not -0.0)."""
     if math.isnan(mean):
         return "–"
     m = f"{mean:.1f}"
@@ -641,8 +642,8 @@ def _markdown(cfg: AblationConfig, grid: str, rows: list[dict[str, Any]]) -> str
     lines = ["| variant | overall | many | medium | few | Δ overall | Δ few | train s/run |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        cells = [r["label"]] + [_fmt(*r[s]) for s in SPLITS] + [_fmt(*r["delta_overall"]), _fmt(*r["delta_few"]),
-                                                               f"{r['wall_s_mean']:.0f}"]
+        cells = ([r["label"]] + [fmt_mean_std(*r[s]) for s in SPLITS]
+                 + [fmt_mean_std(*r["delta_overall"]), fmt_mean_std(*r["delta_few"]), f"{r['wall_s_mean']:.0f}"])
         lines.append("| " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
 
@@ -657,7 +658,7 @@ def _silencing_vs_dagger(rows: list[dict[str, Any]], seeds: list[int],
         parts = []
         for s in SPLITS:
             vals = [ns[k][s] - dag[k][s] for k in seeds if ns[k][s] is not None and dag[k][s] is not None]
-            parts.append(f"{s} {_fmt(*_summary(vals))}")
+            parts.append(f"{s} {fmt_mean_std(*_summary(vals))}")
         lines.append(f"* {source}: " + ", ".join(parts))
     return "\n".join(lines) + "\n"
 
@@ -698,13 +699,13 @@ def _silencing_notes(cfg: AblationConfig, rows: list[dict[str, Any]], sets: Sequ
     eces = [(r["label"], [r["seeds"][k].get("ece") for k in cfg.seeds]) for r in rows]
     if all(v is not None for _, vals in eces for v in vals):
         lines += ["Expected calibration error (%, 15 bins, target rows, direct classifier): "
-                  + "; ".join(f"{lab} {_fmt(*_summary(vals))}" for lab, vals in eces), ""]
+                  + "; ".join(f"{lab} {fmt_mean_std(*_summary(vals))}" for lab, vals in eces), ""]
     if where:
         lines += [("Where the target test images go under the full L + K head (top-1 %, mean ± std over seeds; "
                   "`paired aux` = an auxiliary class paired with the image's own class, the only ones silencing "
                   "touches):"), ""]
         for r, docs in zip(rows, where):
-            share = {k: _fmt(*_summary([d["share"][k] for d in docs]))
+            share = {k: fmt_mean_std(*_summary([d["share"][k] for d in docs]))
                      for k in ("correct", "other_target", "aux", "paired_aux")}
             lines.append(f"* {r['label']}: correct {share['correct']}, other target {share['other_target']}, "
                          f"auxiliary {share['aux']}, paired auxiliary {share['paired_aux']}")

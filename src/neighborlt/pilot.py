@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .ablate import fmt_mean_std
 from .errors import ConfigError
 from .rundir import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, run_lock
 
@@ -201,11 +202,6 @@ def _summary(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else float("nan")
 
 
-def _fmt(ms: tuple[float, float]) -> str:
-    m, s = ms
-    return f"{m:.1f}" if math.isnan(s) else f"{m:.1f} ± {s:.1f}"
-
-
 def run_pilot(cfg: PilotConfig, out_dir: str | os.PathLike[str], *, workers: int = 1, progress: bool = True,
               on_run: Callable[[str, int], None] | None = None) -> dict[str, Any]:
     """Train every run of the pilot (skipping finished ones) and write its table, plot and page.
@@ -229,8 +225,7 @@ def run_pilot(cfg: PilotConfig, out_dir: str | os.PathLike[str], *, workers: int
     from .train import TrainConfig
 
     check_section(cfg.train, TrainConfig, "--train")  # a bad train field: one line before any work
-    for seed in cfg.seeds:
-        train_config(cfg, seed)
+    train_config(cfg, cfg.seeds[0])  # ... and a field that does not fit a targets-only run
     out = Path(out_dir)
     _check_same_study(out, cfg)
     image_set = load_dataset(cfg.dataset, "train", cfg.data_dir)
@@ -375,7 +370,7 @@ def _markdown(cfg: PilotConfig, rows: list[dict[str, Any]]) -> str:
     for key, title in tables:
         lines += [f"**{title}**", "", f"| superclasses | {cols} |", "|---|" + "---|" * len(cfg.ratios)]
         for s in cfg.superclasses:
-            cells = [_fmt(next(r[key] for r in rows if r["superclasses"] == s and r["ratio"] == ratio))
+            cells = [fmt_mean_std(*next(r[key] for r in rows if r["superclasses"] == s and r["ratio"] == ratio))
                      for ratio in cfg.ratios]
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
         lines.append("")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -83,7 +84,9 @@ def format_validation_error(error: ValidationError, *, prefix: str = "", model: 
     ctx = err.get("ctx") or {}
     if kind == "extra_forbidden":
         known = _known_keys(model, loc[:-1])
-        problem = "unknown key" + (f"; allowed: {', '.join(known)}" if known else "")
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1) if known and loc else []
+        problem = ("unknown key" + (f" (did you mean {close[0]!r}?)" if close else "")
+                   + (f"; allowed: {', '.join(known)}" if known else ""))
     elif kind in ("value_error", "assertion_error") and "error" in ctx:
         problem = str(ctx["error"])
     elif kind in _SHORT:
@@ -123,20 +126,11 @@ def click_error_line(e: Exception) -> str:
 
 def check_section(fields: dict[str, Any], model: type[BaseModel], option: str) -> None:
     """Validate a dict of ``model`` fields given as one option (``--train '{...}'`` of ``ablate`` / ``pilot``) before
-    any work: an unknown key is one line with the closest field name and the allowed ones, a bad value one line
-    naming the key.
+    any work, as one line naming the option and the key (an unknown key also gets the closest field name).
 
     Raises:
-        ConfigError: ``--train 'epoch': unknown TrainConfig key; did you mean 'epochs'? allowed: ...``
+        ConfigError: ``--train epoch: unknown key (did you mean 'epochs'?); allowed: ...``
     """
-    unknown = [k for k in fields if k not in model.model_fields]
-    if unknown:
-        import difflib
-
-        close = difflib.get_close_matches(str(unknown[0]), list(model.model_fields), n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ConfigError(f"{option} {unknown[0]!r}: unknown {model.__name__} key; {hint}allowed: "
-                          f"{', '.join(sorted(model.model_fields))}")
     try:
         model(**fields)
     except ValidationError as e:
