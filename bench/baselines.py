@@ -236,12 +236,6 @@ def _summary(values: list[float | None]) -> tuple[float, float]:
     return summary([v for v in values if v is not None])
 
 
-def _fmt(mean: float, std: float) -> str:
-    from neighborlt.ablate import _fmt as fmt
-
-    return fmt(mean, std)
-
-
 def _device_of(run: Path) -> str:
     env_path = run / "records" / "train.env.json"
     if not env_path.exists():
@@ -352,6 +346,8 @@ def _hp_line(regime: str, epochs: int) -> str:
 
 def markdown(doc: dict[str, Any]) -> str:
     """The table (one row per dataset × loss/classifier) with its header and the published anchors."""
+    from neighborlt.ablate import fmt_mean_std
+
     regime, epochs = doc["regime"], doc["epochs"]
     intro = (f"Top-1 accuracy (%) on the balanced test set, mean ± std over training seeds "
              f"{', '.join(map(str, doc['seeds']))} (protocol split fixed, protocol seed 0). Groups by training "
@@ -380,7 +376,7 @@ def markdown(doc: dict[str, Any]) -> str:
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         cells = [r["dataset_label"], f"{r['regime']} ({epochs} ep)", r["label"]]
-        cells += [_fmt(*r[s]) for s in (*SPLITS, "worst")]
+        cells += [fmt_mean_std(*r[s]) for s in (*SPLITS, "worst")]
         cells += [f"{r['wall_s_mean']:.0f}", r["device"]]
         lines.append("| " + " | ".join(cells) + " |")
     losses = {r["loss"] for r in doc["rows"]}
