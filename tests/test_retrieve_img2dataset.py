@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from neighborlt.data import manifest as mf
 from neighborlt.data.base import ShardMember
 from neighborlt.errors import DataError
 from neighborlt.retrieve import IMG2DATASET_COMMAND, RetrieveConfig, run_retrieve
-from neighborlt.retrieve import manifest as mf
 
 FIXTURE = Path(__file__).resolve().parent / "data" / "img2dataset_output"
 PARENTS = {"red fox": ["kit fox"], "grey wolf": ["coyote"], "barn owl": ["great grey owl"]}

@@ -292,7 +292,7 @@ class _Data:
         import pyarrow.parquet as pq
 
         from .data.auxiliary import pairing_sample, repair
-        from .retrieve.manifest import write_table
+        from .data.manifest import write_table
 
         base_spec = replace(spec, pairing="relation")
         base_dir = self.setting_dir(base_spec)

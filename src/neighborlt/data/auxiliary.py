@@ -70,7 +70,7 @@ def rows_image_set(rows: list[dict[str, Any]], pool: ImageSet | None, root: Path
     Raises:
         DataError: a pool row without a pool in ``split.json``.
     """
-    from ..retrieve.manifest import image_ref
+    from .manifest import image_ref
 
     lab = np.asarray(labels if labels is not None else [0] * len(rows), dtype=np.int64)
     names = class_names or ["auxiliary"]
@@ -186,7 +186,7 @@ def load_aux_training_set(protocol: Protocol, manifest: str | os.PathLike[str] |
     if manifest is None:
         return AuxTrainingSet(train=tt, test=test, num_target=L, pairs=np.zeros((0, 2), dtype=np.int64),
                               thresholds=thresholds)
-    from ..retrieve.manifest import read_table
+    from .manifest import read_table
 
     path = Path(manifest)
     rows = read_table(path, AUX_MANIFEST_COLUMNS, "auxiliary manifest").to_pylist()

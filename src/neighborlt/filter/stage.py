@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from ..data import manifest as mf
 from ..errors import ConfigError
-from ..retrieve import manifest as mf
 from ..retrieve.sources import caption_mentions
 from ..rundir import RunDir, atomic_write_json, config_hash, file_sha256
 from .config import FilterConfig

@@ -3,7 +3,7 @@
 ``run_retrieve`` asks a source (:data:`~neighborlt.retrieve.sources.SOURCES`) for candidates, writes them to
 ``RUN/retrieve/candidates.parquet``, downloads the URL candidates into WebDataset shards (``RUN/retrieve/shards/``,
 resumable: finished shards are never fetched again) or references local ones, and writes
-``RUN/retrieve/manifest.parquet`` (one row per candidate, :mod:`neighborlt.retrieve.manifest`) and
+``RUN/retrieve/manifest.parquet`` (one row per candidate, :mod:`neighborlt.data.manifest`) and
 ``RUN/retrieve/stats.json`` (per-name status counts and the source's own figures). A re-run with the same options
 and inputs is skipped.
 """
@@ -22,9 +22,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from ..data import manifest as mf
 from ..errors import ConfigError, DataError
 from ..rundir import RunDir, atomic_write_json, config_hash, file_sha256, read_json
-from . import manifest as mf
 from .config import RetrieveConfig
 from .sources import SOURCES, AuxName, SourceContext, candidate
 

@@ -17,9 +17,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..data.base import ShardMember
 from ..errors import DataError
 from ..rundir import atomic_output
+from .base import ShardMember
 
 SCHEMA = pa.schema([
     ("uid", pa.string()), ("name", pa.string()), ("parents", pa.list_(pa.string())), ("query", pa.string()),
