@@ -51,6 +51,11 @@ def train_cmd(
     config: Annotated[Path | None, typer.Option(
         "--config", help="JSON file of TrainConfig fields (e.g. RUN/records/train.config.json); "
                          "options given here override it.")] = None,
+    recipe: Annotated[str | None, typer.Option(
+        "--recipe", help=_h("recipe", "The paper's values for the fields not given: scratch-mae | clip | dinov2 | "
+                                      "none (neighborlt.train.recipes)."))] = None,
+    recipe_dataset: Annotated[str | None, typer.Option(
+        "--recipe-dataset", help="The recipe's epochs and warm-up: imagenet-lt | inat18 | places-lt.")] = None,
     protocol: Annotated[str | None, typer.Option(
         "--protocol", help="Split-neighbour preset (cifar10-neighbours, tiny-imagenet-lt-neighbours, ...); "
                            "default: RUN/split.json.")] = None,

@@ -42,6 +42,12 @@ class TrainConfig(BaseModel):
     #   "all" in a config / --aux-cap all): every image; the rule is defaults.parse_aux_cap
     max_test_per_class: int | None = Field(None, ge=1)  # evaluate on at most this many test images/class (speed)
 
+    # ---- recipe ------------------------------------------------------------------------------------------
+    recipe: str = "none"  # the paper's values (train.recipes): scratch-mae | clip | dinov2 | none; fills only the
+    #   fields not set explicitly (recipe_values() lists what it filled)
+    recipe_dataset: str | None = None  # imagenet-lt | inat18 | places-lt: picks the recipe's epochs and warm-up;
+    #   needed with a recipe unless epochs and warmup_epochs are both set
+
     # ---- model -------------------------------------------------------------------------------------------
     model: str = "resnet32_cifar"  # train.models name: resnet32_cifar | resnet8_cifar | efficientnet_lite0 | timm
     init: str = "random"  # random | pretrained | path to a .safetensors/.pt checkpoint
@@ -100,6 +106,28 @@ class TrainConfig(BaseModel):
     #   (bench/train_step.py); ignored by --frozen (features are extracted separately)
     eval_every: int = Field(1, ge=0)  # evaluate on the test set every N epochs (0 = only at the end)
     eval_batch_size: int = Field(256, ge=1)  # images per inference batch
+
+    @model_validator(mode="after")
+    def _apply_recipe(self) -> TrainConfig:
+        """Fill the recipe's values into the fields not set explicitly (``model_fields_set`` stays the user's)."""
+        from .recipes import check_recipe, recipe_values
+
+        check_recipe(self.recipe)
+        if self.recipe_dataset is not None and self.recipe == "none":
+            raise ConfigError("recipe_dataset needs a recipe: add --recipe scratch-mae | clip | dinov2 or drop it")
+        for k, v in recipe_values(self.recipe, self.recipe_dataset, set(self.model_fields_set),
+                                  self.grad_accum).items():
+            self.__dict__[k] = v  # not setattr: the field must not count as set by the user
+        return self
+
+    def recipe_values(self) -> dict[str, Any]:
+        """The fields the recipe filled (those the user did not set explicitly) and their values."""
+        from .recipes import recipe_table
+
+        if self.recipe == "none":
+            return {}
+        return {k: getattr(self, k) for k in recipe_table(self.recipe, self.recipe_dataset)
+                if k not in self.model_fields_set}
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

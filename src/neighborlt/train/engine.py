@@ -251,6 +251,7 @@ def _model_meta(cfg: TrainConfig, model: nn.Module, aux: Any, frozen_info: dict[
         "classifier_mode": mode,
         "frozen": frozen_info,
         "loss": cfg.loss,
+        "recipe": {"name": cfg.recipe, "dataset": cfg.recipe_dataset, "filled": cfg.recipe_values()},
         "neighbor_pairs": np.asarray(aux.pairs, dtype=np.int64).reshape(-1, 2).tolist(),  # (target, auxiliary) rows
         "config_key": key,
         "weights": "model.safetensors",
@@ -382,6 +383,8 @@ def _run(cfg: TrainConfig, rd: RunDir, info: ddp.DistInfo, *, resume: bool, forc
     if info.is_main:
         rd.record(STAGE, {**cfg.model_dump(mode="json"), "world_size": info.world_size, "config_key": key},
                   seed=cfg.seed)
+        if cfg.recipe != "none":
+            log.info("recipe %s (%s) filled: %s", cfg.recipe, cfg.recipe_dataset, cfg.recipe_values())
     s = _build(cfg, rd, info, key, per_rank, data)
     start = _resume(s) if resume else _Start()
     s.net = ddp.wrap(WithFeatures(s.model) if s.needs_features else s.model, info, sync_bn=cfg.sync_bn)
