@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 import http.client
 import itertools
+import os
 import socket
 import ssl
 import threading
@@ -117,6 +118,16 @@ class _Watchdog:
 
 
 _WATCHDOG = _Watchdog()
+
+
+def _new_watchdog_after_fork() -> None:
+    """A forked download worker starts with a fresh watchdog (the parent's thread and lock state are not its own)."""
+    global _WATCHDOG
+    _WATCHDOG = _Watchdog()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_watchdog_after_fork)
 
 
 class _Deadline(Exception):

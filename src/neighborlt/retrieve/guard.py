@@ -14,6 +14,7 @@ request to another address. The ``Host`` header, TLS SNI and certificate check s
 
 from __future__ import annotations
 
+import functools
 import http.client
 import ipaddress
 import socket
@@ -22,6 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from urllib.parse import urlsplit
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Resolver = Callable[[str, int], Sequence[str]]
 
 ALLOWED_SCHEMES = ("http", "https")
@@ -107,9 +109,15 @@ def blocked_reason(ip: IPAddress) -> str | None:
     return None
 
 
-def _parse_allow(allow_hosts: Iterable[str]) -> tuple[set[str], list[ipaddress.IPv4Network | ipaddress.IPv6Network]]:
+def _parse_allow(allow_hosts: Iterable[str]) -> tuple[frozenset[str], tuple[_Network, ...]]:
+    return _parse_allow_cached(tuple(allow_hosts))
+
+
+@functools.lru_cache(maxsize=64)
+def _parse_allow_cached(allow_hosts: tuple[str, ...]) -> tuple[frozenset[str], tuple[_Network, ...]]:
+    """``allow_hosts`` as (host names, networks); cached, since every fetch of a run passes the same list."""
     names: set[str] = set()
-    nets: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    nets: list[_Network] = []
     for entry in allow_hosts:
         entry = entry.strip()
         if not entry:
@@ -118,7 +126,7 @@ def _parse_allow(allow_hosts: Iterable[str]) -> tuple[set[str], list[ipaddress.I
             nets.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
         except ValueError:
             names.add(normalize_host(entry))
-    return names, nets
+    return frozenset(names), tuple(nets)
 
 
 def normalize_host(host: str) -> str:

@@ -5,7 +5,8 @@ truncated bodies are refused. Only common raster formats are opened (no EPS, whi
 The pixel count from the header is checked before anything is decoded, then the image is fully decoded
 (a truncated file fails, :data:`PIL.ImageFile.LOAD_TRUNCATED_IMAGES` must stay off), converted to RGB
 (transparency composited on white), EXIF orientation applied, shrunk so the longer side is at most
-``max_side`` and re-encoded as JPEG. Pillow releases the GIL while decoding, resizing and encoding, so
+``max_side`` and re-encoded as JPEG (or, with ``keep_fitting_jpeg``, a JPEG that already fits every rule is
+kept as downloaded after a full decode). Pillow releases the GIL while decoding, resizing and encoding, so
 threads scale.
 """
 
@@ -15,7 +16,7 @@ import hashlib
 import io
 from typing import NamedTuple
 
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")  # JPEG also opens MPO files
 
@@ -57,9 +58,26 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def _exif_orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag (1 = as stored) of an opened image; 1 without EXIF."""
+    if "exif" not in im.info:
+        return 1
+    try:
+        return int(im.getexif().get(ExifTags.Base.Orientation, 1))
+    except Exception:  # noqa: BLE001 - unreadable EXIF: re-encode (exif_transpose decides there)
+        return 0
+
+
 def process_image(data: bytes, *, min_side: int = 32, max_aspect: float = 5.0, max_side: int = 512,
-                  max_pixels: int = 40_000_000, jpeg_quality: int = 90) -> ProcessedImage:
+                  max_pixels: int = 40_000_000, jpeg_quality: int = 90,
+                  keep_fitting_jpeg: bool = False) -> ProcessedImage:
     """Check ``data`` and return it as an RGB JPEG no larger than ``max_side``.
+
+    With ``keep_fitting_jpeg``, a JPEG that already is what this function would store is returned as downloaded,
+    not re-encoded: baseline or progressive JPEG (not MPO), 3-channel (YCbCr/RGB), no EXIF rotation, longer side at
+    most ``max_side``, no more bytes than its raw RGB pixels (so no large metadata or appended payload rides
+    along), and every rule above met. It is still decoded in full (at 1/8 scale in the DCT domain: the whole
+    entropy-coded stream is read, so a truncated or corrupt file is refused as before).
 
     Args:
         data: the downloaded body.
@@ -67,7 +85,8 @@ def process_image(data: bytes, *, min_side: int = 32, max_aspect: float = 5.0, m
         max_aspect: largest accepted ratio longer side / shorter side.
         max_side: longer side of the stored image at most, in pixels (never upscaled).
         max_pixels: largest accepted width*height of the original (decompression-bomb guard).
-        jpeg_quality: JPEG quality of the stored image (1-95).
+        jpeg_quality: JPEG quality of a re-encoded image (1-95).
+        keep_fitting_jpeg: store a JPEG that already fits as downloaded (see above).
 
     Returns:
         ``(jpeg, sha256_of_jpeg, width, height, orig_width, orig_height)`` as a :class:`ProcessedImage`.
@@ -100,6 +119,14 @@ def process_image(data: bytes, *, min_side: int = 32, max_aspect: float = 5.0, m
             raise ImageRefused("too_small", f"{ow}x{oh} has a side under min_side={min_side}")
         if max(ow, oh) / min(ow, oh) > max_aspect:
             raise ImageRefused("aspect", f"{ow}x{oh} aspect ratio {max(ow, oh) / min(ow, oh):.2f} > {max_aspect:g}")
+        if (keep_fitting_jpeg and im.format == "JPEG" and im.mode == "RGB" and max(ow, oh) <= max_side
+                and len(data) <= 3 * ow * oh and _exif_orientation(im) == 1):
+            try:
+                im.draft("RGB", ((ow + 7) // 8, (oh + 7) // 8))
+                im.load()
+            except Exception as e:  # noqa: BLE001 - truncated / corrupt data raises OSError, SyntaxError, ...
+                raise ImageRefused("decode_error", f"cannot decode image ({e.__class__.__name__}: {e})") from None
+            return ProcessedImage(data, hashlib.sha256(data).hexdigest(), ow, oh, ow, oh)
         try:
             if im.format == "JPEG" and max(ow, oh) > 2 * max_side:
                 scale = max_side / max(ow, oh)  # DCT-domain downscale: decodes much faster, still whole stream

@@ -15,7 +15,6 @@ the ``.jpg`` member's data inside the tar, so :func:`read_image_bytes` needs a s
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -49,6 +48,7 @@ SHARD_SCHEMA = pa.schema([
 ])
 _SHARD_RE = re.compile(r"^(\d{5,})(\.tar|\.parquet|_stats\.json)$")
 OK_STATUSES = ("ok", "duplicate")
+_NUL = bytes(tarfile.BLOCKSIZE * 2)
 
 
 def shard_stem(shard_id: int) -> str:
@@ -161,8 +161,8 @@ class ShardWriter:
         self.key_digits = key_digits
         self._tmp_tar = self.dir / f".{self.stem}.tar.tmp"
         self._tmp_parquet = self.dir / f".{self.stem}.parquet.tmp"
-        self._file = open(self._tmp_tar, "wb")  # noqa: SIM115 - closed by commit()/abort()
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+        self._file = open(self._tmp_tar, "wb", buffering=1 << 20)  # noqa: SIM115 - closed by commit()/abort()
+        self._offset = 0  # bytes written to the tar so far
         self.rows: list[dict[str, Any]] = []
         self.start_time = time.time()
         self.mtime = int(self.start_time)
@@ -171,14 +171,28 @@ class ShardWriter:
         return len(self.rows)
 
     def _add_member(self, name: str, data: bytes) -> int:
+        """Append a USTAR member (what ``tarfile`` writes, with its header built once); returns its data offset."""
         info = tarfile.TarInfo(name)
         info.size = len(data)
         info.mtime = self.mtime
         info.mode = 0o444
-        start = self._tar.offset
-        header = info.tobuf(self._tar.format, self._tar.encoding, self._tar.errors)
-        self._tar.addfile(info, io.BytesIO(data))
-        return start + len(header)
+        header = info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+        pad = -len(data) % tarfile.BLOCKSIZE
+        self._file.write(header)
+        self._file.write(data)
+        if pad:
+            self._file.write(_NUL[:pad])
+        start = self._offset + len(header)
+        self._offset = start + len(data) + pad
+        return start
+
+    def _close_tar(self) -> None:
+        """The end-of-archive blocks and the padding to a whole record, as :meth:`tarfile.TarFile.close` writes."""
+        self._file.write(_NUL[:2 * tarfile.BLOCKSIZE])
+        self._offset += 2 * tarfile.BLOCKSIZE
+        rest = -self._offset % tarfile.RECORDSIZE
+        self._file.write(bytes(rest))
+        self._offset += rest
 
     def add(self, *, uid: str, status: str, error: str = "", url: str = "", name: str = "", caption: str = "",
             jpeg: bytes | None = None, sha256: str | None = None, width: int | None = None, height: int | None = None,
@@ -225,7 +239,7 @@ class ShardWriter:
 
     def commit(self, **extra_stats: Any) -> dict[str, Any]:
         """Finish the tar, write the index and then the stats file; returns the stats."""
-        self._tar.close()
+        self._close_tar()
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -253,10 +267,9 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop the shard's temp files."""
         try:
-            self._tar.close()
+            self._file.close()
         except OSError:
             pass
-        self._file.close()
         for p in (self._tmp_tar, self._tmp_parquet):
             p.unlink(missing_ok=True)
 
