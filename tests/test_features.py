@@ -1,8 +1,16 @@
-"""Datasets/transforms and the frozen-feature cache (reuse and invalidation) on real CIFAR-10 images."""
+"""Datasets/transforms and the frozen-feature cache (reuse, invalidation, chunks that survive ``kill -9``, ranks)
+on real CIFAR-10 images."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +22,7 @@ from neighborlt.data.base import ImageSet
 from neighborlt.errors import ConfigError
 from neighborlt.paths import cache_dir
 from neighborlt.train.data import ImageSetDataset, build_transform
-from neighborlt.train.features import extract_features
+from neighborlt.train.features import chunk_ranges, extract_features, rank_chunks
 from neighborlt.train.models import create_model, model_normalization
 
 CLASSES = ["airplane", "cat", "ship", "truck"]
@@ -63,7 +71,7 @@ def test_image_set_dataset(images: ImageSet) -> None:
 
 def test_feature_cache_reuse_and_invalidation(images: ImageSet, tmp_path, caplog) -> None:
     before = _feature_files()
-    f1 = extract_features("efficientnet_lite0", "pretrained", images, 32, batch_size=6)
+    f1 = np.array(extract_features("efficientnet_lite0", "pretrained", images, 32, batch_size=6))  # not the mmap
     assert f1.shape == (16, 1280) and f1.dtype == np.float32 and np.isfinite(f1).all()
     new = _feature_files() - before
     assert len(new) == 1
@@ -134,3 +142,98 @@ def _seeded_checkpoint() -> str:
         save_file(create_model("resnet8_cifar", 1).state_dict(), str(path))
         _CKPT.append(str(path))
     return _CKPT[0]
+
+
+# A child process that extracts features of a saved image array; a global forward hook on the first convolution
+# sleeps ``delay`` s per batch so a kill lands mid-extraction. It prints its log lines to stderr.
+_CHILD = """
+import logging, sys, time
+import numpy as np, torch
+from torch import nn
+from neighborlt.data.base import ImageSet
+from neighborlt.train.features import extract_features
+
+images, ckpt, out, chunk_rows, workers, distributed, delay = sys.argv[1:8]
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+torch.set_num_threads(1)
+def slow(m, i, o):
+    if isinstance(m, nn.Conv2d) and m.in_channels == 3:
+        time.sleep(float(delay))
+torch.nn.modules.module.register_module_forward_hook(slow)
+a = np.load(images)
+s = ImageSet(class_names=["a", "b"], labels=np.arange(len(a)) % 2, array=a)
+f = extract_features("resnet8_cifar", ckpt, s, 32, batch_size=2, chunk_rows=int(chunk_rows),
+                     num_workers=int(workers), distributed=distributed == "1")
+np.save(out, np.asarray(f))
+"""
+
+
+def _child(tmp_path: Path, images: ImageSet, cache: Path, out: Path, *, chunk_rows: int, workers: int,
+           distributed: bool, delay: float, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    script, arr = tmp_path / "child.py", tmp_path / "images.npy"
+    script.write_text(_CHILD)
+    np.save(arr, images.array)
+    e = {**os.environ, "NEIGHBORLT_CACHE": str(cache), "OMP_NUM_THREADS": "1", **(env or {})}
+    (cache / "arrays").mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen([sys.executable, str(script), str(arr), _seeded_checkpoint(), str(out), str(chunk_rows),
+                             str(workers), "1" if distributed else "0", str(delay)], env=e, text=True,
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+
+
+def test_kill_9_mid_extraction_resumes_missing_chunks(images: ImageSet, tmp_path: Path, monkeypatch,
+                                                     caplog) -> None:
+    """A real SIGKILL after the first chunk file appears; the re-run computes only the missing chunks and its
+    features equal an uninterrupted run's."""
+    reference = np.array(extract_features("resnet8_cifar", _seeded_checkpoint(), images, 32))
+    cache = tmp_path / "cache"
+    proc = _child(tmp_path, images, cache, tmp_path / "never.npy", chunk_rows=4, workers=1, distributed=False,
+                  delay=0.3)
+    deadline = time.monotonic() + 120
+    chunks: list[Path] = []
+    while not chunks and proc.poll() is None and time.monotonic() < deadline:
+        chunks = list(cache.glob("features/*/*.chunks/rows-*.npy"))
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, err
+    folder = chunks[0].parent
+    done = sorted(int(p.name.split("-")[1]) // 4 for p in folder.glob("rows-*.npy"))
+    assert 1 <= len(done) < 4, done  # the kill came mid-extraction
+    assert not (tmp_path / "never.npy").exists() and not list(folder.parent.glob("*.npy"))  # nothing merged
+
+    monkeypatch.setenv("NEIGHBORLT_CACHE", str(cache))
+    with caplog.at_level(logging.INFO, logger="neighborlt.train.features"):
+        resumed = extract_features("resnet8_cifar", _seeded_checkpoint(), images, 32, batch_size=2, chunk_rows=4,
+                                   num_workers=0)
+    missing = [i for i in range(4) if i not in done]
+    want = ",".join(map(str, missing)) if len(missing) == 1 or missing[-1] - missing[0] != len(missing) - 1 \
+        else f"{missing[0]}-{missing[-1]}"
+    assert f"computes chunks {want} ({len(done)} of its 4 on disk)" in caplog.text, caplog.text
+    side = json.loads(next(folder.parent.glob("*.json")).read_text())
+    assert side["computed_chunks_by_merger"] == len(missing) and side["chunks"] == 4
+    np.testing.assert_array_equal(resumed, reference)
+    assert not folder.exists()  # merged once, chunks removed
+
+
+def test_two_ranks_split_chunks_and_merge_once(images: ImageSet, tmp_path: Path, monkeypatch, caplog) -> None:
+    """RANK=0/1 WORLD_SIZE=2 without a process group (rank 1 a child process, rank 0 this one): rank r computes
+    chunks i % 2 == r, exactly one of them merges, and both get the single-process features."""
+    assert chunk_ranges(10, 4) == [(0, 4), (4, 8), (8, 10)] and rank_chunks(5, 1, 2) == [1, 3]
+    reference = np.array(extract_features("resnet8_cifar", _seeded_checkpoint(), images, 32))
+    cache = tmp_path / "cache"
+    child = _child(tmp_path, images, cache, tmp_path / "rank1.npy", chunk_rows=4, workers=0, distributed=True,
+                   delay=0.0, env={"RANK": "1", "WORLD_SIZE": "2"})
+    monkeypatch.setenv("NEIGHBORLT_CACHE", str(cache))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with caplog.at_level(logging.INFO, logger="neighborlt.train.features"):
+        rank0 = np.array(extract_features("resnet8_cifar", _seeded_checkpoint(), images, 32, batch_size=2,
+                                          chunk_rows=4, num_workers=0, distributed=True))
+    err = child.communicate(timeout=180)[1]
+    assert child.returncode == 0, err
+    assert "rank 0/2 computes chunks 0,2 (0 of its 2 on disk)" in caplog.text, caplog.text
+    assert "rank 1/2 computes chunks 1,3 (0 of its 2 on disk)" in err, err
+    assert caplog.text.count("extracted resnet8_cifar features") + err.count("extracted resnet8_cifar features") == 1
+    np.testing.assert_array_equal(rank0, reference)
+    np.testing.assert_array_equal(np.load(tmp_path / "rank1.npy"), reference)
+    assert not list(cache.glob("features/*/*.chunks"))
