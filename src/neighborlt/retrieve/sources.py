@@ -11,6 +11,10 @@ referenced, and the filter stage what is kept.
   normaliser); ``--match wordnet`` uses the protocol's sibling relation instead. With ``--pool DIR`` a folder tree
   ``DIR/<class name>/*.jpg`` (the folder name is the caption); with ``--pool FILE.csv|.parquet`` rows of
   ``path,caption`` (an image is a candidate of every auxiliary name its caption contains).
+  A name matches together with its synonyms (``neighbors.json``'s ``synonyms``: the other lemmas of the WordNet
+  synset the name came from), so captions that say *sneaker* reach the proposed *gym shoe*; the ``matched`` column
+  records the form that matched. Captions are matched by :class:`NameMatcher`, once per distinct caption and in
+  time linear in its words (not once per row and name).
 * ``urls``: a CSV / Parquet of ``name,url,caption`` (the user's own URL lists). Names that are not auxiliary classes
   of ``neighbors.json`` are reported and skipped.
 * ``web``: image search (``ddgs``: ``DDGS().images(query, max_results=N)``), title as caption, with back-off on
@@ -24,14 +28,16 @@ Names are hostile text: they are only compared and sent as query strings, never 
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,16 +54,23 @@ WEB_ENGINES: Registry[Callable[..., Any]] = Registry("web image search engine")
 
 #: columns of every candidate row (``RUN/retrieve/candidates.parquet``)
 CANDIDATE_FIELDS = ("uid", "name", "parents", "query", "url", "location", "path", "pool_index", "caption", "source",
-                    "similarity")
+                    "similarity", "matched")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 @dataclass
 class AuxName:
-    """One auxiliary class name to find images for, and the target classes that proposed it."""
+    """One auxiliary class name to find images for, the target classes that proposed it, and its synonyms (the
+    other lemmas of its WordNet synset, when the name came from WordNet)."""
 
     name: str
     parents: list[str] = field(default_factory=list)
+    synonyms: list[str] = field(default_factory=list)
+
+    @property
+    def forms(self) -> list[str]:
+        """The name, then its synonyms: every form a caption may use for this class."""
+        return list(dict.fromkeys([self.name, *self.synonyms]))
 
 
 @dataclass
@@ -71,24 +84,92 @@ class SourceContext:
 
 
 def candidate(name: str, parents: list[str], *, url: str, location: str, source: str, caption: str = "",
-              path: str = "", pool_index: int = -1, query: str = "", similarity: float = float("nan")) -> dict[str, Any]:
+              path: str = "", pool_index: int = -1, query: str = "", similarity: float = float("nan"),
+              matched: str = "") -> dict[str, Any]:
     """A candidate row; ``uid`` is a stable hash of (source, name, url) so re-runs and resumes agree on it."""
     uid = hashlib.sha256(f"{source}\x00{name}\x00{url}".encode()).hexdigest()[:20]
     return {"uid": uid, "name": name, "parents": list(parents), "query": query or name, "url": url,
             "location": location, "path": path, "pool_index": int(pool_index), "caption": caption, "source": source,
-            "similarity": float(similarity)}
+            "similarity": float(similarity), "matched": matched}
 
 
 def _keys(*names: str) -> set[str]:
     return {k for k in (name_key(n) for n in names if isinstance(n, str)) if k}
 
 
+_WORD_RE = re.compile(r"[\w']+")
+
+
+def _words(text: str) -> list[str]:
+    return _WORD_RE.findall((text or "").lower().replace("_", " ").replace("-", " "))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _word_forms(word: str) -> tuple[str, ...]:
+    """The word and its singular readings that are WordNet nouns ("shoes" -> shoes, shoe; "wolves" -> wolf)."""
+    from ..neighbors import parse
+
+    nouns = parse._load_nouns()  # the one WordNet noun list, loaded once
+    out = [word, parse.singular(word)]
+    for old, new in parse._SUFFIXES:  # "shoes" is itself a WordNet noun, "shoe" too
+        if word.endswith(old) and len(word) > len(old) + 1 and word[: -len(old)] + new in nouns:
+            out.append(word[: -len(old)] + new)
+    return tuple(dict.fromkeys(out))
+
+
+class NameMatcher:
+    """Which labels a caption mentions, and by which form: each label has forms (a name and its synonyms), each
+    form matches as whole words of the caption, its last word singular or plural ("two golden retrievers").
+
+    Matching looks up the caption's word n-grams in one table (time linear in the caption's words, whatever the
+    number of names) and is done once per distinct caption. The first form of a label (its name) wins over later
+    ones (synonyms) when a caption contains several.
+
+    Example:
+        >>> m = NameMatcher([("gym shoe", ["gym shoe", "sneaker"])])
+        >>> m.match("white sneakers on a shelf")
+        {'gym shoe': 'sneaker'}
+    """
+
+    def __init__(self, labelled_forms: Iterable[tuple[str, Iterable[str]]], cache_size: int = 1 << 18) -> None:
+        self._table: dict[tuple[str, ...], list[tuple[str, str, int]]] = {}
+        self._longest = 0
+        for label, forms in labelled_forms:
+            for rank, form in enumerate(dict.fromkeys(forms)):
+                k = name_key(form) if isinstance(form, str) else None
+                words = tuple(_words(k or ""))
+                if not words:
+                    continue
+                self._table.setdefault(words, []).append((label, form, rank))
+                self._longest = max(self._longest, len(words))
+        self._cache: dict[str, dict[str, str]] = {}
+        self._cache_size = cache_size
+
+    def match(self, caption: str) -> dict[str, str]:
+        """label -> the form that the caption mentions (labels in the order of their first form's position)."""
+        caption = caption or ""
+        hit = self._cache.get(caption)
+        if hit is not None:
+            return hit
+        words = _words(caption)
+        best: dict[str, tuple[int, str]] = {}
+        for i in range(len(words)):
+            for n in range(1, min(self._longest, len(words) - i) + 1):
+                head = tuple(words[i:i + n - 1])
+                for last in _word_forms(words[i + n - 1]):  # the last word singular or plural, as name_key folds it
+                    for label, form, rank in self._table.get((*head, last), ()):
+                        if label not in best or rank < best[label][0]:
+                            best[label] = (rank, form)
+        out = {label: form for label, (_, form) in best.items()}
+        if len(self._cache) >= self._cache_size:
+            self._cache.clear()
+        self._cache[caption] = out
+        return out
+
+
 def caption_mentions(caption: str, keys: set[str]) -> bool:
-    """True when a normalised key occurs in the caption as whole words (the filter's caption rule uses it too)."""
-    text = " " + " ".join(re.findall(r"[a-z0-9']+", (caption or "").lower().replace("_", " ").replace("-", " "))) + " "
-    words = text.split()
-    sing = " " + " ".join(name_key(w) or w for w in words) + " "  # "golden retrievers" mentions "golden retriever"
-    return any(f" {k} " in text or f" {k} " in sing for k in keys)
+    """True when a normalised key occurs in the caption as whole words (see :class:`NameMatcher`)."""
+    return bool(NameMatcher([("", keys)], cache_size=1).match(caption))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -119,6 +200,7 @@ def _protocol_pool(cfg: Any, ctx: SourceContext) -> Iterator[dict[str, Any]]:
                           "--source urls/web/knn")
     tt = protocol.target_train
     links: list[tuple[int, int, str]] = []  # (target index, pool class index, proposed name)
+    matched_form: dict[int, str] = {}  # pool class index -> the form of the proposed name that matched it
     if cfg.match == "wordnet":
         pool_index = {cid: j for j, cid in enumerate(pool.class_ids)}
         for i, cid in enumerate(tt.class_ids):
@@ -135,11 +217,16 @@ def _protocol_pool(cfg: Any, ctx: SourceContext) -> Iterator[dict[str, Any]]:
                 pool_by_key.setdefault(k, j)
         unmatched, bad_parents = [], []
         for aux in ctx.names:
-            k = name_key(aux.name)
-            j = pool_by_key.get(k) if k else None
+            j, form = None, ""
+            for form in aux.forms:  # the name first, then its synonyms
+                k = name_key(form)
+                j = pool_by_key.get(k) if k else None
+                if j is not None:
+                    break
             if j is None:
                 unmatched.append(aux.name)
                 continue
+            matched_form.setdefault(j, form)
             for parent in aux.parents:
                 pk = name_key(parent)
                 i = target_by_key.get(pk) if pk else None
@@ -148,6 +235,7 @@ def _protocol_pool(cfg: Any, ctx: SourceContext) -> Iterator[dict[str, Any]]:
                     continue
                 links.append((i, j, aux.name))
         ctx.stats["unmatched_names"] = unmatched
+        _forms_stats(ctx)
         if bad_parents:
             logger.warning("neighbors.json: %d parents are not target classes (e.g. %r); ignored", len(bad_parents),
                            bad_parents[0])
@@ -173,27 +261,39 @@ def _protocol_pool(cfg: Any, ctx: SourceContext) -> Iterator[dict[str, Any]]:
         for idx in np.flatnonzero(labels == j).tolist():
             path = str(pool.paths[idx]) if pool.paths is not None else ""
             yield candidate(nm, parents[j], url=f"pool://{cid}/{idx}", location="pool", source="local",
-                            caption=caption, path=path, pool_index=idx, query=", ".join(queries[j]))
+                            caption=caption, path=path, pool_index=idx, query=", ".join(queries[j]),
+                            matched=matched_form.get(j, nm))
+
+
+def _forms_stats(ctx: SourceContext) -> None:
+    """Record the forms every name is matched by (the filter's caption rule reads them from ``stats.json``)."""
+    forms = {a.name: a.forms for a in ctx.names if a.synonyms}
+    if forms:
+        ctx.stats["forms"] = forms
 
 
 def _folder_pool(root: Path, ctx: SourceContext) -> Iterator[dict[str, Any]]:
-    by_key: dict[str, AuxName] = {}
-    for aux in ctx.names:
-        k = name_key(aux.name)
-        if k:
-            by_key.setdefault(k, aux)
+    by_key: dict[str, tuple[AuxName, str]] = {}
+    for rank in range(max((len(a.forms) for a in ctx.names), default=0)):  # names before synonyms
+        for aux in ctx.names:
+            if rank < len(aux.forms):
+                k = name_key(aux.forms[rank])
+                if k:
+                    by_key.setdefault(k, (aux, aux.forms[rank]))
     matched: set[str] = set()
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
         k = name_key(sub.name)
-        aux = by_key.get(k) if k else None
-        if aux is None:
+        hit = by_key.get(k) if k else None
+        if hit is None:
             continue
+        aux, form = hit
         matched.add(aux.name)
         for f in sorted(sub.rglob("*")):
             if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
                 yield candidate(aux.name, aux.parents, url=f.resolve().as_uri(), location="file", source="local",
-                                caption=sub.name, path=str(f.resolve()))
+                                caption=sub.name, path=str(f.resolve()), matched=form)
     ctx.stats["unmatched_names"] = [a.name for a in ctx.names if a.name not in matched]
+    _forms_stats(ctx)
 
 
 def _read_table(path: Path, required: tuple[str, ...], what: str) -> list[dict[str, Any]]:
@@ -224,19 +324,24 @@ def _read_table(path: Path, required: tuple[str, ...], what: str) -> list[dict[s
 
 def _table_pool(path: Path, ctx: SourceContext) -> Iterator[dict[str, Any]]:
     rows = _read_table(path, ("path", "caption"), "a local pool table")
-    keys = [(aux, _keys(aux.name)) for aux in ctx.names]
+    by_name = {a.name: a for a in ctx.names}
+    matcher = NameMatcher((a.name, a.forms) for a in ctx.names)
+    base = os.path.abspath(path.parent)
     matched: set[str] = set()
     for r in rows:
-        p = Path(str(r["path"]))
-        if not p.is_absolute():
-            p = (path.parent / p).resolve()
         cap = str(r.get("caption") or "")
-        for aux, ks in keys:
-            if ks and caption_mentions(cap, ks):
-                matched.add(aux.name)
-                yield candidate(aux.name, aux.parents, url=p.as_uri(), location="file", source="local", caption=cap,
-                                path=str(p))
+        hits = matcher.match(cap)
+        if not hits:
+            continue
+        p = os.path.normpath(os.path.join(base, os.path.expanduser(str(r["path"]))))  # no per-row file-system call
+        url = "file://" + urllib.request.pathname2url(p)
+        for name, form in hits.items():
+            aux = by_name[name]
+            matched.add(name)
+            yield candidate(name, aux.parents, url=url, location="file", source="local", caption=cap, path=p,
+                            matched=form)
     ctx.stats["unmatched_names"] = [a.name for a in ctx.names if a.name not in matched]
+    _forms_stats(ctx)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -402,4 +507,5 @@ def knn_source(cfg: Any, ctx: SourceContext) -> Iterator[dict[str, Any]]:
                         "check --knn-url and that `clip-retrieval back` is running")
 
 
-__all__ = ["CANDIDATE_FIELDS", "SOURCES", "WEB_ENGINES", "AuxName", "SourceContext", "candidate", "caption_mentions"]
+__all__ = ["CANDIDATE_FIELDS", "SOURCES", "WEB_ENGINES", "AuxName", "NameMatcher", "SourceContext", "candidate",
+           "caption_mentions"]

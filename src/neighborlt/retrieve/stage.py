@@ -53,6 +53,7 @@ def aux_names(doc: Any, path: Path) -> list[AuxName]:
     if not isinstance(doc, dict) or not isinstance(doc.get("auxiliary", []), list):
         raise DataError(f"{path}: expected a JSON object with an 'auxiliary' list; re-run `neighborlt neighbors`")
     out: dict[str, list[str]] = {}
+    synonyms: dict[str, list[str]] = {}
     for k, entry in enumerate(doc.get("auxiliary") or []):
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise DataError(f"{path}: auxiliary[{k}] needs a string 'name'")
@@ -61,6 +62,9 @@ def aux_names(doc: Any, path: Path) -> list[AuxName]:
             raise DataError(f"{path}: auxiliary[{k}].parents must be a list of target names")
         lst = out.setdefault(entry["name"], [])
         lst += [str(p) for p in parents if str(p) not in lst]
+        syn = entry.get("synonyms") or []
+        if isinstance(syn, list):  # WordNet provenance: the other lemmas of the name's synset
+            synonyms.setdefault(entry["name"], [str(x) for x in syn if isinstance(x, str)])
     for k, t in enumerate(doc.get("targets") or []):
         if not isinstance(t, dict):
             raise DataError(f"{path}: targets[{k}] must be an object")
@@ -69,7 +73,7 @@ def aux_names(doc: Any, path: Path) -> list[AuxName]:
             parent = str(t.get("name", ""))
             if parent and parent not in lst:
                 lst.append(parent)
-    return [AuxName(n, p) for n, p in out.items()]
+    return [AuxName(n, p, synonyms.get(n, [])) for n, p in out.items()]
 
 
 def _inputs_key(cfg: RetrieveConfig, rd: RunDir, npath: Path, *, candidates: bool = False) -> str:
