@@ -248,7 +248,7 @@ def _worker_main(tasks: mpc.Connection, results: mpc.Connection, opts: DownloadO
     """A forked worker process: fetch the ``(seq, url)`` batches read from ``tasks`` with ``opts.threads`` threads,
     send the results back on ``results`` in batches as they finish; ends after a ``None`` batch (or EOF)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
-    for fd in inherited_fds:  # the shard dir lock and open spools belong to the parent
+    for fd in inherited_fds:
         try:
             os.close(fd)
         except OSError:
@@ -304,7 +304,11 @@ class _ProcessPool:
             for _ in range(processes):
                 task_r, task_w = ctx.Pipe(duplex=False)
                 res_r, res_w = ctx.Pipe(duplex=False)
-                proc = ctx.Process(target=_worker_main, args=(task_r, res_w, opts, resolve, inherited_fds),
+                # the child closes what is not its own: the lock, the parent's ends of its pipes and of earlier
+                # workers' pipes (so a killed parent leaves every worker an EOF, and the lock free)
+                theirs = [*inherited_fds, task_w.fileno(), res_r.fileno()]
+                theirs += [c.fileno() for _, tw, rr in self.workers for c in (tw, rr)]
+                proc = ctx.Process(target=_worker_main, args=(task_r, res_w, opts, resolve, theirs),
                                    name="neighborlt-download", daemon=True)
                 proc.start()
                 task_r.close()
@@ -476,6 +480,7 @@ class _Run:
     def _commit(self, sh: _OpenShard) -> None:
         writer = ShardWriter(self.shard_dir, sh.shard_id, self.key_digits)
         timing = {"fetch_seconds": 0.0, "process_seconds": 0.0, "bytes_downloaded": 0}
+        sh.spool.flush()
         try:
             for pos, (row, res) in enumerate(zip(sh.rows, sh.results)):
                 assert res is not None
