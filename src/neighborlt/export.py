@@ -287,30 +287,16 @@ def _check_item(x: Any, i: int) -> None:
             raise ConfigError(f"image {i}: empty array of shape {x.shape}")
 
 
-def decode_image(x: Any, size: int) -> np.ndarray:
-    """One image as uint8 ``[size, size, 3]`` RGB, decoded exactly as :func:`neighborlt.data.as_array` decodes
-    files and arrays (bilinear resize, grayscale replicated, JPEG draft for large files), but in memory only."""
-    from PIL import Image
+def decode_image(x: Any, size: int, *, policy: str = "squash", crop_pct: float | None = None) -> np.ndarray:
+    """One image (a path, a PIL image or a uint8 array) as uint8 ``[size, size, 3]`` RGB, in memory only, through
+    the one decode function (:func:`neighborlt.data.pixels.decode`): ``squash`` is what the decoded-array cache
+    holds (cache-mode models), ``center`` the evaluation view of stream-mode models (shorter side to
+    ``size / crop_pct``, centre crop)."""
+    from .data.pixels import DEFAULT_CROP_PCT, decode
 
-    from .data.arrays import _to_rgb
-
-    if isinstance(x, (str, os.PathLike)):
-        p = Path(x)
-        try:
-            with Image.open(p) as im:
-                if im.format == "JPEG" and max(im.size) >= 2 * size:
-                    im.draft("RGB", (size, size))  # as as_array does: the same pixels as training and eval saw
-                return _to_rgb(im, size)
-        except (OSError, SyntaxError, ValueError) as e:
-            raise DataError(f"{p}: cannot decode image ({e}); pass JPEG/PNG files") from None
-    if isinstance(x, Image.Image):
-        return _to_rgb(x, size)
-    a = np.asarray(x)
-    if a.ndim == 3 and a.shape[2] == 1:
-        a = a[:, :, 0]
-    if a.ndim == 3 and a.shape == (size, size, 3):
-        return np.ascontiguousarray(a)
-    return _to_rgb(Image.fromarray(a), size)
+    ref = Path(x) if isinstance(x, (str, os.PathLike)) else x
+    return decode(ref, size, policy=policy, crop_pct=crop_pct or DEFAULT_CROP_PCT,  # type: ignore[arg-type]
+                  hint="pass JPEG/PNG files")
 
 
 class Predictor:
@@ -357,6 +343,7 @@ class Predictor:
         self.model = model.to(self.device).eval()
         frozen = meta.get("frozen")
         self.backbone: Any = None
+        self._view: dict[str, Any] = {"policy": "squash"}  # how decode_image reads a new image for this model
         self._backbone_name: str | None = None
         if frozen:
             from .train.models import create_model
@@ -371,6 +358,8 @@ class Predictor:
             from .train.models import model_normalization
 
             self.image_size = int(meta["image_size"])
+            if meta.get("data_mode") == "stream":  # the model was evaluated on centre views, not squashed images
+                self._view = {"policy": "center", "crop_pct": meta.get("crop_pct")}
             arch = meta.get("architecture")
             norm = model_normalization(arch) if arch else None  # the input statistics the weights expect
             self._transform = build_transform(self.image_size, train=False, normalization=norm)
@@ -414,7 +403,8 @@ class Predictor:
         parts = []
         for start in range(0, len(items), self.batch_size):
             chunk = items[start:start + self.batch_size]
-            parts.append(self._batch_logits(np.stack([decode_image(x, self.image_size) for x in chunk])))
+            parts.append(self._batch_logits(np.stack([decode_image(x, self.image_size, **self._view)
+                                                      for x in chunk])))
         return np.concatenate(parts)
 
     def predict(self, images: Any, top_k: int = 5) -> dict[str, Any] | list[dict[str, Any]]:

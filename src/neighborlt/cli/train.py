@@ -72,6 +72,9 @@ def train_cmd(
                                         "every image."))] = None,
     max_test_per_class: Annotated[int | None, typer.Option(
         "--max-test-per-class", help="Evaluate on at most this many test images per class.")] = None,
+    data_mode: Annotated[str | None, typer.Option(
+        "--data-mode", help=_h("data_mode", "auto | cache (decode all once, squashed to S x S) | stream (decode per "
+                                            "sample in the workers); auto: cache when --image-size <= 64."))] = None,
     model: Annotated[str | None, typer.Option(
         "--model", help=_h("model", "resnet32_cifar | resnet8_cifar | efficientnet_lite0 | any timm name."))] = None,
     init: Annotated[str | None, typer.Option("--init", help=_h("init", "random | pretrained | checkpoint path."))] = None,
@@ -131,7 +134,8 @@ def train_cmd(
     amp: Annotated[str | None, typer.Option("--amp", help=_h("amp", "auto | bf16 | off."))] = None,
     device: Annotated[str | None, typer.Option("--device", help=_h("device", "auto | cpu | cuda | cuda:N."))] = None,
     num_workers: Annotated[int | None, typer.Option(
-        "--num-workers", help=_h("num_workers", "DataLoader workers."))] = None,
+        "--num-workers", help="DataLoader workers per rank (default: the cores per rank in stream mode, 0 in "
+                              "cache mode).")] = None,
     threads: Annotated[int | None, typer.Option("--threads", help=_h(
         "threads", "torch CPU threads per process (0: torch's default; 1 when several runs share the cores)."))] = None,
     channels_last: Annotated[bool | None, typer.Option(

@@ -1,4 +1,5 @@
-"""Decode an ImageSet once into a uint8 ``[N, S, S, 3]`` array cached on disk and shared across processes.
+"""Decode an ImageSet once into a uint8 ``[N, S, S, 3]`` array cached on disk and shared across processes: the
+``cache`` data mode (``train.data_mode``), with :func:`neighborlt.data.pixels.decode`'s ``"squash"`` policy.
 
 The cache key is a fingerprint of the sources (file paths, sizes and modification times, or the bytes of an
 in-memory array) and the size, so a changed file re-decodes. The cached ``.npy`` is memory-mapped read-only, so
@@ -15,57 +16,33 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from PIL import Image
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 from ..paths import cache_dir
-from .base import ImageSet, ShardMember, open_image
+from .base import ImageSet
+from .pixels import SQUASH_RESAMPLE, decode, ref_fingerprint
 
 logger = logging.getLogger(__name__)
 
 _VERSION = "1"  # bump when the decoding (resampling filter, channel handling) changes
-RESAMPLE = Image.Resampling.BILINEAR
+RESAMPLE = SQUASH_RESAMPLE  # the squash policy of neighborlt.data.pixels.decode
 
 
 def fingerprint(image_set: ImageSet) -> str:
-    """sha256 (first 20 hex digits) of what the pixels come from: file paths + sizes + mtimes, or array bytes."""
+    """sha256 (first 20 hex digits) of what the pixels come from: per reference its path + size + mtime (files,
+    shards) or its array's fingerprint + row; the array's bytes for an array-backed set."""
     h = hashlib.sha256(_VERSION.encode())
     if image_set.paths is not None:
         for p in image_set.paths:
-            st = os.stat(p.shard if isinstance(p, ShardMember) else p)
-            h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            h.update(f"{ref_fingerprint(p)}\n".encode())
     else:
-        a = np.ascontiguousarray(image_set.array)
-        h.update(f"{a.shape}|{a.dtype}".encode())
-        h.update(memoryview(a).cast("B"))
+        h.update(image_set.array_source().fingerprint().encode())
     return h.hexdigest()[:20]
-
-
-def _to_rgb(img: Image.Image, size: int) -> np.ndarray:
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    if img.size != (size, size):
-        img = img.resize((size, size), RESAMPLE)
-    return np.asarray(img, dtype=np.uint8)
 
 
 def _decode_range(image_set: ImageSet, out: np.ndarray, start: int, stop: int, size: int) -> None:
     for i in range(start, stop):
-        if image_set.paths is not None:
-            p = image_set.paths[i]
-            try:
-                with open_image(p) as im:
-                    if im.format == "JPEG" and max(im.size) >= 2 * size:
-                        im.draft("RGB", (size, size))  # fast DCT-domain downscale for large JPEGs
-                    out[i] = _to_rgb(im, size)
-            except (OSError, SyntaxError, ValueError) as e:
-                raise DataError(f"{p}: cannot decode image ({e}); remove it or reload with --skip-corrupt") from None
-        else:
-            a = image_set.array[i]  # type: ignore[index]
-            if a.ndim == 3 and a.shape[2] == 3 and a.shape[0] == size and a.shape[1] == size:
-                out[i] = a
-            else:
-                out[i] = _to_rgb(Image.fromarray(a), size)
+        out[i] = decode(image_set.ref(i), size, policy="squash")
 
 
 def as_array(image_set: ImageSet, size: int, *, workers: int | None = None) -> np.ndarray:

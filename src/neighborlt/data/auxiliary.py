@@ -54,88 +54,49 @@ class AuxTrainingSet:
 
 def rows_image_set(rows: list[dict[str, Any]], pool: ImageSet | None, root: Path, *, labels: list[int] | None = None,
                    class_names: list[str] | None = None, size: int | None = None) -> ImageSet:
-    """The images of manifest rows as one :class:`ImageSet`.
+    """The images of manifest rows as one :class:`ImageSet` of references (nothing is decoded or copied).
 
-    Pool rows are looked up in the protocol's ``pool`` by ``pool_index``; file rows are paths; shard rows are
-    :class:`~neighborlt.data.base.ShardMember` references. When an array-backed pool is mixed with files, the files
-    are decoded to the pool's image size (``size`` when the pool has no array) so one array holds every image.
+    Pool rows refer to the protocol's ``pool`` by ``pool_index`` (a row of its array, or its file); file rows are
+    paths; shard rows are :class:`~neighborlt.data.base.ShardMember` references. Sets of mixed origin stay mixed:
+    the pixels are read at use, through :func:`neighborlt.data.pixels.decode`.
 
     Args:
         rows: manifest rows (``location``, ``path``, ``pool_index``, ``offset``, ``size``).
         pool: the protocol's pool (needed for ``pool`` rows).
         root: the run directory (shard paths are relative to it).
         labels: label per row (default 0); class_names: the label names (default ``["auxiliary"]``).
-        size: decode side for a mixed array set when the pool has no array.
+        size: unused (kept for callers of the array-building version; the side is chosen by the reader).
 
     Raises:
         DataError: a pool row without a pool in ``split.json``.
     """
     from .manifest import image_ref
 
+    del size
     lab = np.asarray(labels if labels is not None else [0] * len(rows), dtype=np.int64)
     names = class_names or ["auxiliary"]
     refs: list[Any] = []
-    array_rows: list[int] = []
     for r in rows:
         if r.get("location") == "pool":
             if pool is None:
                 raise DataError(f"{root}: manifest row {r.get('uid')} refers to the protocol pool, but split.json "
                                 "has none; re-run `neighborlt retrieve`")
-            idx = int(r["pool_index"])
-            if pool.array is not None:
-                refs.append(("array", idx))
-                array_rows.append(idx)
-            else:
-                refs.append(pool.paths[idx])  # type: ignore[index]
+            refs.append(pool.ref(int(r["pool_index"])))
         else:
             ref = image_ref(r, root)
             if ref is None:
                 raise DataError(f"{root}: manifest row {r.get('uid')} has no image location; re-run retrieve")
             refs.append(ref)
-    if not array_rows:
-        return ImageSet(class_names=list(names), labels=lab, paths=refs, source=str(root))
-    assert pool is not None and pool.array is not None
-    shape = pool.array.shape[1:]
-    out = np.empty((len(rows), *shape), dtype=np.uint8)
-    file_pos = [n for n, ref in enumerate(refs) if not (isinstance(ref, tuple) and ref[0] == "array")]
-    for n, ref in enumerate(refs):
-        if isinstance(ref, tuple) and ref[0] == "array":
-            out[n] = pool.array[ref[1]]
-    if file_pos:
-        from .arrays import as_array
-
-        files = ImageSet(class_names=["x"], labels=np.zeros(len(file_pos), dtype=np.int64),
-                         paths=[refs[n] for n in file_pos], source=str(root))
-        side = int(shape[0])
-        dec = as_array(files, side)
-        if len(shape) == 2:  # a grayscale pool: keep one channel
-            dec = dec.mean(axis=3).astype(np.uint8)
-        out[file_pos] = dec
-    return ImageSet(class_names=list(names), labels=lab, array=out, source=str(root))
+    return ImageSet(class_names=list(names), labels=lab, paths=refs, source=str(root))
 
 
 def _concat(a: ImageSet, b: ImageSet, labels_b: np.ndarray, names: list[str], ids: list[str]) -> ImageSet:
-    """Targets ``a`` followed by auxiliary images ``b``; files are decoded to the other set's array size when one
-    set is an array and the other files."""
+    """Targets ``a`` followed by auxiliary images ``b``: one list of references (rows of in-memory arrays, files
+    and shard members side by side), no pixels copied."""
     labels = np.concatenate([a.labels, labels_b])
     syn = {**b.synonyms, **a.synonyms}
-    if a.paths is not None and b.paths is not None:
-        return ImageSet(class_names=names, labels=labels, paths=list(a.paths) + list(b.paths),
-                        class_ids=ids, source=a.source, synonyms=syn)
-    from .arrays import as_array
-
-    arr_a = a.array if a.array is not None else as_array(a, int(b.array.shape[1]))  # type: ignore[union-attr]
-    arr_b = b.array if b.array is not None else as_array(b, int(arr_a.shape[1]))
-    if arr_b.shape[1:] != arr_a.shape[1:]:
-        if arr_b.ndim == 4 and arr_a.ndim == 3:
-            arr_b = arr_b.mean(axis=3).astype(np.uint8)
-        elif arr_b.ndim == 3 and arr_a.ndim == 4:
-            arr_b = np.repeat(arr_b[..., None], 3, axis=3)
-    if arr_b.shape[1:] != arr_a.shape[1:]:
-        raise DataError(f"{a.source}: target images {arr_a.shape[1:]} and auxiliary images {arr_b.shape[1:]} have "
-                        "different shapes; cannot combine")
-    return ImageSet(class_names=names, labels=labels, array=np.concatenate([arr_a, arr_b]), class_ids=ids,
-                    source=a.source, synonyms=syn)
+    return ImageSet(class_names=names, labels=labels, paths=a.refs() + b.refs(), class_ids=ids, source=a.source,
+                    synonyms=syn)
 
 
 #: a run silences "most of the auxiliary set for most targets" when this share of targets is paired with at least this

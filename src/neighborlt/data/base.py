@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -28,9 +28,14 @@ class ShardMember:
     size: int
 
     def read_bytes(self) -> bytes:
-        with open(self.shard, "rb") as f:
-            f.seek(self.offset)
-            data = f.read(self.size)
+        try:
+            with open(self.shard, "rb") as f:
+                f.seek(self.offset)
+                data = f.read(self.size)
+        except FileNotFoundError:
+            from .pixels import _shard_missing
+
+            raise _shard_missing(Path(self.shard)) from None
         if len(data) != self.size:
             raise DataError(f"{self.shard}: truncated at offset {self.offset}; re-run `neighborlt retrieve`")
         return data
@@ -39,21 +44,25 @@ class ShardMember:
         return f"{self.shard}@{self.offset}+{self.size}"
 
 
-def open_image(p: Path | ShardMember) -> Image.Image:
-    """Open a file path or a :class:`ShardMember` with Pillow (lazy, like ``Image.open``)."""
-    if isinstance(p, ShardMember):
-        return Image.open(io.BytesIO(p.read_bytes()))
-    return Image.open(p)
+def open_image(p: Any) -> Image.Image:
+    """Open a file path, a :class:`ShardMember` or an :class:`~neighborlt.data.pixels.ArrayRow` with Pillow (lazy,
+    like ``Image.open``; a missing shard is a one-line error naming the command that makes it)."""
+    from .pixels import open_ref
+
+    return open_ref(p)
 
 
 @dataclass
 class ImageSet:
-    """Labeled images, either as files (``paths``) or as an in-memory uint8 array (``array``).
+    """Labeled images: references (``paths``: files, shard members and rows of in-memory arrays, mixed freely) or
+    one in-memory uint8 array (``array``). Sets are combined by joining reference lists, never by copying pixels;
+    every read goes through :func:`neighborlt.data.pixels.decode`.
 
     Attributes:
         class_names: name of each class index (human-readable, e.g. ``"golden retriever"``).
         labels: int64 array [N] of class indices into ``class_names``.
-        paths: image file (or :class:`ShardMember` inside a tar shard) per sample (file-backed sets), or None.
+        paths: per sample an image file, a :class:`ShardMember` inside a tar shard or an
+            :class:`~neighborlt.data.pixels.ArrayRow` of an in-memory array (reference-backed sets), or None.
         array: uint8 array [N, H, W, 3] or [N, H, W] (array-backed sets), or None.
         class_ids: stable id per class (WordNet id for Tiny-ImageNet, folder name for ImageFolder);
             defaults to ``class_names``.
@@ -66,7 +75,7 @@ class ImageSet:
 
     class_names: list[str]
     labels: np.ndarray
-    paths: list[Path | ShardMember] | None = None
+    paths: list[Any] | None = None
     array: np.ndarray | None = None
     class_ids: list[str] = field(default_factory=list)
     source: str = ""
@@ -102,20 +111,42 @@ class ImageSet:
         """Number of images per class, int64 [num_classes]."""
         return np.bincount(self.labels, minlength=self.num_classes).astype(np.int64)
 
+    def ref(self, i: int) -> Any:
+        """The reference of sample ``i``: its file, :class:`ShardMember` or :class:`~neighborlt.data.pixels.ArrayRow`
+        (a row of ``array`` for array-backed sets)."""
+        if self.paths is not None:
+            return self.paths[i]
+        from .pixels import ArrayRow
+
+        return ArrayRow(self.array_source(), int(i))
+
+    def refs(self) -> list[Any]:
+        """Every sample's reference (see :meth:`ref`), for joining sets without copying pixels."""
+        if self.paths is not None:
+            return list(self.paths)
+        src = self.array_source()
+        from .pixels import ArrayRow
+
+        return [ArrayRow(src, i) for i in range(len(self))]
+
+    def array_source(self) -> Any:
+        """The :class:`~neighborlt.data.pixels.ArraySource` of an array-backed set (one per set, so its fingerprint
+        is computed once)."""
+        from .pixels import ArraySource
+
+        if self.array is None:
+            raise ValueError(f"{self.source}: not an array-backed set")
+        src = self.__dict__.get("_array_source")
+        if src is None or src.array is not self.array:
+            src = ArraySource(self.array, self.source or "array")
+            self.__dict__["_array_source"] = src
+        return src
+
     def load(self, i: int) -> Image.Image:
-        """Decode sample ``i`` as an RGB PIL image (grayscale is converted)."""
-        if self.array is not None:
-            a = self.array[i]
-            img = Image.fromarray(a)
-        else:
-            p = self.paths[i]  # type: ignore[index]
-            try:
-                with open_image(p) as im:
-                    img = im.convert("RGB")
-                    return img
-            except (OSError, SyntaxError, ValueError) as e:
-                raise DataError(f"{p}: cannot decode image ({e}); remove it or pass --skip-corrupt") from None
-        return img.convert("RGB")
+        """Decode sample ``i`` as an RGB PIL image (grayscale is converted), through the one decode function."""
+        from .pixels import decode
+
+        return Image.fromarray(decode(self.ref(i), policy="full", hint="remove it or pass --skip-corrupt"))
 
     def subset(self, indices: Sequence[int] | np.ndarray, *, relabel: dict[int, int] | None = None,
                class_names: list[str] | None = None, class_ids: list[str] | None = None) -> ImageSet:

@@ -41,6 +41,11 @@ class TrainConfig(BaseModel):
     aux_cap: AuxCap = AUX_CAP  # M: images per auxiliary class per epoch (redrawn each epoch), >= 1; None (or
     #   "all" in a config / --aux-cap all): every image; the rule is defaults.parse_aux_cap
     max_test_per_class: int | None = Field(None, ge=1)  # evaluate on at most this many test images/class (speed)
+    data_mode: Literal["auto", "cache", "stream"] = "auto"  # how pixels reach the model (train.data): cache = every
+    #   image squashed to image_size x image_size once into a memory-mapped uint8 array (today's pixels: the README
+    #   tables); stream = decoded per sample in the loader workers (RandomResizedCrop from the full image, eval
+    #   resizes the shorter side to image_size / crop_pct and centre-crops); auto = cache when image_size <= 64,
+    #   else stream. Part of the run key (it changes the pixels); the mode used is in model.json and the records
 
     # ---- recipe ------------------------------------------------------------------------------------------
     recipe: str = "none"  # the paper's values (train.recipes): scratch-mae | clip | dinov2 | none; fills only the
@@ -98,7 +103,9 @@ class TrainConfig(BaseModel):
     deterministic: bool = True  # torch.use_deterministic_algorithms + per-(seed, epoch) RNG streams
     amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
-    num_workers: int = Field(0, ge=0)  # DataLoader worker processes per rank
+    num_workers: int | None = Field(None, ge=0)  # DataLoader worker processes per rank; None: the cores available
+    #   per rank in stream mode (os.sched_getaffinity / ranks), 0 in cache mode (its augmentation draws from the
+    #   main process's generator, the README tables' randomness)
     threads: int = Field(0, ge=0)  # torch intra-op CPU threads per process (0: torch's default). Use 1 when several
     #   runs share the cores: OpenMP threads spinning on an oversubscribed CPU made a ResNet-8 step 8x slower here
     channels_last: bool = False  # convolution weights and activations in NHWC memory order (timm's --channels-last):

@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def backbone_features(model: nn.Module, inputs: Any, *, image_size: int, batch_size: int, device: torch.device,
-                      num_workers: int = 0, model_name: str | None = None) -> torch.Tensor:
+                      num_workers: int | None = 0, model_name: str | None = None, data_mode: str = "cache",
+                      crop_pct: float | None = None) -> torch.Tensor:
     """Pooled features ``model.forward_features`` of an ImageSet (eval transform) or of a feature tensor.
 
     Args:
@@ -40,13 +41,16 @@ def backbone_features(model: nn.Module, inputs: Any, *, image_size: int, batch_s
         device: where to run.
         num_workers: DataLoader workers (images only).
         model_name: the architecture, for its input normalisation (None: ImageNet statistics).
+        data_mode: ``cache`` or ``stream``: the model's evaluation view (:func:`~neighborlt.train.inference.
+            image_batches`); crop_pct: its centre-crop share (stream).
 
     Returns:
         float32 CPU tensor [N, D].
     """
     model.eval().to(device)
     batches = (tensor_batches(inputs, batch_size) if isinstance(inputs, torch.Tensor)
-               else image_batches(inputs, image_size, batch_size, num_workers, model_name))
+               else image_batches(inputs, image_size, batch_size, num_workers, model_name, data_mode=data_mode,
+                                  crop_pct=crop_pct, device=device))
     out = [model.forward_features(x.to(device)).float().cpu() for x in batches]  # type: ignore[operator]
     return torch.cat(out)
 
@@ -124,11 +128,14 @@ def run_crt(cfg: Any, model: nn.Module, meta: dict[str, Any], aux: Any, test: An
         f_test = backbone_features(model, test_x, image_size=cfg.image_size, batch_size=cfg.eval_batch_size,
                                    device=device)
     else:
+        from .data import model_crop_pct, resolve_data_mode
+
+        view = {"data_mode": resolve_data_mode(cfg.data_mode, cfg.image_size), "crop_pct": model_crop_pct(cfg.model)}
         f_train = backbone_features(model, aux.train.subset(tgt), image_size=cfg.image_size,
                                     batch_size=cfg.eval_batch_size, device=device, num_workers=cfg.num_workers,
-                                    model_name=cfg.model)
+                                    model_name=cfg.model, **view)
         f_test = backbone_features(model, test, image_size=cfg.image_size, batch_size=cfg.eval_batch_size,
-                                   device=device, num_workers=cfg.num_workers, model_name=cfg.model)
+                                   device=device, num_workers=cfg.num_workers, model_name=cfg.model, **view)
     fc = train_balanced_classifier(f_train, labels, L, epochs=cfg.crt_epochs, lr=cfg.crt_lr,
                                    weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, seed=cfg.seed)
     new_meta = {**meta, "num_classes": L, "class_names": meta["class_names"][:L],

@@ -17,8 +17,11 @@ Files under ``RUN/train/``::
 Exact resume: every epoch's sample list depends only on ``(seed, epoch)`` and the global RNGs are re-seeded
 from ``(seed, epoch, rank)`` at the start of each epoch; a checkpoint taken in the middle of an epoch (SIGTERM)
 also stores every rank's RNG state and the position in the epoch, so in deterministic mode an interrupted and
-resumed run ends with the same weights as an uninterrupted one (with ``num_workers > 0`` augmentation after a
-mid-epoch resume is re-seeded, so exactness holds at epoch boundaries only).
+resumed run ends with the same weights as an uninterrupted one. In stream mode (``train.data_mode``) each
+sample's augmentation is a function of ``(seed, epoch, position)``, so this holds for any worker count; in cache
+mode with ``num_workers > 0`` augmentation after a mid-epoch resume is re-seeded, so exactness holds at epoch
+boundaries only.
+
 """
 
 from __future__ import annotations
@@ -249,6 +252,7 @@ def _model_meta(cfg: TrainConfig, model: nn.Module, aux: Any, frozen_info: dict[
         "class_ids": list(aux.train.class_ids[: model.get_classifier().out_features]),  # type: ignore
         "classifier": {"weight": w, "bias": b},
         "classifier_mode": mode,
+        **_data_meta(cfg),
         "frozen": frozen_info,
         "loss": cfg.loss,
         "recipe": {"name": cfg.recipe, "dataset": cfg.recipe_dataset, "filled": cfg.recipe_values()},
@@ -256,6 +260,14 @@ def _model_meta(cfg: TrainConfig, model: nn.Module, aux: Any, frozen_info: dict[
         "config_key": key,
         "weights": "model.safetensors",
     }
+
+
+def _data_meta(cfg: TrainConfig) -> dict[str, Any]:
+    """How the model saw pixels (model.json, records): the resolved data mode and the evaluation crop share
+    (inference and ``neighborlt.load`` decode new images the same way)."""
+    from .data import model_crop_pct, resolve_data_mode
+
+    return {"data_mode": resolve_data_mode(cfg.data_mode, cfg.image_size), "crop_pct": model_crop_pct(cfg.model)}
 
 
 def run_train(cfg: TrainConfig, run_dir: str | os.PathLike[str] | RunDir, *, resume: bool = False,
@@ -497,15 +509,20 @@ def _build_model(cfg: TrainConfig, d: _Data, info: ddp.DistInfo) -> _Model:
                        "hidden": cfg.head_hidden if cfg.head == "mlp" else None}
         return _Model(model=head.to(info.device), dataset=None, train_x=train_x, test_x=test_x,
                       frozen_info=frozen_info)
-    from .data import ImageSetDataset, build_transform
+    from .data import ImageSetDataset, build_transform, resolve_data_mode
     from .models import create_model, model_normalization
 
     model = create_model(cfg.model, d.C, init=cfg.init, image_size=cfg.image_size)
     if cfg.channels_last:  # weights in NHWC make every convolution's output NHWC too; inputs can stay NCHW
         model = model.to(memory_format=torch.channels_last)
-    dataset = ImageSetDataset(d.aux.train, build_transform(cfg.image_size, train=True, randaugment=cfg.randaugment,
-                                                           normalization=model_normalization(cfg.model)),
-                              cfg.image_size)
+    norm = model_normalization(cfg.model)
+    if resolve_data_mode(cfg.data_mode, cfg.image_size) == "stream":  # decoded per sample in the loader workers
+        dataset = ImageSetDataset(d.aux.train, None, cfg.image_size, mode="stream", train=True, seed=cfg.seed,
+                                  randaugment=cfg.randaugment, normalization=norm)
+    else:  # cache: decoded once to the squashed array, augmented in float (the README tables' pixels)
+        dataset = ImageSetDataset(d.aux.train, build_transform(cfg.image_size, train=True,
+                                                               randaugment=cfg.randaugment, normalization=norm),
+                                  cfg.image_size)
     return _Model(model=model.to(info.device), dataset=dataset, train_x=None, test_x=None, frozen_info=None)
 
 
@@ -664,7 +681,8 @@ def _train_epoch(s: _Setup, epoch: int, first: int, start: _Start, stop: _StopFl
     batches = _batches(s.sampler.rank_indices(epoch), s.per_rank, s.n_micro)[first:]
     s.model.train()
     loss_sum, seen = start.partial if first else (0.0, 0)
-    inputs = _iterate(batches, s.m.dataset, s.m.train_x if cfg.frozen else None, s.data.labels, cfg, epoch, info)
+    inputs = _iterate(batches, s.m.dataset, s.m.train_x if cfg.frozen else None, s.data.labels, cfg, epoch, info,
+                      start=first * s.per_rank)
     for i, (x, y) in enumerate(inputs, start=first):
         last_of_group = (i + 1) % cfg.grad_accum == 0 or i == s.n_micro - 1
         loss, n = _micro_step(s, x, y, last_of_group, epoch, i)
@@ -688,6 +706,8 @@ def _micro_step(s: _Setup, x: torch.Tensor, y: torch.Tensor, last_of_group: bool
     the last micro-batch of an accumulation group); returns ``(loss, batch size)``."""
     cfg, info = s.cfg, s.info
     x, y = x.to(s.dev, non_blocking=True), y.to(s.dev, non_blocking=True)
+    if x.dtype == torch.uint8:  # stream mode: the workers send pixels, normalised here on the device
+        x = s.m.dataset.normalize(x)
     target: torch.Tensor = y
     if s.mixup_fn is not None and len(x) % 2 == 0:
         x, target = s.mixup_fn(x, y)
@@ -766,21 +786,32 @@ def _write_outputs(s: _Setup, result: TrainResult, metrics: dict[str, float | No
                                         d.thresholds)
         result.crt_model_path, result.crt_metrics = str(crt_path), crt_metrics
     s.rd.mark_done(STAGE, s.key, metrics=metrics, crt_metrics=result.crt_metrics, epochs=cfg.epochs,
-                   wall_s=wall, world_size=s.info.world_size, relation=d.relation)
+                   wall_s=wall, world_size=s.info.world_size, relation=d.relation, **_data_meta(cfg))
 
 
 def _iterate(batches: list[list[int]], dataset: Any, feats: torch.Tensor | None, labels: np.ndarray,
-             cfg: TrainConfig, epoch: int, info: ddp.DistInfo) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(inputs, labels)`` for the given index batches (images through a DataLoader, or features)."""
+             cfg: TrainConfig, epoch: int, info: ddp.DistInfo, start: int = 0,
+             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(inputs, labels)`` for the given index batches (images through a DataLoader, or features); ``start``
+    is the position of the first sample in this rank's list (stream mode seeds each sample's augmentation with
+    it). Stream mode: one persistent loader per run, uint8 batches; cache mode: a loader per epoch, as always."""
     if feats is not None:
         lab = torch.from_numpy(labels)
         for b in batches:
             t = torch.as_tensor(b, dtype=torch.int64)
             yield feats[t], lab[t]
         return
+    from .data import resolve_workers
+
+    workers = resolve_workers(cfg.num_workers, dataset.mode, info.world_size)
+    if dataset.mode == "stream":
+        firsts = (start + np.cumsum([0] + [len(b) for b in batches[:-1]])).tolist()
+        yield from dataset.train_batches(batches, epoch, firsts, rank=info.rank, world_size=info.world_size,
+                                         num_workers=workers, pin_memory=info.device.type == "cuda")
+        return
     g = torch.Generator()
     g.manual_seed(_derive_seed(cfg.seed, epoch, info.rank, 1))
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
                                          generator=g, worker_init_fn=_worker_init,
                                          persistent_workers=False, pin_memory=info.device.type == "cuda")
     for x, y in loader:

@@ -85,18 +85,30 @@ def logits_of(model: nn.Module, batches: Iterator[torch.Tensor], device: torch.d
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 
-def image_batches(image_set: Any, image_size: int, batch_size: int, num_workers: int,
-                  model_name: str | None = None) -> Iterator[torch.Tensor]:
-    """Eval-transformed image batches [B, 3, S, S] of ``image_set`` in order, normalised with the statistics the
-    weights of ``model_name`` expect (ImageNet's when None)."""
-    from .data import ImageSetDataset, build_transform
+def image_batches(image_set: Any, image_size: int, batch_size: int, num_workers: int | None,
+                  model_name: str | None = None, *, data_mode: str = "cache", crop_pct: float | None = None,
+                  device: torch.device | None = None) -> Iterator[torch.Tensor]:
+    """Eval-view image batches [B, 3, S, S] of ``image_set`` in order, normalised with the statistics the weights of
+    ``model_name`` expect (ImageNet's when None).
+
+    ``data_mode`` is the model's (``model.json``): ``cache`` squashes to S x S (the decoded-array cache), ``stream``
+    resizes the shorter side to S / ``crop_pct`` and centre-crops S, decoding in the workers; its uint8 batches are
+    normalised on ``device`` (CPU when None). ``num_workers`` None: the mode's default
+    (:func:`neighborlt.train.data.resolve_workers`)."""
+    from .data import eval_loader, normalize_uint8, resolve_workers
     from .models import model_normalization
 
+    mode = "stream" if data_mode == "stream" else "cache"
     norm = model_normalization(model_name) if model_name else None  # the input statistics the weights expect
-    ds = ImageSetDataset(image_set, build_transform(image_size, train=False, normalization=norm), image_size)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    dev = device or torch.device("cpu")
+    loader = eval_loader(image_set, image_size, batch_size, resolve_workers(num_workers, mode), mode=mode,
+                         normalization=norm, crop_pct=crop_pct, pin_memory=dev.type == "cuda")
+    mean, std = loader.dataset.normalization  # type: ignore[attr-defined]
     for x, _y in loader:
-        yield x
+        if x.dtype == torch.uint8:
+            yield normalize_uint8(x.to(dev, non_blocking=True), mean, std)
+        else:
+            yield x
 
 
 def tensor_batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
@@ -137,7 +149,8 @@ def predict_logits(run_dir_or_export_dir: str | os.PathLike[str], image_set: Any
         return logits_of(model, tensor_batches(torch.from_numpy(np.asarray(feats, np.float32)), batch_size),
                          dev, amp).astype(np.float32)
     return logits_of(model, image_batches(image_set, int(meta["image_size"]), batch_size, num_workers,
-                                          meta.get("architecture")), dev, amp).astype(np.float32)
+                                          meta.get("architecture"), data_mode=meta.get("data_mode", "cache"),
+                                          crop_pct=meta.get("crop_pct"), device=dev), dev, amp).astype(np.float32)
 
 
 def evaluate_model(model: nn.Module, test: Any, test_x: torch.Tensor | None, cfg: Any, dev: torch.device,
@@ -161,8 +174,11 @@ def evaluate_model(model: nn.Module, test: Any, test_x: torch.Tensor | None, cfg
     if test_x is not None:
         logits = logits_of(model, tensor_batches(test_x, cfg.eval_batch_size), dev, amp)
     else:
+        from .data import model_crop_pct, resolve_data_mode
+
         logits = logits_of(model, image_batches(test, cfg.image_size, cfg.eval_batch_size, cfg.num_workers,
-                                                cfg.model),
+                                                cfg.model, data_mode=resolve_data_mode(cfg.data_mode, cfg.image_size),
+                                                crop_pct=model_crop_pct(cfg.model), device=dev),
                            dev, amp)
     model.train(was_training)
     return target_accuracy(logits, np.asarray(test.labels), L, train_counts, thresholds)
