@@ -1,7 +1,8 @@
 """The retrieve stage's download engine against a hostile local server (127.0.0.1 only, no DNS of real names).
 
 Covers the address guard (IP literals, injected resolvers, redirects, pinning), the per-URL limits, the image
-rules, the shard layout, de-duplication, resuming with/without ``retry_failed`` and a ``kill -9`` mid-run.
+rules (in one process and in worker processes), the shard layout, de-duplication, the same shards whatever the
+process count, resuming with/without ``retry_failed`` and a ``kill -9`` of the download or of one worker mid-run.
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from servers.image_server import ImageServer
 
 from neighborlt.errors import DataError, NeighborLTError
-from neighborlt.retrieve.download import DownloadOptions, _Lock, download
+from neighborlt.retrieve.download import DownloadOptions, _Lock, available_cores, download
 from neighborlt.retrieve.fetch import fetch, robots_disallowed
 from neighborlt.retrieve.guard import Refused, check_url
+from neighborlt.retrieve.images import ImageRefused, process_image
 from neighborlt.retrieve.shards import SHARD_SCHEMA, load_shard_index, read_image_bytes
 
 ALLOW = ["127.0.0.1"]
@@ -83,12 +86,15 @@ def server() -> ImageServer:
         yield srv
 
 
-@pytest.fixture(scope="module")
-def rules_run(server: ImageServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """One download of every rule's URL (the slow ones in parallel); tests look at their own row."""
+@pytest.fixture(scope="module", params=[1, 3], ids=["1proc", "3procs"])
+def rules_run(server: ImageServer, tmp_path_factory: pytest.TempPathFactory,
+              request: pytest.FixtureRequest) -> dict[str, Any]:
+    """One download of every rule's URL (the slow ones in parallel), in this process (threads) or in 3 worker
+    processes: every guard must hold in both; tests look at their own row."""
     shard_dir = tmp_path_factory.mktemp("rules")
     t0 = time.monotonic()
-    table = download(rows_for(server, {u: p for u, (p, _) in RULES.items()}), shard_dir, make_opts())
+    table = download(rows_for(server, {u: p for u, (p, _) in RULES.items()}), shard_dir,
+                     make_opts(processes=request.param))
     wall = time.monotonic() - t0
     return {"dir": shard_dir, "table": table, "rows": {r["uid"]: r for r in table.to_pylist()}, "wall": wall}
 
@@ -487,45 +493,200 @@ def test_options_forbid_unknown_fields() -> None:
 
 CRASH_SCRIPT = textwrap.dedent("""
     import sys
+    from neighborlt.errors import NeighborLTError
     from neighborlt.retrieve.download import DownloadOptions, download
-    port, out, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    port, out, n, processes = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     rows = [{"uid": f"u{i:03d}", "url": f"http://127.0.0.1:{port}/img/{i}.jpg", "name": "c", "caption": f"c{i}"}
             for i in range(n)]
-    download(rows, out, DownloadOptions(threads=3, shard_size=20, allow_hosts=["127.0.0.1"], min_side=16))
+    try:
+        download(rows, out, DownloadOptions(processes=processes, threads=3, shard_size=20, allow_hosts=["127.0.0.1"],
+                                            min_side=16))
+    except NeighborLTError as e:
+        sys.exit(f"error: {e}")
 """)
 
 
-@pytest.mark.network
-def test_kill_9_mid_run_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
-    n = 200
-    with ImageServer(latency=0.01) as srv:
-        rows = [{"uid": f"u{i:03d}", "url": srv.url(f"/img/{i}.jpg"), "name": "c", "caption": f"c{i}"}
-                for i in range(n)]
-        reference = download(rows, tmp_path / "ref", DownloadOptions(threads=3, shard_size=20, allow_hosts=ALLOW,
-                                                                     min_side=16))
-        assert reference.num_rows == n and set(reference.column("status").to_pylist()) == {"ok"}
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
 
-        out = tmp_path / "crash"
-        script = tmp_path / "crash.py"
-        script.write_text(CRASH_SCRIPT)
-        proc = subprocess.Popen([sys.executable, str(script), str(srv.port), str(out), str(n)])
-        deadline = time.monotonic() + 30
-        while len(list(out.glob("*_stats.json"))) < 3:
-            assert proc.poll() is None, "the download finished before it could be killed"
-            assert time.monotonic() < deadline, "no shard completed in time"
-            time.sleep(0.005)
+
+@pytest.fixture(scope="module")
+def crash_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A server with 20 ms of latency per image, its 200 rows and their uninterrupted download."""
+    with ImageServer(latency=0.02) as srv:
+        rows = [{"uid": f"u{i:03d}", "url": srv.url(f"/img/{i}.jpg"), "name": "c", "caption": f"c{i}"}
+                for i in range(200)]
+        opts = DownloadOptions(processes=2, threads=3, shard_size=20, allow_hosts=ALLOW, min_side=16)
+        reference = download(rows, tmp_path_factory.mktemp("ref"), opts)
+        assert reference.num_rows == 200 and set(reference.column("status").to_pylist()) == {"ok"}
+        yield srv, rows, reference
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("kill", ["download", "worker"])
+def test_kill_9_mid_run_then_resume_matches_uninterrupted(crash_server: Any, tmp_path: Path, kill: str) -> None:
+    """``kill -9`` of a 2-process download (or of one of its worker processes, which stops the download with one
+    line) after 3 shards: the re-run fetches exactly the rows of no finished shard, leaves the finished shards
+    alone, and ends where an uninterrupted run does."""
+    if not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists():
+        pytest.skip("needs /proc/PID/task/PID/children to find the worker processes")
+    srv, rows, reference = crash_server
+    n, processes = len(rows), 2
+    opts = DownloadOptions(processes=processes, threads=3, shard_size=20, allow_hosts=ALLOW, min_side=16)
+    deadline = time.monotonic() + 60
+    out = tmp_path / "crash"
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), str(srv.port), str(out), str(n), str(processes)],
+                            stderr=subprocess.PIPE, text=True)
+    while len(list(out.glob("*_stats.json"))) < 3:
+        assert proc.poll() is None, "the download finished before it could be killed"
+        assert time.monotonic() < deadline, "no shard completed in time"
+        time.sleep(0.005)
+    if kill == "download":
+        workers = _children(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        at_kill = srv.snapshot()
-        done = load_shard_index(out)
-        finished = set(done.column("uid").to_pylist())
-        assert 60 <= len(finished) < n  # killed mid-run, with some complete shards
+        for w in workers:  # orphaned workers see the pipes close and leave
+            while Path(f"/proc/{w}").exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+    else:
+        workers = _children(proc.pid)
+        assert len(workers) == processes
+        os.kill(workers[0], signal.SIGKILL)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 1
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "worker process" in lines[0] and "died" in lines[0], err
+    at_kill = srv.snapshot()
+    done = load_shard_index(out)
+    finished = set(done.column("uid").to_pylist())
+    assert 60 <= len(finished) < n  # killed mid-run, with some complete shards
+    stats_before = {p.name: p.stat().st_mtime_ns for p in out.glob("*_stats.json")}
 
-        final = download(rows, out, DownloadOptions(threads=3, shard_size=20, allow_hosts=ALLOW, min_side=16))
-        hits = srv.snapshot()
-        refetched = {f"u{i:03d}" for i in range(n) if hits[f"/img/{i}.jpg"] > at_kill[f"/img/{i}.jpg"]}
-        assert not refetched & finished  # nothing finished was fetched again
-        assert refetched == {f"u{i:03d}" for i in range(n)} - finished
+    final = download(rows, out, opts)
+    hits = srv.snapshot()
+    refetched = {f"u{i:03d}" for i in range(n) if hits[f"/img/{i}.jpg"] > at_kill[f"/img/{i}.jpg"]}
+    assert not refetched & finished  # nothing finished was fetched again
+    assert refetched == {f"u{i:03d}" for i in range(n)} - finished
+    assert all((out / k).stat().st_mtime_ns == v for k, v in stats_before.items())  # finished shards untouched
     key = ["uid", "status", "sha256", "width", "height"]
     assert final.select(key).to_pylist() == reference.select(key).to_pylist()
     assert not any(p.name.endswith(".tmp") for p in out.iterdir())
+
+
+# ------------------------------------------------------------------------------------------ processes
+
+
+def _shard_dir_contents(d: Path) -> dict[str, Any]:
+    """Every shard of ``d``: its index rows and its tar members (name, bytes), in order."""
+    out: dict[str, Any] = {}
+    for p in sorted(d.iterdir()):
+        if p.suffix == ".parquet":
+            out[p.name] = pq.read_table(p).to_pylist()
+        elif p.suffix == ".tar":
+            with tarfile.open(p) as tf:
+                out[p.name] = [(m.name, tf.extractfile(m).read()) for m in tf]  # type: ignore[union-attr]
+    return out
+
+
+@pytest.mark.network
+def test_same_shards_and_index_whatever_the_process_count(server: ImageServer, tmp_path: Path) -> None:
+    """1 process x 4 threads, 2 x 8 and 3 x 2 write the same shards (row order, keys, bytes, duplicates, failures)
+    and return the same index; the rows finish in a different order every time."""
+    items = {f"n{i:02d}": f"/img/{300 + i}.jpg" for i in range(40)}
+    items |= {"d1": "/dup/p.jpg", "png": "/png", "gone": "/nope.jpg", "html": "/html", "large": "/large.jpg",
+              "d2": "/dup/q.jpg", "chain": "/chain/2", "blocked": "/redirect?to=http://10.0.0.1/x.jpg"}
+    rows = rows_for(server, items)
+    rows[5], rows[-1] = rows[-1], rows[5]  # a failure and a duplicate early, in another shard than the original
+    results = {}
+    for processes, threads in ((1, 4), (2, 8), (3, 2)):
+        d = tmp_path / f"p{processes}"
+        index = download(rows, d, make_opts(processes=processes, threads=threads, shard_size=7))
+        stats = json.loads((d / "00000_stats.json").read_text())
+        assert (stats["processes"], stats["threads"]) == (processes, threads)
+        results[processes] = (index.to_pylist(), _shard_dir_contents(d))
+    index1, shards1 = results[1]
+    assert len(shards1) == 2 * 7 and sum(r["status"] == "duplicate" for r in index1) == 1
+    assert {r["uid"]: r["status"] for r in index1}["blocked"] == "blocked_address"
+    for processes in (2, 3):
+        assert results[processes][0] == index1, processes
+        assert results[processes][1] == shards1, processes
+
+
+def test_processes_default_to_the_cores_available() -> None:
+    assert DownloadOptions().processes == 0
+    assert DownloadOptions().resolved_processes() == available_cores() == len(os.sched_getaffinity(0))
+    assert DownloadOptions(processes=3).resolved_processes() == 3
+    with pytest.raises(ValueError, match="processes"):
+        DownloadOptions(processes=-1)
+
+
+# ------------------------------------------------------------------------------------------ fitting JPEGs
+
+
+def _jpeg(im: Image.Image, **kw: Any) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", **kw)
+    return buf.getvalue()
+
+
+def test_fitting_jpeg_kept_as_downloaded_others_reencoded() -> None:
+    noise = Image.effect_noise((120, 90), 40).convert("RGB")
+    fits = _jpeg(noise, quality=75)
+    kept = process_image(fits, max_side=128, keep_fitting_jpeg=True)
+    assert kept.jpeg == fits and (kept.width, kept.height) == (120, 90)
+    assert kept.sha256 == hashlib.sha256(fits).hexdigest()
+    assert process_image(fits, max_side=128).jpeg != fits  # the default re-encodes
+    assert process_image(fits, max_side=100, keep_fitting_jpeg=True).width == 100  # too large: resized
+    grey = process_image(_jpeg(noise.convert("L")), max_side=128, keep_fitting_jpeg=True)
+    assert Image.open(io.BytesIO(grey.jpeg)).mode == "RGB"  # stored images are RGB
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    rotated = process_image(_jpeg(noise, exif=exif), max_side=128, keep_fitting_jpeg=True)
+    assert (rotated.width, rotated.height) == (90, 120)  # orientation applied, so re-encoded
+    padded = fits + b"\0" * (3 * 120 * 90)  # a payload appended after the end marker: not carried along
+    assert process_image(padded, max_side=128, keep_fitting_jpeg=True).jpeg != padded
+    with pytest.raises(ImageRefused) as e:
+        process_image(fits[: len(fits) // 2], max_side=128, keep_fitting_jpeg=True)
+    assert e.value.code == "decode_error"
+
+
+@pytest.mark.network
+def test_fitting_jpeg_stored_byte_for_byte(server: ImageServer, tmp_path: Path) -> None:
+    from servers.image_server import numbered_jpeg
+
+    rows = rows_for(server, {"a": "/img/7.jpg", "big": "/large.jpg"})
+    t = {r["uid"]: r for r in download(rows, tmp_path / "keep", make_opts(processes=1)).to_pylist()}
+    assert read_image_bytes(tmp_path / "keep" / t["a"]["shard"], t["a"]["offset"], t["a"]["size"]) == numbered_jpeg(7)
+    assert (t["big"]["width"], t["big"]["height"]) == (256, 192)
+    t2 = {r["uid"]: r for r in download(rows, tmp_path / "re", make_opts(processes=1, keep_fitting_jpeg=False))
+          .to_pylist()}
+    stored = read_image_bytes(tmp_path / "re" / t2["a"]["shard"], t2["a"]["offset"], t2["a"]["size"])
+    assert stored != numbered_jpeg(7) and Image.open(io.BytesIO(stored)).size == (64, 48)
+
+
+@pytest.mark.network
+def test_processes_from_the_cli_and_not_in_the_stage_key(server: ImageServer, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    from neighborlt.cli import main
+    from neighborlt.retrieve import RetrieveConfig, run_retrieve
+
+    run = tmp_path / "run"
+    run.mkdir()
+    doc = {"schema": 1, "auxiliary": [{"name": "wolf", "parents": ["dog"]}], "targets": []}
+    (run / "neighbors.json").write_text(json.dumps(doc))
+    urls = tmp_path / "urls.csv"
+    urls.write_text("name,url,caption\n" + "".join(f"wolf,{server.url(f'/img/{500 + i}.jpg')},w{i}\n"
+                                                   for i in range(5)))
+    base = ["retrieve", str(run), "--source", "urls", "--urls-file", str(urls), "--allow-host", "127.0.0.1"]
+    with pytest.raises(SystemExit) as e:
+        main([*base, "--processes", "-1"])
+    assert e.value.code != 0 and "--download-processes" in capsys.readouterr().err
+    main([*base, "--processes", "2", "--threads", "3"])
+    stats = json.loads((run / "retrieve" / "shards" / "00000_stats.json").read_text())
+    assert (stats["processes"], stats["threads"], stats["successes"]) == (2, 3, 5)
+    before = server.snapshot()  # another process count writes the same shards: the finished stage stands
+    cfg = RetrieveConfig(source="urls", urls_file=str(urls), download={"allow_hosts": ["127.0.0.1"], "processes": 1})
+    assert run_retrieve(cfg, run).skipped and server.snapshot() == before

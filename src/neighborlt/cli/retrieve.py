@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from ._common import build_config
-from .train import _pairs
+from ._common import parse_key_values as _pairs
 
 
 def _nested(items: list[str] | None, flag: str) -> dict[str, Any]:
@@ -38,7 +38,9 @@ def retrieve_cmd(
     knn_index: Annotated[str | None, typer.Option(help="knn: indice_name of that service.")] = None,
     allow_host: Annotated[list[str] | None, typer.Option(
         "--allow-host", help="Host / IP / CIDR the address guard lets through (e.g. 127.0.0.1); repeatable.")] = None,
-    threads: Annotated[int | None, typer.Option(help="Concurrent downloads.")] = None,
+    threads: Annotated[int | None, typer.Option(help="Concurrent downloads per process.")] = None,
+    processes: Annotated[int | None, typer.Option(
+        help="Download worker processes (0: one per CPU core available, the default).")] = None,
     retry_failed: Annotated[bool, typer.Option(help="Fetch again the candidates that failed before.")] = False,
     export_img2dataset: Annotated[str | None, typer.Option(
         help="Write the URL candidates as an img2dataset input Parquet and stop.")] = None,
@@ -65,6 +67,8 @@ def retrieve_cmd(
         download["allow_hosts"] = list(allow_host)
     if threads is not None:
         download["threads"] = threads
+    if processes is not None:
+        download["processes"] = processes
     if download:
         fields["download"] = download
     cfg = build_config(RetrieveConfig, **{**fields, **extra})

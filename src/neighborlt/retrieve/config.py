@@ -11,6 +11,8 @@ from .download import DownloadOptions
 
 #: fields that change how the stage runs, not what it produces (left out of its completion key)
 EXECUTION_FIELDS = frozenset({"force", "retry_failed", "data_dir"})
+#: download options that change how fast, not what is written (the shards are the same for any process/thread count)
+DOWNLOAD_EXECUTION_FIELDS = frozenset({"processes", "threads"})
 
 
 class RetrieveConfig(BaseModel):
@@ -49,7 +51,8 @@ class RetrieveConfig(BaseModel):
     force: bool = False  # redo the stage even when a finished one with the same options exists
 
     def key_fields(self) -> dict[str, object]:
-        return self.model_dump(mode="json", exclude=set(EXECUTION_FIELDS))
+        return self.model_dump(mode="json", exclude={**dict.fromkeys(EXECUTION_FIELDS, True),
+                                                      "download": set(DOWNLOAD_EXECUTION_FIELDS)})
 
 
 __all__ = ["RetrieveConfig"]
