@@ -690,3 +690,13 @@ def test_processes_from_the_cli_and_not_in_the_stage_key(server: ImageServer, tm
     before = server.snapshot()  # another process count writes the same shards: the finished stage stands
     cfg = RetrieveConfig(source="urls", urls_file=str(urls), download={"allow_hosts": ["127.0.0.1"], "processes": 1})
     assert run_retrieve(cfg, run).skipped and server.snapshot() == before
+
+
+@pytest.mark.parametrize(("name", "size", "mtime"), [("000000000.jpg", 2003, 1765000000), ("a.txt", 0, 0),
+                                                     ("x" * 100, 8 ** 11 - 1, 8 ** 11 - 1), ("k.json", 512, 7)])
+def test_ustar_header_is_what_tarfile_writes(name: str, size: int, mtime: int) -> None:
+    from neighborlt.retrieve.shards import ustar_header
+
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, mtime, 0o444
+    assert ustar_header(name, size, mtime) == info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
