@@ -41,14 +41,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from neighborlt.classes import ClassesConfig, run_classes
-    from neighborlt.data import load_protocol
+    from neighborlt.data import load_targets
     from neighborlt.data.auxiliary import class_prototypes
     from neighborlt.data.shots import shot_groups
     from neighborlt.train.features import extract_features
 
     out = Path(args.out)
     run_classes(ClassesConfig(protocol=args.protocol), out)
-    p = load_protocol(out)
+    p = load_targets(out)
     t0 = time.perf_counter()
     f_pool = extract_features(args.model, "pretrained", p.pool, args.image_size)
     f_tt = extract_features(args.model, "pretrained", p.target_train, args.image_size)

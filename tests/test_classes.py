@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from neighborlt.classes import ClassesConfig, run_classes
 from neighborlt.cli import app
-from neighborlt.errors import ConfigError
+from neighborlt.errors import ConfigError, DataError
 from neighborlt.rundir import RunDir, read_json
 
 runner = CliRunner()
@@ -38,10 +38,14 @@ def test_run_classes_protocol_files_and_idempotence(tmp_path: Path, data_dir: Pa
     again = run_classes(cfg, run)
     assert again.skipped and again.train_counts == res.train_counts
     assert run.path("classes.json").stat().st_mtime_ns == before
-    with pytest.raises(ConfigError, match="different classes config.*--force"):
-        run_classes(ClassesConfig(protocol="cifar10-neighbours", data_dir=str(data_dir), seed=5), run)
+    # other options run the stage again and replace its files (the one key rule: later stages follow their hashes)
+    other = run_classes(ClassesConfig(protocol="cifar10-neighbours", data_dir=str(data_dir), seed=5), run)
+    assert not other.skipped and read_json(run.path("split.json"))["protocol"]["seed"] == 5
+    assert read_json(run.path("records", "classes.done.json"))["fields"]["seed"] == 5
+    # --force runs it again even when nothing changed
+    before = run.path("classes.json").stat().st_mtime_ns
     forced = run_classes(ClassesConfig(protocol="cifar10-neighbours", data_dir=str(data_dir), seed=5, force=True), run)
-    assert not forced.skipped and read_json(run.path("split.json"))["protocol"]["seed"] == 5
+    assert not forced.skipped and run.path("classes.json").stat().st_mtime_ns != before
 
 
 def test_run_classes_plain_dataset_skip_corrupt(tmp_path: Path) -> None:
@@ -131,3 +135,126 @@ def test_custom_split_config_and_unknown_names(tmp_path: Path) -> None:
         assert what in lines[0] and "known classes: cat, dog, fox" in lines[0]
     with pytest.raises(ConfigError, match="both a target and in the pool"):
         run_classes(ClassesConfig(dataset=str(root), targets=["cat"], pool=["cat"]), RunDir(tmp_path / "r3"))
+
+
+# ---- the targets manifest (RUN/targets.parquet) --------------------------------------------------------------
+
+
+def _rewrite_targets(run: RunDir, split: str, n: int, **values: object) -> None:
+    """Set columns of the ``n``-th row of ``split`` in RUN/targets.parquet (a hand edit of the manifest)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = run.path("targets.parquet")
+    rows = pq.read_table(path).to_pylist()
+    i = [k for k, r in enumerate(rows) if r["split"] == split][n]
+    rows[i].update(values)
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(path)), path)
+
+
+def test_targets_manifest_image_folder_round_trip(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from neighborlt.data import build_protocol, load_targets
+    from neighborlt.data.base import ShardMember
+
+    ds = tmp_path / "ds"
+    image_folder(ds / "train", {"apple": 4, "pear": 3, "plum": 2})
+    image_folder(ds / "test", {"apple": 2, "pear": 1, "plum": 2})
+    run = RunDir(tmp_path / "run")
+    res = run_classes(ClassesConfig(dataset=str(ds), pool=["plum"]), run)
+    assert res.targets_path == run.path("targets.parquet") and res.train_counts == [4, 3]
+    table = pq.read_table(res.targets_path)
+    assert table.column("split").to_pylist() == ["train"] * 7 + ["test"] * 3 + ["pool"] * 2
+    assert set(table.column("location").to_pylist()) == {"file"}
+    assert table.column("name").to_pylist()[:7] == ["apple"] * 4 + ["pear"] * 3
+    p = load_targets(run)
+    ref = build_protocol(str(ds), pool=["plum"])
+    assert p.target_train.class_names == ["apple", "pear"] and p.pool.class_names == ["plum"]
+    assert p.target_train.counts().tolist() == [4, 3] and p.target_test.counts().tolist() == [2, 1]
+    for got, want in ((p.target_train, ref.target_train), (p.target_test, ref.target_test), (p.pool, ref.pool)):
+        assert [Path(x) for x in got.paths] == [Path(x).resolve() for x in want.paths]
+        assert got.labels.tolist() == want.labels.tolist()
+    assert (p.config.many, p.config.few) == (ref.config.many, ref.config.few)
+    # a shard member is a location too (the vocabulary of the auxiliary manifest): its bytes are read from the tar
+    import io
+    import tarfile
+
+    data = (ds / "train" / "pear" / "000.png").read_bytes()
+    with tarfile.open(run.path("shards.tar"), "w") as tf:
+        info = tarfile.TarInfo("x.png")
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    with tarfile.open(run.path("shards.tar")) as tf:
+        offset = tf.getmember("x.png").offset_data
+    _rewrite_targets(run, "train", 0, location="shard", path="shards.tar", offset=offset, size=len(data))
+    q = load_targets(run)
+    assert q.target_train.paths[0] == ShardMember(run.path("shards.tar"), offset, len(data))
+    assert q.target_train.load(0).tobytes() == p.target_train.load(4).tobytes()  # pear/000.png
+
+
+def test_targets_manifest_array_backed_protocol(tmp_path: Path, data_dir: Path) -> None:
+    """Omniglot's images live in one .npz: rows reference the dataset's rows, and loading gives the same pixels."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from neighborlt.data import build_protocol, load_targets
+
+    run = RunDir(tmp_path / "run")
+    run_classes(ClassesConfig(protocol="omniglot-neighbours", data_dir=str(data_dir)), run)
+    table = pq.read_table(run.path("targets.parquet"))
+    assert set(table.column("location").to_pylist()) == {"dataset"}
+    assert set(table.column("path").to_pylist()) == {"omniglot"}
+    p = load_targets(run)
+    ref = build_protocol("omniglot-neighbours", data_dir)
+    for got, want in ((p.target_train, ref.target_train), (p.target_test, ref.target_test), (p.pool, ref.pool)):
+        assert got.class_ids == want.class_ids and np.array_equal(got.labels, want.labels)
+        assert np.array_equal(got.array, want.array)
+    assert p.siblings == ref.siblings and p.config == ref.config
+    # a row that points at another class's image is a changed dataset, not silently another image
+    _rewrite_targets(run, "train", 0, row=int(ref.rows["train"][-1]))
+    with pytest.raises(DataError, match="the dataset changed; re-run `neighborlt classes .* --force`"):
+        load_targets(run)
+
+
+def test_run_dir_without_targets_manifest_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from neighborlt.data import load_targets
+
+    ds = image_folder(tmp_path / "ds", {"apple": 2, "pear": 2})
+    run = RunDir(tmp_path / "run")
+    run_classes(ClassesConfig(dataset=str(ds), imbalance_ratio=2.0), run)
+    run.path("targets.parquet").unlink()  # a run directory of an older neighborlt
+    with pytest.raises(DataError) as e:
+        load_targets(run)
+    msg = str(e.value)
+    assert "\n" not in msg and "targets.parquet: not found" in msg
+    assert f"neighborlt classes {run.root} --dataset {ds.resolve()} --imbalance-ratio 2.0 --force" in msg
+    from neighborlt.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", str(run.root), "--no-aux", "--epochs", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "targets.parquet: not found" in err
+    # the command it names writes the manifest again
+    run_classes(ClassesConfig(dataset=str(ds), imbalance_ratio=2.0, force=True), run)
+    assert load_targets(run).target_train.counts().tolist() == [2, 1]
+
+
+def test_train_reads_the_targets_manifest(tmp_path: Path) -> None:
+    """Training takes its images from RUN/targets.parquet: an image path changed there is the one it reads."""
+    from neighborlt.data import load_targets
+    from neighborlt.errors import NeighborLTError
+    from neighborlt.train.config import TrainConfig
+    from neighborlt.train.engine import run_train
+
+    ds = image_folder(tmp_path / "ds", {"apple": 3, "pear": 3})
+    run = RunDir(tmp_path / "run")
+    run_classes(ClassesConfig(dataset=str(ds)), run)
+    broken = tmp_path / "elsewhere" / "broken.png"
+    broken.parent.mkdir()
+    broken.write_bytes(b"not an image")
+    _rewrite_targets(run, "train", 1, path=str(broken))
+    assert load_targets(run).target_train.paths[1] == broken
+    cfg = TrainConfig(model="resnet8_cifar", image_size=16, epochs=1, batch_size=4, warmup_epochs=0, aux_manifest=None)
+    with pytest.raises(NeighborLTError, match="broken.png"):
+        run_train(cfg, run, progress=False)

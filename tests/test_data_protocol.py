@@ -1,5 +1,5 @@
-"""Split-neighbour protocols (CIFAR-10, Omniglot, generated Tiny-ImageNet layout), split.json round trip and the
-auxiliary training set."""
+"""Split-neighbour protocols (CIFAR-10, Omniglot, generated Tiny-ImageNet layout), the split.json + targets.parquet
+round trip and the auxiliary training set."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from data.make_fixtures import omniglot_npz, tiny_imagenet
 
 from neighborlt.classes import ClassesConfig, run_classes
-from neighborlt.data import build_protocol, load_protocol, shot_groups
+from neighborlt.data import build_protocol, load_targets, shot_groups
 from neighborlt.data.auxiliary import load_aux_training_set
 from neighborlt.errors import ConfigError, DataError
 from neighborlt.filter import FilterConfig, run_filter
@@ -89,9 +89,10 @@ def test_split_json_round_trip_and_aux(tmp_path: Path, data_dir: Path) -> None:
     assert res.train_counts == [500, 158, 50, 15, 5]
     split = read_json(run.path("split.json"))
     assert split["protocol"]["seed"] == 3 and [t["id"] for t in split["targets"]][:2] == ["cat", "automobile"]
-    p = load_protocol(run)
+    p = load_targets(run)
     ref = build_protocol("cifar10-neighbours", data_dir, seed=3)
     assert p.target_train.paths == ref.target_train.paths and p.config == ref.config
+    assert p.target_test.paths == ref.target_test.paths and p.pool.paths == ref.pool.paths
 
     aux = _acquired(run, "wordnet")
     assert aux.num_target == 5 and aux.train.num_classes == 10
@@ -113,19 +114,19 @@ def test_split_json_round_trip_and_aux(tmp_path: Path, data_dir: Path) -> None:
     with pytest.raises(DataError, match="auxiliary\\[0\\] needs a string 'name'"):
         run_retrieve(RetrieveConfig(), run)
 
-    # a changed dataset is detected instead of silently giving another split
+    # a split.json that disagrees with targets.parquet is detected instead of silently giving another split
     doc = read_json(run.path("split.json"))
     doc["targets"][0]["train_count"] = 499
     run.path("split.json").write_text(json.dumps(doc))
-    with pytest.raises(DataError, match="no longer gives the recorded per-class counts"):
-        load_protocol(run)
+    with pytest.raises(DataError, match="train images per class differ from the counts in split.json"):
+        load_targets(run)
 
 
 def _acquired(run: RunDir, match: str):
     """retrieve (the protocol's local pool) -> filter (every rule off) -> the auxiliary training set."""
     run_retrieve(RetrieveConfig(source="local", match=match, force=True), run)
     run_filter(FilterConfig.keep_all(force=True), run)
-    return load_aux_training_set(load_protocol(run), run.path("filter", "aux_manifest.parquet"), run.root)
+    return load_aux_training_set(load_targets(run), run.path("filter", "aux_manifest.parquet"), run.root)
 
 
 def test_pool_matching_uses_the_one_normaliser() -> None:

@@ -353,9 +353,9 @@ def test_eval_model_on_cifar10_protocol(data_dir, tmp_path, capsys) -> None:
     assert direct["n_test"] == 100 and direct["split_classes"] == {"many": 2, "medium": 1, "few": 2}
     assert direct["thresholds"] == {"many": 100, "few": 20}
     # independent recomputation from the model's logits on the same 20 images per class
-    from neighborlt.data import load_protocol
+    from neighborlt.data import load_targets
 
-    test = load_protocol(RunDir(run)).target_test
+    test = load_targets(RunDir(run)).target_test
     keep = np.sort(np.concatenate([np.flatnonzero(test.labels == c)[:20] for c in range(len(names))]))
     logits = predict_logits(run / "export", test.subset(keep))
     assert logits.shape == (100, len(names))

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from neighborlt.classes import ClassesConfig, run_classes
-from neighborlt.data import load_protocol
+from neighborlt.data import load_targets
 from neighborlt.errors import ConfigError
 from neighborlt.filter import FilterConfig, run_filter
 from neighborlt.retrieve import RetrieveConfig, run_retrieve
@@ -33,7 +33,7 @@ def planted(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict:
     run_classes(ClassesConfig(protocol="cifar10-neighbours", data_dir=str(data_dir), **SMALL), rd)
     (rd.root / "neighbors.json").write_text(json.dumps({"auxiliary": [{"name": "dog", "parents": ["cat"]},
                                                                       {"name": "truck", "parents": ["automobile"]}]}))
-    p = load_protocol(rd.root)
+    p = load_targets(rd.root)
     pool = root / "pool"
     dog, truck = pool / "dog", pool / "truck"
     dog.mkdir(parents=True)

@@ -20,8 +20,6 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "neighborlt"
 
 # field -> (flags that set it, the value the resolved config then holds); every value differs from the default
 FLAGS: dict[str, tuple[list[str], Any]] = {
-    "protocol": (["--protocol", "cifar10-neighbours"], "cifar10-neighbours"),
-    "protocol_overrides": (["--protocol-set", "n_max=20", "--protocol-set", "seed=2"], {"n_max": 20, "seed": 2}),
     "data_dir": (["--data-dir", "/data/here"], "/data/here"),
     "aux_manifest": (["--aux-manifest", "mine.parquet"], "mine.parquet"),
     "aux_cap": (["--aux-cap", "7"], 7),
@@ -104,7 +102,7 @@ def test_every_field_is_settable_by_flag_and_by_set(field: str, tmp_path: Path, 
 
 
 def test_print_config_round_trips_through_config_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    args = [a for f in ("lr", "betas", "aux_cap", "loss_params", "protocol_overrides") for a in FLAGS[f][0]]
+    args = [a for f in ("lr", "betas", "aux_cap", "loss_params", "data_dir") for a in FLAGS[f][0]]
     first = _printed(args, capsys, tmp_path)
     (tmp_path / "cfg.json").write_text(json.dumps(first))
     assert _printed(["--config", str(tmp_path / "cfg.json")], capsys, tmp_path) == first
@@ -114,8 +112,10 @@ def test_print_config_round_trips_through_config_file(tmp_path: Path, capsys: py
 def test_printed_config_is_the_recorded_config(tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture) -> None:
     """A short real run: what --print-config shows for a command line is what training records."""
     run = tmp_path / "run"
-    args = ["--protocol", "cifar10-neighbours", "--protocol-set", "n_max=20", "--protocol-set", "imbalance_ratio=10",
-            "--data-dir", str(data_dir), "--no-aux", "--model", "resnet8_cifar", "--epochs", "1", "--batch-size", "16",
+    code, _out, err = _cli(["classes", str(run), "--protocol", "cifar10-neighbours", "--n-max", "20",
+                            "--imbalance-ratio", "10", "--data-dir", str(data_dir)], capsys)
+    assert code == 0, err
+    args = ["--data-dir", str(data_dir), "--no-aux", "--model", "resnet8_cifar", "--epochs", "1", "--batch-size", "16",
             "--max-test-per-class", "5", "--warmup-epochs", "0", "--lr", "0.05", "--min-lr", "0.001", "--momentum",
             "0.8", "--grad-clip", "2.0", "--eval-batch-size", "64", "--threads", "1", "--seed", "4", "--no-progress"]
     printed = _printed(args, capsys, run)

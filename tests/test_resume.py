@@ -98,8 +98,10 @@ def test_resume_guards(tmp_path: Path, small_aux) -> None:
 @pytest.mark.slow
 def test_sigterm_cli_saves_and_exits_cleanly(tmp_path: Path, data_dir: Path) -> None:
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "neighborlt", "train", str(run), "--protocol", "cifar10-neighbours",
-            "--protocol-set", "n_max=20", "--protocol-set", "imbalance_ratio=10", "--no-aux",
+    from neighborlt.classes import ClassesConfig, run_classes
+
+    run_classes(ClassesConfig(protocol="cifar10-neighbours", n_max=20, imbalance_ratio=10, data_dir=str(data_dir)), run)
+    args = [sys.executable, "-m", "neighborlt", "train", str(run), "--no-aux",
             "--data-dir", str(data_dir), "--model", "resnet8_cifar", "--epochs", "40", "--batch-size", "16",
             "--lr", "0.05", "--warmup-epochs", "0", "--eval-every", "0", "--max-test-per-class", "2",
             "--no-progress"]

@@ -17,8 +17,8 @@ from neighborlt.train.engine import predict_logits, run_train
 
 torch.set_num_threads(2)
 
-TINY = ["--protocol", "cifar10-neighbours", "--protocol-set", "n_max=20", "--protocol-set", "imbalance_ratio=10",
-        "--max-test-per-class", "20", "--image-size", "32", "--batch-size", "16", "--lr", "0.05",
+CLASSES = ["--protocol", "cifar10-neighbours", "--n-max", "20", "--imbalance-ratio", "10"]  # stage 1 of the runs
+TINY = ["--max-test-per-class", "20", "--image-size", "32", "--batch-size", "16", "--lr", "0.05",
         "--warmup-epochs", "0", "--no-progress"]
 
 
@@ -50,6 +50,7 @@ def _cli(args: list[str]) -> int:
 
 def test_cli_train_resnet8_writes_run_files(tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture) -> None:
     run = tmp_path / "run"
+    assert _cli(["classes", str(run), *CLASSES, "--data-dir", str(data_dir)]) == 0
     args = ["train", str(run), *TINY, "--model", "resnet8_cifar", "--epochs", "2", "--no-aux",
             "--data-dir", str(data_dir), "--seed", "3"]
     assert _cli(args) == 0
@@ -161,7 +162,7 @@ def test_cli_trains_from_split_json_and_config_file(tmp_path: Path, data_dir: Pa
     assert _cli(["train", str(run), "--model", "resnet8_cifar", "--epochs", "1", "--batch-size", "16",
                  "--no-aux", "--loss", "logit_adjusted", "--loss-param", "tau=1.0", *common]) == 0
     cfg = read_json(run / "records" / "train.config.json")
-    assert cfg["protocol"] is None and cfg["loss_params"] == {"tau": 1.0} and cfg["world_size"] == 1
+    assert "protocol" not in cfg and cfg["loss_params"] == {"tau": 1.0} and cfg["world_size"] == 1
     assert read_json(run / "train" / "model.json")["num_classes"] == 5
     # the recorded config re-creates the same run (skipped), and overrides on top of it start a new one
     other = tmp_path / "other"

@@ -3,7 +3,7 @@ and the loss comparison, as markdown tables with mean ± std over seeds and pair
 
 One output folder holds everything::
 
-    OUT/classes.json, split.json          stage 1, shared by every run
+    OUT/classes.json, split.json          stage 1 (and targets.parquet), shared by every run
     OUT/neighbors/<setting>/               one run directory per auxiliary setting (K and split ratio, or
                                            "wordnet"): neighbors.json -> retrieve/ (the local pool) -> filter/
     OUT/pairs/<pairing>_<setting>/         the same auxiliary manifest with other silenced pairs (grid "pairs")
@@ -231,9 +231,9 @@ class _Data:
         self.cfg, self.out = cfg, Path(out)
         ov = dict(cfg.protocol_overrides)
         run_classes(ClassesConfig(protocol=cfg.protocol, data_dir=cfg.data_dir, **ov), out)
-        from .data import load_protocol
+        from .data import load_targets
 
-        self.protocol = load_protocol(out, data_dir=cfg.data_dir)
+        self.protocol = load_targets(out, data_dir=cfg.data_dir)
         self.filter_cfg = FilterConfig(**{"data_dir": cfg.data_dir, **cfg.filter})
         self._dirs: dict[Any, Path | None] = {}
         self._sets: dict[Any, Any] = {}
@@ -263,7 +263,7 @@ class _Data:
 
     def _prepare(self, d: Path) -> RunDir:
         d.mkdir(parents=True, exist_ok=True)
-        for name in ("classes.json", "split.json"):
+        for name in ("classes.json", "split.json", "targets.parquet"):
             if not (d / name).is_file() or (d / name).read_bytes() != (self.out / name).read_bytes():
                 shutil.copyfile(self.out / name, d / name)
         return RunDir(d)

@@ -1,10 +1,11 @@
-"""Stage 1 (``classes``): resolve the target classes of a run and write ``RUN/classes.json`` and ``RUN/split.json``.
+"""Stage 1 (``classes``): resolve the target classes of a run and write ``RUN/classes.json``, ``RUN/split.json`` and
+the targets manifest ``RUN/targets.parquet`` (every image of the split and where it lives).
 
 The run is either a split-neighbour protocol (``--protocol cifar10-neighbours``), a plain dataset
 (``--dataset PATH_OR_NAME``, every class a target, optionally long-tailed), or a custom split-neighbour protocol on
 any labelled dataset (``--dataset PATH --targets A,B,C --pool D,E``: those targets, long-tailed head -> tail in the
 given order, and those classes as the captioned auxiliary pool). Later stages read the split back with
-:func:`neighborlt.data.load_protocol`.
+:func:`neighborlt.data.load_targets`, which never scans the dataset again.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .data.protocol import Protocol, ProtocolConfig, build_protocol, resolve_config, split_record
 from .data.shots import shot_groups
+from .data.targets import TARGETS_FILE, write_targets
 from .data.wordnet import is_wnid
 from .errors import ConfigError
 from .rundir import RunDir, atomic_write_json, config_hash, read_json
@@ -90,6 +92,7 @@ class ClassesResult(BaseModel):
 
     classes_path: Path
     split_path: Path
+    targets_path: Path  # RUN/targets.parquet
     num_targets: int
     num_pool: int
     train_counts: list[int]
@@ -122,7 +125,8 @@ def classes_record(protocol: Protocol) -> dict[str, Any]:
 
 
 def run_classes(cfg: ClassesConfig, run_dir: RunDir | str | os.PathLike[str]) -> ClassesResult:
-    """Build the protocol, write ``classes.json`` + ``split.json`` atomically, record config/env, mark done.
+    """Build the protocol, write ``targets.parquet`` + ``split.json`` + ``classes.json`` atomically, record
+    config/env, mark done.
 
     A re-run with the same config is skipped; a different config in the same run directory is refused unless
     ``cfg.force``.
@@ -145,12 +149,13 @@ def run_classes(cfg: ClassesConfig, run_dir: RunDir | str | os.PathLike[str]) ->
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     pcfg = cfg.protocol_config()
     key = config_hash({"stage": STAGE, "protocol": pcfg.identity()})
-    classes_path, split_path = run.path("classes.json"), run.path("split.json")
-    if run.is_done(STAGE, key) and classes_path.is_file() and split_path.is_file():
+    classes_path, split_path, targets_path = run.path("classes.json"), run.path("split.json"), run.path(TARGETS_FILE)
+    if run.is_done(STAGE, key) and classes_path.is_file() and split_path.is_file() and targets_path.is_file():
         doc = read_json(classes_path)
         split = read_json(split_path)
         logger.info("classes: already done for this config in %s; skipping", run.root)
-        return ClassesResult(classes_path=classes_path, split_path=split_path, num_targets=len(doc["classes"]),
+        return ClassesResult(classes_path=classes_path, split_path=split_path, targets_path=targets_path,
+                             num_targets=len(doc["classes"]),
                              num_pool=len(split.get("pool", [])),
                              train_counts=[int(r["train_count"]) for r in doc["classes"]], skipped=True,
                              skipped_corrupt=len(split.get("skipped_corrupt", [])))
@@ -168,13 +173,15 @@ def run_classes(cfg: ClassesConfig, run_dir: RunDir | str | os.PathLike[str]) ->
         run.log(STAGE, event="skipped_corrupt", count=len(split["skipped_corrupt"]), files=split["skipped_corrupt"])
         logger.warning("classes: skipped %d corrupt images (listed in %s)", len(split["skipped_corrupt"]),
                        run.path("logs", f"{STAGE}.jsonl"))
+    write_targets(protocol, targets_path, run.root)
     atomic_write_json(split_path, split)
     atomic_write_json(classes_path, classes_record(protocol))
     counts = protocol.target_train.counts().tolist()
     run.log(STAGE, event="done", num_targets=protocol.num_targets, train_images=int(sum(counts)),
             pool_classes=len(split["pool"]), stats=protocol.stats)
     run.mark_done(STAGE, key, num_targets=protocol.num_targets, train_images=int(sum(counts)))
-    return ClassesResult(classes_path=classes_path, split_path=split_path, num_targets=protocol.num_targets,
+    return ClassesResult(classes_path=classes_path, split_path=split_path, targets_path=targets_path,
+                         num_targets=protocol.num_targets,
                          num_pool=len(split["pool"]), train_counts=counts, skipped=False,
                          skipped_corrupt=len(split["skipped_corrupt"]))
 

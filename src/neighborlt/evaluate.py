@@ -593,10 +593,10 @@ def run_eval(cfg: EvalConfig, run_dir: str | os.PathLike[str] | RunDir) -> dict[
         labels = data["labels"]
         source = str(cfg.predictions)
     else:
-        from .data import load_protocol
+        from .data import load_targets
         from .train.inference import predict_logits
 
-        protocol = load_protocol(run, data_dir=cfg.data_dir)
+        protocol = load_targets(run, data_dir=cfg.data_dir)
         many, few = _thresholds(cfg, {"many": protocol.config.many, "few": protocol.config.few})
         test = protocol.target_test
         if cfg.max_test_per_class is not None:

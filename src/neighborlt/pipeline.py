@@ -239,7 +239,7 @@ def stage_range(from_stage: str | None, until_stage: str | None) -> list[str]:
 
 def _outputs(stage: str, baseline: bool) -> list[str]:
     """Files a finished stage leaves (what a later ``--from`` stage needs)."""
-    files = {"classes": ["classes.json", "split.json"], "neighbors": ["neighbors.json"],
+    files = {"classes": ["classes.json", "split.json", "targets.parquet"], "neighbors": ["neighbors.json"],
              "retrieve": ["retrieve/manifest.parquet"], "filter": ["filter/aux_manifest.parquet"],
              "train": ["train/model.safetensors"], "export": ["export/model.safetensors"],
              "eval": ["eval/metrics.json"], "report": []}[stage]
@@ -332,8 +332,9 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | os.PathLike[str] | None = N
             _train(root, stages["train"], progress)
             if cfg.baseline:
                 bdir.mkdir(exist_ok=True)
-                for name in ("classes.json", "split.json"):  # atomic and only when changed: under torchrun
-                    data = rd.path(name).read_bytes()        # every rank runs this
+                # atomic and only when changed: under torchrun every rank runs this
+                for name in ("classes.json", "split.json", "targets.parquet"):
+                    data = rd.path(name).read_bytes()
                     if not (bdir / name).is_file() or (bdir / name).read_bytes() != data:
                         atomic_write_bytes(bdir / name, data)
                 _train(bdir, stages["baseline"], progress)

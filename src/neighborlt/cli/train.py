@@ -1,8 +1,7 @@
 """CLI for training: ``neighborlt train RUN_DIR ...`` (also ``torchrun --nproc_per_node N -m neighborlt train``).
 
-Every :class:`~neighborlt.train.config.TrainConfig` field has a flag here (``--protocol-set`` fills
-``protocol_overrides``, ``--loss-param`` ``loss_params``, ``--no-aux`` sets ``aux_manifest`` to None), and ``--set
-key=value`` reaches any field. The flags default to "not given": the defaults live only in ``TrainConfig`` (their
+Every :class:`~neighborlt.train.config.TrainConfig` field has a flag here (``--loss-param`` fills ``loss_params``,
+``--no-aux`` sets ``aux_manifest`` to None), and ``--set key=value`` reaches any field. The flags default to "not given": the defaults live only in ``TrainConfig`` (their
 help shows them), and ``--print-config`` prints the resolved config without training.
 """
 
@@ -47,7 +46,9 @@ def _h(field: str, text: str) -> str:
 
 
 def train_cmd(
-    run_dir: Annotated[Path, typer.Argument(help="Run directory (reads split.json/neighbors.json, writes train/).")],
+    run_dir: Annotated[Path, typer.Argument(
+        help="Run directory (reads split.json + targets.parquet of `neighborlt classes` and the filter's manifest, "
+             "writes train/).")],
     config: Annotated[Path | None, typer.Option(
         "--config", help="JSON file of TrainConfig fields (e.g. RUN/records/train.config.json); "
                          "options given here override it.")] = None,
@@ -56,12 +57,9 @@ def train_cmd(
                                       "none (neighborlt.train.recipes)."))] = None,
     recipe_dataset: Annotated[str | None, typer.Option(
         "--recipe-dataset", help="The recipe's epochs and warm-up: imagenet-lt | inat18 | places-lt.")] = None,
-    protocol: Annotated[str | None, typer.Option(
-        "--protocol", help="Split-neighbour preset (cifar10-neighbours, tiny-imagenet-lt-neighbours, ...); "
-                           "default: RUN/split.json.")] = None,
-    protocol_set: Annotated[list[str] | None, typer.Option(
-        "--protocol-set", help="Protocol override key=value (n_max=50, seed=1, ...); repeatable.")] = None,
-    data_dir: Annotated[str | None, typer.Option("--data-dir", help="Offline data folder.")] = None,
+    data_dir: Annotated[str | None, typer.Option(
+        "--data-dir", help="Where array-backed datasets (CIFAR pickles, Omniglot .npz) are read; default: the "
+                           "folder split.json records.")] = None,
     aux_manifest: Annotated[str | None, typer.Option(
         "--aux-manifest", help=_h("aux_manifest", "Auxiliary images (relative to the run directory; written by "
                                                   "`neighborlt filter`)."))] = None,
@@ -157,17 +155,17 @@ def train_cmd(
 ) -> None:
     """Train on the target (+ auxiliary) classes; writes RUN/train/{model.safetensors, model.json, log.jsonl}."""
     given = {k: v for k, v in locals().items() if k in TrainConfig.model_fields}
-    cfg = _resolve(config, given, no_aux=no_aux, protocol_set=protocol_set, loss_param=loss_param, set_=set_)
+    cfg = _resolve(config, given, no_aux=no_aux, loss_param=loss_param, set_=set_)
     if print_config:
         typer.echo(json.dumps(cfg.model_dump(mode="json"), indent=2))
         return
     _train(cfg, run_dir, resume=resume, force=force, progress=not no_progress)
 
 
-def _resolve(config: Path | None, given: dict[str, Any], *, no_aux: bool, protocol_set: list[str] | None,
-             loss_param: list[str] | None, set_: list[str] | None) -> TrainConfig:
-    """The TrainConfig of a command line: ``--config`` file < flags < ``--set``; ``--no-aux``, ``--protocol-set``
-    and ``--loss-param`` on top. Validation errors are one line naming the flag."""
+def _resolve(config: Path | None, given: dict[str, Any], *, no_aux: bool, loss_param: list[str] | None,
+             set_: list[str] | None) -> TrainConfig:
+    """The TrainConfig of a command line: ``--config`` file < flags < ``--set``; ``--no-aux`` and ``--loss-param``
+    on top. Validation errors are one line naming the flag."""
     from ..errors import ConfigError
     from ..rundir import read_json
 
@@ -178,11 +176,12 @@ def _resolve(config: Path | None, given: dict[str, Any], *, no_aux: bool, protoc
             raise ConfigError(f"{config}: expected a JSON object of TrainConfig fields")
         for k in ("world_size", "config_key"):  # written by RunDir.record next to the config fields
             base.pop(k, None)
+        for k in ("protocol", "protocol_overrides"):  # unset fields of older records: stage 1 now fixes the data
+            if k in base and not base[k]:
+                base.pop(k)
     fields = {**base, **{k: v for k, v in given.items() if v is not None}, **_pairs(set_, "--set")}
     if no_aux:
         fields["aux_manifest"] = None
-    if protocol_set:
-        fields["protocol_overrides"] = {**fields.get("protocol_overrides", {}), **_pairs(protocol_set, "--protocol-set")}
     if loss_param:
         fields["loss_params"] = {**fields.get("loss_params", {}), **_pairs(loss_param, "--loss-param")}
     return build_config(TrainConfig, **fields)

@@ -1,11 +1,12 @@
-"""Datasets: readers, long-tail subsets, split-neighbour protocols, shot groups and the decoded-array cache."""
+"""Datasets: readers, long-tail subsets, split-neighbour protocols and their targets manifest, shot groups and the
+decoded-array cache."""
 
 from __future__ import annotations
 
 from .arrays import as_array, fingerprint
 from .base import ImageSet, ShardMember, open_image
 from .longtail import long_tail_counts, make_long_tailed
-from .protocol import PRESETS, Protocol, ProtocolConfig, build_protocol, load_protocol, split_record
+from .protocol import PRESETS, Protocol, ProtocolConfig, build_protocol, split_record
 from .readers import (
     load_dataset,
     read_cifar_pickles,
@@ -16,6 +17,7 @@ from .readers import (
     read_tiny_imagenet,
 )
 from .shots import shot_groups, shot_totals
+from .targets import load_targets, write_targets
 
 __all__ = [
     "PRESETS",
@@ -27,7 +29,7 @@ __all__ = [
     "build_protocol",
     "fingerprint",
     "load_dataset",
-    "load_protocol",
+    "load_targets",
     "long_tail_counts",
     "make_long_tailed",
     "open_image",
@@ -40,4 +42,5 @@ __all__ = [
     "shot_groups",
     "shot_totals",
     "split_record",
+    "write_targets",
 ]

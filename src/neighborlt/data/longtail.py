@@ -41,7 +41,16 @@ def long_tail_counts(num_classes: int, max_per_class: int, imbalance_ratio: floa
 def make_long_tailed(image_set: ImageSet, imbalance_ratio: float, n_max: int, seed: int = 0,
                      class_order: Sequence[int] | None = None) -> ImageSet:
     """A seeded long-tailed subset: the class at rank ``i`` of ``class_order`` keeps ``long_tail_counts(...)[i]``
-    images drawn without replacement (labels unchanged).
+    images drawn without replacement (labels unchanged); the images of :func:`long_tailed_indices`."""
+    out = image_set.subset(long_tailed_indices(image_set, imbalance_ratio, n_max, seed, class_order))
+    logger.debug("long-tailed subset: %d of %d images (ratio %s, n_max %d)", len(out), len(image_set),
+                 imbalance_ratio, n_max)
+    return out
+
+
+def long_tailed_indices(image_set: ImageSet, imbalance_ratio: float, n_max: int, seed: int = 0,
+                        class_order: Sequence[int] | None = None) -> np.ndarray:
+    """The sorted indices into ``image_set`` of the seeded long-tailed subset (see :func:`make_long_tailed`).
 
     Args:
         image_set: a (balanced) training set.
@@ -69,7 +78,4 @@ def make_long_tailed(image_set: ImageSet, imbalance_ratio: float, n_max: int, se
                 f"profile needs {counts[rank]} at rank {rank}; lower n_max"
             )
         keep.append(np.sort(rng.choice(idx, size=counts[rank], replace=False)))
-    out = image_set.subset(np.sort(np.concatenate(keep)))
-    logger.debug("long-tailed subset: %d of %d images (ratio %s, n_max %d)", len(out), len(image_set),
-                 imbalance_ratio, n_max)
-    return out
+    return np.sort(np.concatenate(keep))

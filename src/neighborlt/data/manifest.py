@@ -1,4 +1,7 @@
-"""The retrieve manifest: one row per candidate image (``RUN/retrieve/manifest.parquet``) and its Parquet IO.
+"""The image manifests' shared vocabulary: the retrieve manifest (one row per candidate image,
+``RUN/retrieve/manifest.parquet``), its Parquet IO, and where a row's image lives (:func:`image_ref`: a ``file``, a
+``shard`` member, or a ``pool`` row), which the filter's and the targets manifest (:mod:`neighborlt.data.targets`)
+share.
 
 Columns (see docs/architecture.md): ``uid``, ``name`` (auxiliary class), ``parents`` (target names that proposed
 it), ``query``, ``url`` (or ``pool://<class id>/<index>`` / ``file://`` for referenced local images), ``location``
@@ -72,13 +75,34 @@ def read_table(path: str | os.PathLike[str], required: tuple[str, ...] = ("uid",
 def image_ref(row: dict[str, Any], root: Path) -> Path | ShardMember | None:
     """Where a manifest row's image lives: a file path, a :class:`ShardMember`, or None (pool images are looked up
     in the protocol's pool by ``pool_index``)."""
-    loc = row.get("location")
+    return _ref(row.get("location"), row.get("path"), row.get("offset"), row.get("size"), root)
+
+
+def _ref(loc: Any, path: Any, offset: Any, size: Any, root: Path) -> Path | ShardMember | None:
     if loc == "shard":
-        p = Path(row["path"])
-        return ShardMember(p if p.is_absolute() else root / p, int(row["offset"]), int(row["size"]))
+        p = Path(path)
+        return ShardMember(p if p.is_absolute() else root / p, int(offset), int(size))
     if loc == "file":
-        return Path(row["path"])
+        return Path(path)
     return None
 
 
-__all__ = ["DEFAULTS", "SCHEMA", "image_ref", "read_table", "to_table", "write_table"]
+def image_refs(table: pa.Table, root: Path, source: str | os.PathLike[str] = "manifest") -> list[Path | ShardMember]:
+    """:func:`image_ref` of every row of a table whose rows are all ``file`` or ``shard`` rows, read column by column
+    (no dict per row).
+
+    Raises:
+        DataError: a row without a file or shard location (``source`` names the file in the message).
+    """
+    cols = [table[c].to_pylist() for c in ("location", "path", "offset", "size")]
+    out: list[Path | ShardMember] = []
+    for i, (loc, path, offset, size) in enumerate(zip(*cols)):
+        ref = _ref(loc, path, offset, size, root) if path else None
+        if ref is None:
+            raise DataError(f"{source}: row {i} has no image location (location {loc!r}, path {path!r}); re-run the "
+                            "stage that wrote it")
+        out.append(ref)
+    return out
+
+
+__all__ = ["DEFAULTS", "SCHEMA", "image_ref", "image_refs", "read_table", "to_table", "write_table"]

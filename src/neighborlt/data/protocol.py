@@ -21,8 +21,9 @@ Presets (``PRESETS``):
   Siblings: the pool characters of the same alphabet.
 * ``cifar10-lt`` / ``cifar100-lt``: every class is a target (n_max 5000 / 500, ratio 100), no pool; balanced test.
 
-The resolved split is saved with the run as ``RUN/split.json`` (see :func:`split_record`); :func:`load_protocol`
-rebuilds the same :class:`Protocol` from it.
+The resolved split is saved with the run as ``RUN/split.json`` (see :func:`split_record`) and its images as
+``RUN/targets.parquet`` (:mod:`neighborlt.data.targets`); later stages read both back with
+:func:`neighborlt.data.load_targets` instead of building the protocol again.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,9 +38,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..defaults import FEW_SHOT, MANY_SHOT
 from ..errors import ConfigError, DataError
-from ..rundir import read_json
 from .base import ImageSet
-from .longtail import make_long_tailed
+from .longtail import long_tailed_indices
 from .readers import load_dataset
 from .shots import shot_groups
 
@@ -107,6 +106,9 @@ class Protocol:
         pool: training images of the pool classes (class ids = pool ids), or None.
         siblings: target class id -> pool class ids (WordNet siblings / preset pairing); may be empty.
         stats: sibling coverage and other figures recorded in ``split.json``.
+        rows: ``"train"`` / ``"test"`` / ``"pool"`` -> the row of each image of that set in the dataset split it was
+            read from (:func:`build_protocol` fills it; ``RUN/targets.parquet`` references the images of
+            array-backed datasets by these rows).
     """
 
     config: ProtocolConfig
@@ -115,6 +117,7 @@ class Protocol:
     pool: ImageSet | None
     siblings: dict[str, list[str]]
     stats: dict[str, Any] = field(default_factory=dict)
+    rows: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def num_targets(self) -> int:
@@ -170,11 +173,15 @@ def _index_by_id(image_set: ImageSet, ids: list[str], what: str) -> list[int]:
     return out
 
 
+def _rows(image_set: ImageSet, classes: list[int]) -> np.ndarray:
+    """The rows of ``image_set`` whose class is one of ``classes`` (the samples :func:`_relabel` keeps, in order)."""
+    return np.flatnonzero(np.isin(image_set.labels, classes))
+
+
 def _relabel(image_set: ImageSet, classes: list[int]) -> ImageSet:
     """Samples of ``classes`` with labels renumbered 0..len(classes)-1 in that order."""
-    mask = np.isin(image_set.labels, classes)
     remap = {c: i for i, c in enumerate(classes)}
-    return image_set.subset(np.flatnonzero(mask), relabel=remap,
+    return image_set.subset(_rows(image_set, classes), relabel=remap,
                             class_names=[image_set.class_names[c] for c in classes],
                             class_ids=[image_set.class_ids[c] for c in classes])
 
@@ -279,20 +286,23 @@ def build_protocol(preset_or_cfg: str | ProtocolConfig, data_dir: str | os.PathL
     pool = [train.class_ids[i] for i in p_idx]
     cfg = cfg.model_copy(update={"targets": targets, "pool": pool})
 
-    target_train = _relabel(train, t_idx)
+    target_train, train_rows = _relabel(train, t_idx), _rows(train, t_idx)
     if cfg.imbalance_ratio is not None or cfg.n_max is not None:
         n_max = cfg.n_max if cfg.n_max is not None else int(target_train.counts().max())
-        target_train = make_long_tailed(target_train, cfg.imbalance_ratio or 1.0, n_max, seed=cfg.seed)
+        keep = long_tailed_indices(target_train, cfg.imbalance_ratio or 1.0, n_max, seed=cfg.seed)
+        target_train, train_rows = target_train.subset(keep), train_rows[keep]
     if same_classes:
-        target_test = _relabel(test, t_idx)
+        target_test, test_rows = _relabel(test, t_idx), _rows(test, t_idx)
     else:  # the test set need only hold the targets (pool classes are never tested)
         test_ids = {c: i for i, c in enumerate(test.class_ids)}
         missing = [c for c in targets if c not in test_ids]
         if missing:
             raise DataError(f"{test.source}: target class {missing[0]!r} has no test images (test classes: "
                             f"{known_classes(test)})")
-        target_test = _relabel(test, [test_ids[c] for c in targets])
+        target_test, test_rows = (_relabel(test, [test_ids[c] for c in targets]),
+                                  _rows(test, [test_ids[c] for c in targets]))
     pool_set = _relabel(train, p_idx) if p_idx else None
+    rows = {"train": train_rows, "test": test_rows, "pool": _rows(train, p_idx)}
 
     siblings: dict[str, list[str]] = {}
     if pool:
@@ -313,7 +323,7 @@ def build_protocol(preset_or_cfg: str | ProtocolConfig, data_dir: str | os.PathL
                 cfg.preset or cfg.dataset, len(targets), len(target_train), len(pool),
                 len(pool_set) if pool_set is not None else 0, stats["targets_with_siblings"])
     return Protocol(config=cfg, target_train=target_train, target_test=target_test, pool=pool_set,
-                    siblings=siblings, stats=stats)
+                    siblings=siblings, stats=stats, rows=rows)
 
 
 def _class_rows(image_set: ImageSet, counts: np.ndarray) -> list[dict[str, Any]]:
@@ -349,37 +359,5 @@ def split_record(protocol: Protocol) -> dict[str, Any]:
     }
 
 
-def load_protocol(run_dir: str | os.PathLike[str] | Any, data_dir: str | os.PathLike[str] | None = None) -> Protocol:
-    """Rebuild the protocol recorded in ``RUN/split.json`` and check it matches the record.
-
-    Args:
-        run_dir: the run directory (path or :class:`~neighborlt.rundir.RunDir`).
-        data_dir: overrides the recorded data directory.
-
-    Raises:
-        NeighborLTError: ``split.json`` is missing or malformed.
-        DataError: the rebuilt per-class counts differ from the recorded ones (the dataset changed).
-    """
-    from ..rundir import RunDir
-
-    root = run_dir.root if isinstance(run_dir, RunDir) else Path(run_dir)
-    path = root / "split.json"
-    doc = read_json(path)
-    if not isinstance(doc, dict) or doc.get("schema") != SPLIT_SCHEMA or "protocol" not in doc:
-        raise DataError(f"{path}: not a schema-{SPLIT_SCHEMA} split file; re-run `neighborlt classes`")
-    try:
-        cfg = ProtocolConfig(**doc["protocol"])
-    except (TypeError, ValidationError) as e:
-        raise DataError(f"{path}: invalid protocol config ({str(e).splitlines()[0]}); re-run `neighborlt classes`") from None
-    if data_dir is not None:
-        cfg = cfg.model_copy(update={"data_dir": str(data_dir)})
-    protocol = build_protocol(cfg)
-    recorded = [int(r["train_count"]) for r in doc.get("targets", [])]
-    if recorded and recorded != protocol.target_train.counts().tolist():
-        raise DataError(f"{path}: the dataset no longer gives the recorded per-class counts; re-run "
-                        "`neighborlt classes` (the data changed)")
-    return protocol
-
-
-__all__ = ["CIFAR10_SIBLINGS", "PRESETS", "Protocol", "ProtocolConfig", "build_protocol", "load_protocol",
+__all__ = ["CIFAR10_SIBLINGS", "PRESETS", "SPLIT_SCHEMA", "Protocol", "ProtocolConfig", "build_protocol",
            "resolve_config", "split_record"]

@@ -157,9 +157,9 @@ def run_filter(cfg: FilterConfig, run_dir: RunDir | str | os.PathLike[str]) -> F
     live = [i for i in range(len(rows)) if not decision[i]]
     feats = None
     if cfg.needs_features and live:
-        from ..data import load_protocol
+        from ..data import load_targets
 
-        protocol = load_protocol(rd.root, data_dir=cfg.data_dir)
+        protocol = load_targets(rd.root, data_dir=cfg.data_dir)
         feats = _features(cfg, protocol, [rows[i] for i in live], rd.root)
         cand = _unit(feats["candidates"])
 
@@ -350,9 +350,9 @@ def _contact_sheets(cfg: FilterConfig, rd: RunDir, rows: list[dict[str, Any]], d
     from ..data.auxiliary import rows_image_set
 
     if protocol is None:
-        from ..data import load_protocol
+        from ..data import load_targets
 
-        protocol = load_protocol(rd.root, data_dir=cfg.data_dir)
+        protocol = load_targets(rd.root, data_dir=cfg.data_dir)
     folder = rd.path(STAGE, "sheets")
     folder.mkdir(parents=True, exist_ok=True)
     per: dict[str, list[int]] = {}

@@ -137,11 +137,9 @@ def run_retrieve(cfg: RetrieveConfig, run_dir: RunDir | str | os.PathLike[str]) 
 
     @functools.lru_cache(maxsize=1)  # the source and the local references share one build of the protocol
     def load_protocol() -> Any:
-        from ..data import load_protocol as _load
+        from ..data import load_targets
 
-        if not rd.path("split.json").is_file():
-            raise ConfigError(f"{rd.path('split.json')}: not found; run `neighborlt classes {rd.root}` first")
-        return _load(rd.root, data_dir=cfg.data_dir)
+        return load_targets(rd.root, data_dir=cfg.data_dir)
 
     ctx = SourceContext(names=names, root=rd.root, load_protocol=load_protocol)
     cand_key = _inputs_key(cfg, rd, npath, candidates=True)

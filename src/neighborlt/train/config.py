@@ -25,17 +25,16 @@ class TrainConfig(BaseModel):
     """Options of one training run (stage ``train``).
 
     Example:
-        >>> cfg = TrainConfig(protocol="cifar10-neighbours", model="resnet8_cifar", epochs=2, image_size=32)
+        >>> cfg = TrainConfig(model="resnet8_cifar", epochs=2, image_size=32)
         >>> cfg.loss
         'balanced_softmax'
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    # ---- data source -------------------------------------------------------------------------------------
-    protocol: str | None = None  # split-neighbour preset name ("cifar10-neighbours", ...); None: RUN/split.json
-    protocol_overrides: dict[str, Any] = Field(default_factory=dict)  # ProtocolConfig fields (n_max, seed, ...)
-    data_dir: str | None = None  # offline data folder; None: paths.resolve_data_dir()
+    # ---- data source: the targets of RUN/split.json + RUN/targets.parquet (`neighborlt classes`) ----------------
+    data_dir: str | None = None  # where array-backed datasets (CIFAR pickles, Omniglot .npz) are read; None: the
+    #   folder split.json records (image files are read where RUN/targets.parquet says)
     aux_manifest: str | None = "filter/aux_manifest.parquet"  # auxiliary images and their parent targets (written by
     #   `neighborlt filter`), relative to the run directory unless absolute; None: the target classes only
     aux_cap: AuxCap = AUX_CAP  # M: images per auxiliary class per epoch (redrawn each epoch), >= 1; None (or

@@ -143,21 +143,12 @@ def manifest_path(cfg: TrainConfig, rd: RunDir) -> Path | None:
 
 
 def _load_data(cfg: TrainConfig, rd: RunDir) -> Any:
-    """The run's targets (``split.json`` or ``cfg.protocol``) plus the auxiliary classes of its filter manifest."""
-    from ..data import build_protocol, load_protocol
+    """The run's targets (``split.json`` + ``targets.parquet`` of stage 1) plus the auxiliary classes of its filter
+    manifest."""
+    from ..data import load_targets
     from ..data.auxiliary import load_aux_training_set
 
-    if cfg.protocol:
-        proto = build_protocol(cfg.protocol, data_dir=cfg.data_dir, **cfg.protocol_overrides)
-    else:
-        if not rd.path("split.json").exists():
-            raise ConfigError(
-                f"{rd.path('split.json')}: not found; run `neighborlt classes {rd.root}` first or pass --protocol"
-            )
-        if cfg.protocol_overrides:
-            raise ConfigError("--protocol-set (protocol_overrides) needs --protocol (RUN/split.json fixes the "
-                              "protocol)")
-        proto = load_protocol(rd.root, data_dir=cfg.data_dir)
+    proto = load_targets(rd.root, data_dir=cfg.data_dir)
     mpath = manifest_path(cfg, rd)
     aux = load_aux_training_set(proto, mpath, rd.root)
     source = "manifest" if mpath is not None else "none"
@@ -279,7 +270,7 @@ def run_train(cfg: TrainConfig, run_dir: str | os.PathLike[str] | RunDir, *, res
 
     Args:
         cfg: the training options.
-        run_dir: the run directory (holds ``split.json`` and ``neighbors.json`` unless ``cfg.protocol`` is set).
+        run_dir: the run directory (holds ``split.json`` and ``targets.parquet`` of ``neighborlt classes``).
         resume: continue from ``RUN/train/checkpoint/last.pt`` (same config key required).
         force: delete earlier training outputs of this run dir and start over.
         progress: show a rich progress bar on rank 0.
@@ -295,7 +286,8 @@ def run_train(cfg: TrainConfig, run_dir: str | os.PathLike[str] | RunDir, *, res
         ConfigError: conflicting earlier outputs, unknown names, bad option combinations.
 
     Example:
-        >>> cfg = TrainConfig(protocol="cifar10-neighbours", model="resnet8_cifar", epochs=2)  # doctest: +SKIP
+        >>> run_classes(ClassesConfig(protocol="cifar10-neighbours"), "runs/c10")  # doctest: +SKIP
+        >>> cfg = TrainConfig(model="resnet8_cifar", epochs=2, aux_manifest=None)  # doctest: +SKIP
         >>> run_train(cfg, "runs/c10").metrics["few"]  # doctest: +SKIP
     """
     rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
@@ -421,10 +413,8 @@ def _run_key(cfg: TrainConfig, rd: RunDir, data: Any | None) -> str:
     """The key of the run: the config key, with the auxiliary manifest's hash (or the given data's fingerprint)."""
     if data is not None:
         return _data_key(cfg, data)
-    if not cfg.protocol and not rd.path("split.json").exists():
-        raise ConfigError(
-            f"{rd.path('split.json')}: not found; run `neighborlt classes {rd.root}` first or pass --protocol"
-        )
+    if not rd.path("split.json").exists():
+        raise ConfigError(f"{rd.path('split.json')}: not found; run `neighborlt classes {rd.root}` first")
     mpath = manifest_path(cfg, rd)
     return cfg.key() if mpath is None else config_hash([cfg.key(), file_sha256(mpath)])
 
