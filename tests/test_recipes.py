@@ -98,8 +98,9 @@ def test_a_training_run_records_what_the_recipe_filled(tmp_path: Path, data_dir:
     """A real (1 epoch, 32 px, ResNet-8) run under the CLIP recipe with the architecture overridden: the resolved
     values reach the records and model.json lists the filled ones."""
     run = tmp_path / "run"
-    args = ["train", str(run), "--protocol", "cifar10-neighbours", "--protocol-set", "n_max=20",
-            "--protocol-set", "imbalance_ratio=10", "--max-test-per-class", "5", "--no-aux", "--data-dir",
+    assert _cli(["classes", str(run), "--protocol", "cifar10-neighbours", "--n-max", "20", "--imbalance-ratio", "10",
+                 "--data-dir", str(data_dir)]) == 0
+    args = ["train", str(run), "--max-test-per-class", "5", "--no-aux", "--data-dir",
             str(data_dir), "--no-progress", "--recipe", "clip", "--model", "resnet8_cifar", "--init", "random",
             "--image-size", "32", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "16", "--threads", "1"]
     assert _cli(args) == 0
