@@ -21,8 +21,9 @@ from safetensors.torch import save_file
 from neighborlt.data.base import ImageSet
 from neighborlt.errors import ConfigError
 from neighborlt.paths import cache_dir
-from neighborlt.train.data import ImageSetDataset, build_transform
+from neighborlt.train.data import ImageSetDataset, build_transform, model_crop_pct
 from neighborlt.train.features import chunk_ranges, extract_features, rank_chunks
+from neighborlt.train.inference import image_batches
 from neighborlt.train.models import create_model, model_normalization
 
 CLASSES = ["airplane", "cat", "ship", "truck"]
@@ -130,6 +131,14 @@ def test_features_equal_eval_transform_path(images: ImageSet) -> None:
     with torch.no_grad():
         ref = model.forward_features(x).numpy()
     np.testing.assert_allclose(feats, ref, rtol=1e-4, atol=1e-5)
+
+    # stream mode: the centre view decoded in the loader, uint8 normalised before the model; its own cache key
+    stream = extract_features("resnet8_cifar", _seeded_checkpoint(), images, 32, data_mode="stream")
+    view = image_batches(images, 32, 16, 0, "resnet8_cifar", data_mode="stream", crop_pct=model_crop_pct("resnet8_cifar"))
+    with torch.no_grad():
+        ref_stream = torch.cat([model.forward_features(x) for x in view]).numpy()
+    np.testing.assert_allclose(stream, ref_stream, rtol=1e-4, atol=1e-5)
+    assert not np.allclose(stream, feats, atol=1e-3)  # another view (resize 37 + crop 32 vs the 32 px array)
 
 
 _CKPT: list[str] = []

@@ -127,15 +127,18 @@ def run_crt(cfg: Any, model: nn.Module, meta: dict[str, Any], aux: Any, test: An
                                     batch_size=cfg.eval_batch_size, device=device)
         f_test = backbone_features(model, test_x, image_size=cfg.image_size, batch_size=cfg.eval_batch_size,
                                    device=device)
-    else:
-        from .data import model_crop_pct, resolve_data_mode
+    else:  # the run's evaluation view, in resumable chunks under RUN/train/crt/features (fp32, as before)
+        from .data import resolve_data_mode
+        from .features import extract_model_features
 
-        view = {"data_mode": resolve_data_mode(cfg.data_mode, cfg.image_size), "crop_pct": model_crop_pct(cfg.model)}
-        f_train = backbone_features(model, aux.train.subset(tgt), image_size=cfg.image_size,
-                                    batch_size=cfg.eval_batch_size, device=device, num_workers=cfg.num_workers,
-                                    model_name=cfg.model, **view)
-        f_test = backbone_features(model, test, image_size=cfg.image_size, batch_size=cfg.eval_batch_size,
-                                   device=device, num_workers=cfg.num_workers, model_name=cfg.model, **view)
+        def feats(images: Any) -> torch.Tensor:
+            f = extract_model_features(model, cfg.model, images, cfg.image_size, init="trained",
+                                       folder=out_dir / "features", batch_size=cfg.eval_batch_size,
+                                       device=str(device), bf16=False, num_workers=cfg.num_workers,
+                                       data_mode=resolve_data_mode(cfg.data_mode, cfg.image_size))
+            return torch.from_numpy(np.array(f, dtype=np.float32))
+
+        f_train, f_test = feats(aux.train.subset(tgt)), feats(test)
     fc = train_balanced_classifier(f_train, labels, L, epochs=cfg.crt_epochs, lr=cfg.crt_lr,
                                    weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, seed=cfg.seed)
     new_meta = {**meta, "num_classes": L, "class_names": meta["class_names"][:L],

@@ -6,7 +6,8 @@ read-only) with a ``<key>.json`` sidecar. The key hashes the model name, the bac
 excluded), the eval transform, the image size and the data fingerprint (file paths + sizes + mtimes, or the array
 bytes), so any change re-extracts and an unchanged request is served from disk.
 
-Extraction runs over a torch ``DataLoader`` (workers decode and apply the eval transform) in chunks of
+Extraction runs over a torch ``DataLoader`` (in stream mode workers decode each image to the evaluation view and
+the uint8 batches are normalised on the device; in cache mode rows of the decoded array) in chunks of
 ``chunk_rows`` consecutive rows. Each chunk is written atomically to ``<key>.chunks/rows-<start>-<stop>.npy`` as
 it finishes, so a killed extraction (``kill -9`` included) loses at most the chunks in flight, and the next call
 computes only the missing ones. With ``distributed=True`` (every rank of a ``torchrun`` job calls it) chunk ``i``
@@ -64,9 +65,10 @@ def weights_hash(model: nn.Module) -> str:
 
 
 def feature_cache_key(model_name: str, model: nn.Module, image_set: ImageSet, image_size: int,
-                      precision: str = "fp32") -> dict[str, Any]:
-    """The parts of the cache key (model, weights hash, transform, data fingerprint, precision) and their hash
-    ``key``; fp32 keys are those of earlier versions (``precision`` joins the key only when it is not fp32)."""
+                      precision: str = "fp32", data_mode: str = "cache") -> dict[str, Any]:
+    """The parts of the cache key (model, weights hash, transform, data fingerprint, precision, view) and their
+    hash ``key``; fp32 cache-mode keys are those of earlier versions (``precision`` joins the key only when it is
+    not fp32, the view only in stream mode: the shorter side resized to S / crop_pct and centre-cropped)."""
     from ..data import fingerprint
 
     parts: dict[str, Any] = {
@@ -81,6 +83,10 @@ def feature_cache_key(model_name: str, model: nn.Module, image_set: ImageSet, im
     }
     if precision != "fp32":
         parts["precision"] = precision
+    if data_mode == "stream":
+        from .data import model_crop_pct
+
+        parts["view"] = {"mode": "stream", "crop_pct": model_crop_pct(model_name)}
     blob = json.dumps(parts, sort_keys=True).encode()
     parts["key"] = hashlib.sha256(blob).hexdigest()[:24]
     return parts
@@ -92,14 +98,16 @@ def _safe(name: str) -> str:
     return s[:80]
 
 
-def default_workers(device: torch.device) -> int:
-    """DataLoader workers for extraction: the cores this rank may use (``LOCAL_WORLD_SIZE`` ranks share the
-    machine), at most 16; on the CPU half of them, since the forward pass runs on the same cores."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    per_rank = max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+def default_workers(device: torch.device, data_mode: str) -> int:
+    """DataLoader workers for extraction: in stream mode the cores this rank may use (``LOCAL_WORLD_SIZE`` ranks
+    share the machine; :func:`~neighborlt.train.data.cores_per_rank`), at most 16, and on the CPU half of them,
+    since the forward pass runs on the same cores; in cache mode none (a row of the decoded array costs less than
+    handing it over from a worker: ``bench/feature_throughput.py``)."""
+    from .data import cores_per_rank
+
+    if data_mode != "stream":
+        return 0
+    per_rank = cores_per_rank(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return min(16, per_rank if device.type == "cuda" else per_rank // 2)
 
 
@@ -234,6 +242,10 @@ def _compute_chunks(model: nn.Module, dataset: Any, ranges: list[tuple[int, int]
         pos = 0
         while pos < b - a:
             x = next(it)[0].to(device, non_blocking=True)
+            if x.dtype == torch.uint8:  # stream mode: uint8 from the workers, normalised here (on the device)
+                x = dataset.normalize(x)
+            if x.ndim == 4:  # NHWC, as the decoded-array loop fed it: faster CPU convolutions, the same features
+                x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
                 f = model.forward_features(x)  # type: ignore[operator]
             f = f.float().cpu().numpy()
@@ -298,14 +310,15 @@ def _merge(folder: Path, ranges: list[tuple[int, int]], merged: Path, n: int, si
 def extract_model_features(model: nn.Module, model_name: str, image_set: ImageSet, image_size: int, *,
                            init: str = "", folder: str | os.PathLike[str] | None = None, batch_size: int = 256,
                            device: str = "cpu", bf16: bool | None = None, num_workers: int | None = None,
-                           chunk_rows: int = CHUNK_ROWS, distributed: bool = False) -> np.ndarray:
+                           chunk_rows: int = CHUNK_ROWS, distributed: bool = False,
+                           data_mode: str = "auto") -> np.ndarray:
     """Pooled ``forward_features`` of every image of ``image_set`` under ``model``, in resumable chunks, cached.
 
     Args:
         model: a model from :func:`~neighborlt.train.models.create_model` (its classifier is not part of the key).
         model_name: its architecture (the input normalisation and the cache folder).
         image_set: the images (labels are not part of the key).
-        image_size: input side length (the eval transform of :func:`~neighborlt.train.data.build_transform`).
+        image_size: input side length S.
         init: where the weights came from (recorded in the sidecar only).
         folder: where ``<key>.npy`` and its chunks live (default ``cache_dir()/features/<model>``).
         batch_size: images per forward pass.
@@ -314,6 +327,10 @@ def extract_model_features(model: nn.Module, model_name: str, image_set: ImageSe
         num_workers: DataLoader workers (default :func:`default_workers`).
         chunk_rows: rows per chunk file (an interrupted extraction resumes with the chunk size it started with).
         distributed: every rank of a torchrun job calls this; each computes chunks ``i % WORLD_SIZE == RANK``.
+        data_mode: the evaluation view (:func:`~neighborlt.train.data.resolve_data_mode`; ``auto``: cache at
+            <= 64 px, else stream): ``cache`` squashes to S x S through the decoded-array cache and the eval
+            transform of :func:`~neighborlt.train.data.build_transform`; ``stream`` decodes each image in the
+            workers, resizes the shorter side to S / crop_pct (the model's pretrained config) and centre-crops S.
 
     Returns:
         float32 array [N, D] in the order of ``image_set``, memory-mapped read-only.
@@ -321,7 +338,7 @@ def extract_model_features(model: nn.Module, model_name: str, image_set: ImageSe
     Raises:
         ConfigError: invalid arguments, non-finite features; DataError: undecodable images.
     """
-    from .data import ImageSetDataset
+    from .data import ImageSetDataset, model_crop_pct, resolve_data_mode
     from .ddp import resolve_device
 
     if batch_size < 1:
@@ -334,7 +351,8 @@ def extract_model_features(model: nn.Module, model_name: str, image_set: ImageSe
     rank, world = rank_and_world(distributed)
     dev = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else 0)
     use_bf16 = dev.type == "cuda" if bf16 is None else bool(bf16)
-    parts = feature_cache_key(model_name, model, image_set, image_size, "bf16" if use_bf16 else "fp32")
+    mode = resolve_data_mode(data_mode, image_size)
+    parts = feature_cache_key(model_name, model, image_set, image_size, "bf16" if use_bf16 else "fp32", mode)
     root = Path(folder) if folder is not None else cache_dir() / "features" / _safe(model_name)
     root.mkdir(parents=True, exist_ok=True)
     merged = root / f"{parts['key']}.npy"
@@ -348,19 +366,25 @@ def extract_model_features(model: nn.Module, model_name: str, image_set: ImageSe
     ranges = chunk_ranges(n, rows)
     own = rank_chunks(len(ranges), rank, world)
     todo = [i for i in own if not _chunk_ok(_chunk_path(chunks, *ranges[i]), ranges[i][1] - ranges[i][0])]
-    logger.info("features %s of %d images: %d chunks of %d rows; rank %d/%d computes chunks %s (%d of its %d on "
-                "disk)", model_name, n, len(ranges), rows, rank, world, _spans(todo), len(own) - len(todo), len(own))
+    logger.info("features %s of %d images (%s mode): %d chunks of %d rows; rank %d/%d computes chunks %s (%d of its "
+                "%d on disk)", model_name, n, mode, len(ranges), rows, rank, world, _spans(todo), len(own) - len(todo),
+                len(own))
     t0 = time.perf_counter()
     if todo:
-        workers = default_workers(dev) if num_workers is None else num_workers
-        ds = ImageSetDataset(image_set, build_transform(image_size, train=False,
-                                                        normalization=model_normalization(model_name)), image_size)
+        workers = default_workers(dev, mode) if num_workers is None else num_workers
+        norm = model_normalization(model_name)
+        if mode == "cache":
+            ds = ImageSetDataset(image_set, build_transform(image_size, train=False, normalization=norm), image_size,
+                                 normalization=norm)
+        else:
+            ds = ImageSetDataset(image_set, None, image_size, mode="stream", normalization=norm,
+                                 crop_pct=model_crop_pct(model_name))
         model.eval().to(dev)
         _compute_chunks(model, ds, [ranges[i] for i in todo], chunks, batch_size=batch_size, device=dev,
                         bf16=use_bf16, num_workers=workers, what=f"{model_name} ({init or 'model'})")
     seconds = time.perf_counter() - t0
     _wait_for_chunks(chunks, ranges, merged, world)
-    sidecar = {**parts, "init": init, "seconds": round(seconds, 3), "device": str(dev), "chunk_rows": rows,
+    sidecar = {**parts, "data_mode": mode, "init": init, "seconds": round(seconds, 3), "device": str(dev), "chunk_rows": rows,
                "chunks": len(ranges), "world_size": world, "computed_chunks_by_merger": len(todo)}
     if _merge(chunks, ranges, merged, n, sidecar):
         logger.info("extracted %s features of %d images (%d chunks here) in %.1f s (cached %s)", model_name, n,
@@ -373,13 +397,12 @@ def extract_model_features(model: nn.Module, model_name: str, image_set: ImageSe
 
 def extract_features(model_name: str, init: str, image_set: ImageSet, image_size: int, batch_size: int = 256,
                      device: str = "cpu", bf16: bool | None = None, *, num_workers: int | None = None,
-                     chunk_rows: int = CHUNK_ROWS, distributed: bool = False) -> np.ndarray:
+                     chunk_rows: int = CHUNK_ROWS, distributed: bool = False, data_mode: str = "auto") -> np.ndarray:
     """Pooled backbone features of every image, computed once (in resumable chunks) and then read from the cache.
 
-    The images go through :class:`~neighborlt.train.data.ImageSetDataset` with the eval transform (resize, centre
-    crop, ToTensor and the model's normalisation, ``build_transform(image_size, train=False,
-    normalization=model_normalization(model_name))``) and ``model.forward_features`` in eval mode; see
-    :func:`extract_model_features` for the chunks, the ranks and the arguments.
+    The images go through :class:`~neighborlt.train.data.ImageSetDataset` (the evaluation view of ``data_mode``,
+    the model's normalisation) and ``model.forward_features`` in eval mode; see :func:`extract_model_features` for
+    the chunks, the ranks, the views and the arguments.
 
     Args:
         model_name: see :func:`neighborlt.train.models.create_model`.
@@ -405,4 +428,4 @@ def extract_features(model_name: str, init: str, image_set: ImageSet, image_size
         logger.warning("extracting features of a randomly initialised %s; they are cached under a new key", model_name)
     return extract_model_features(model, model_name, image_set, image_size, init=init, batch_size=batch_size,
                                   device=device, bf16=bf16, num_workers=num_workers, chunk_rows=chunk_rows,
-                                  distributed=distributed)
+                                  distributed=distributed, data_mode=data_mode)
