@@ -137,6 +137,14 @@ def _work(seq: int, url: str, opts: DownloadOptions, resolve: Resolver | None) -
         return _Result(seq, "error", f"{e.__class__.__name__}: {e}", None, fetch_s, process_s, nbytes)
 
 
+def _outcome(fut: Future[_Result], seq: int) -> _Result:
+    """A finished :func:`_work` future's result; an error row if it raised anyway (so no row is ever lost)."""
+    try:
+        return fut.result()
+    except BaseException as e:  # noqa: BLE001 - e.g. MemoryError in a worker thread
+        return _Result(seq, "error", f"{e.__class__.__name__}: {e}", None, 0.0, 0.0, 0)
+
+
 class _Lock:
     """An exclusive flock on ``SHARD_DIR/.lock`` so two runs never write one shard directory."""
 
@@ -225,17 +233,18 @@ class _ThreadPool:
         self.opts, self.resolve = opts, resolve
         self.capacity = 2 * opts.threads  # rows handed out and not yet back, at most (bounded read-ahead)
         self._ex = ThreadPoolExecutor(max_workers=opts.threads, thread_name_prefix="neighborlt-dl")
-        self._done: queue.SimpleQueue[Future[_Result]] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[_Result] = queue.SimpleQueue()
 
     def submit(self, batch: list[tuple[int, str]]) -> None:
         for seq, url in batch:
-            self._ex.submit(_work, seq, url, self.opts, self.resolve).add_done_callback(self._done.put)
+            fut = self._ex.submit(_work, seq, url, self.opts, self.resolve)
+            fut.add_done_callback(lambda f, seq=seq: self._done.put(_outcome(f, seq)))
 
     def results(self) -> list[_Result]:
-        out = [self._done.get().result()]
+        out = [self._done.get()]
         while True:
             try:
-                out.append(self._done.get_nowait().result())
+                out.append(self._done.get_nowait())
             except queue.Empty:
                 return out
 
@@ -266,7 +275,8 @@ def _worker_main(tasks: mpc.Connection, results: mpc.Connection, opts: DownloadO
                 if batch is None:
                     break
                 for seq, url in batch:
-                    ex.submit(_work, seq, url, opts, resolve).add_done_callback(lambda f: done.put(f.result()))
+                    fut = ex.submit(_work, seq, url, opts, resolve)
+                    fut.add_done_callback(lambda f, seq=seq: done.put(_outcome(f, seq)))
         finally:
             ex.shutdown(wait=True)  # every result is queued before the end marker
             done.put(None)
@@ -347,10 +357,9 @@ class _ProcessPool:
                     out += got
             if out:
                 return out
-            for obj in ready:  # a worker exited and had nothing more to send
-                k = sentinels[obj]  # type: ignore[index]
-                if self.busy[k]:
-                    self._died(k)
+            for obj in ready:  # a worker exited before it was told to, and had nothing more to send
+                if obj in sentinels:
+                    self._died(sentinels[obj])  # type: ignore[index]
 
     def _died(self, k: int) -> None:
         proc = self.workers[k][0]
