@@ -151,20 +151,13 @@ def train_config(regime: str, loss: str, dataset: str, epochs: int, seed: int, d
     return cfg
 
 
-def _cap(image_set: Any, per_class: int | None) -> Any:
-    """The first ``per_class`` images of every class (all when None)."""
-    if per_class is None:
-        return image_set
-    keep = np.concatenate([np.flatnonzero(image_set.labels == c)[:per_class] for c in range(image_set.num_classes)])
-    return image_set.subset(np.sort(keep))
-
-
 @functools.lru_cache(maxsize=4)
 def build_data(name: str, data_dir: str | None, max_train: int | None, max_test: int | None) -> Any:
     """Targets only (no auxiliary classes) of one dataset, optionally capped per class (memoised: a second grid in
     the same process reuses the loaded images)."""
     from neighborlt.data import build_protocol
     from neighborlt.data.auxiliary import AuxTrainingSet, load_aux_training_set
+    from neighborlt.metrics import cap_per_class
 
     preset, overrides, _ = DATASETS[name]
     aux = load_aux_training_set(build_protocol(preset, data_dir=data_dir, **overrides), None, ".")
@@ -172,8 +165,8 @@ def build_data(name: str, data_dir: str | None, max_train: int | None, max_test:
         raise RuntimeError(f"{name}: relation 'none' gave {aux.train.num_classes - aux.num_target} auxiliary classes")
     if max_train is None and max_test is None:
         return aux
-    return AuxTrainingSet(train=_cap(aux.train, max_train), test=_cap(aux.test, max_test), num_target=aux.num_target,
-                          pairs=np.zeros((0, 2), dtype=np.int64))
+    return AuxTrainingSet(train=cap_per_class(aux.train, max_train), test=cap_per_class(aux.test, max_test),
+                          num_target=aux.num_target, pairs=np.zeros((0, 2), dtype=np.int64))
 
 
 def extract_frozen(data: Any, regime_cfg: dict[str, Any], device: str) -> dict[str, Any]:
@@ -230,12 +223,6 @@ def per_class_eval(model_dir: Path, test: Any, train_counts: np.ndarray, device:
     return rec
 
 
-def _summary(values: list[float | None]) -> tuple[float, float]:
-    from neighborlt.ablate import _summary as summary
-
-    return summary([v for v in values if v is not None])
-
-
 def _device_of(run: Path) -> str:
     env_path = run / "records" / "train.env.json"
     if not env_path.exists():
@@ -251,6 +238,7 @@ def _device_of(run: Path) -> str:
 
 def run_grid(args: argparse.Namespace) -> dict[str, Any]:
     """Train (or skip) every run of the grid and build the table; returns the JSON document."""
+    from neighborlt.ablate import mean_std
     from neighborlt.data import shot_totals
     from neighborlt.rundir import atomic_write_json, atomic_write_text, read_json
     from neighborlt.train import TrainConfig, run_train
@@ -314,7 +302,7 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
                                          "seeds": per_seed[src], "wall_s_mean": float(np.mean(walls)),
                                          "device": ", ".join(sorted(devices))}
                 for s in (*SPLITS, "worst"):
-                    entry[s] = _summary([per_seed[src][sd][s] for sd in args.seeds])
+                    entry[s] = mean_std([per_seed[src][sd][s] for sd in args.seeds])
                 rows.append(entry)
     doc = {"schema": 1, "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
            "regime": args.regime, "epochs": args.epochs, "seeds": args.seeds, "hyper_parameters": REGIMES[args.regime],

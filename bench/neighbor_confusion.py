@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from neighborlt.ablate import AblationConfig, _Data, _spec
+from neighborlt.ablate import AblationConfig, GridData, run_spec
 from neighborlt.rundir import read_json
 from neighborlt.train.engine import predict_logits
 
@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="which pairs 'paired' means (default: the folder's relation)")
     args = ap.parse_args(argv)
     cfg = AblationConfig(**read_json(args.out / "records" / "ablate.config.json"))
-    data = _Data(cfg, args.out)
-    aux = data.training_set(_spec(cfg, "table6", aux=True, pairing=args.pairing))
+    data = GridData(cfg, args.out)
+    aux = data.training_set(run_spec(cfg, "table6", aux=True, pairing=args.pairing))
     L = int(aux.num_target)
     runs = args.runs or sorted(p.name for p in (args.out / "runs").iterdir()
                                if (p / "seed0" / "train" / "model.json").is_file()

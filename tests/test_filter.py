@@ -150,10 +150,12 @@ def test_training_reads_the_manifest(planted: dict) -> None:
     assert res.num_classes == 7 and res.num_target_classes == 5
     assert meta["class_names"][5:] == ["dog", "truck"] and meta["neighbor_pairs"] == [[0, 5], [1, 6]]
     assert run_train(cfg, rd, progress=False).skipped  # same options, same manifest
-    # another manifest (the filter re-run with other options) is another run: refused until --force / a new folder
+    # another manifest (the filter re-run with other options) is another run: training runs again (the key rule)
+    before = rd.path("train", "model.safetensors").stat().st_mtime_ns
     run_filter(FilterConfig(caption=False, band=False, min_per_class=1, max_per_class=10), rd)
-    with pytest.raises(ConfigError, match="--force"):
-        run_train(cfg, rd, progress=False)
+    assert not run_train(cfg, rd, progress=False).skipped
+    assert rd.path("train", "model.safetensors").stat().st_mtime_ns != before
+    assert read_json(rd.path("records", "train.done.json"))["inputs"]["filter/aux_manifest.parquet"] is not None
     with pytest.raises(ConfigError, match="missing.parquet: not found; make it with `neighborlt retrieve"):
         run_train(cfg.model_copy(update={"aux_manifest": "filter/missing.parquet"}), rd, progress=False)
 

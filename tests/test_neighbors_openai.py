@@ -375,3 +375,22 @@ def test_cli_quality_options_reach_the_config(tmp_path: Path) -> None:
         "generic_cap_fraction": 0.5, "generic_cap_min": 4, "max_tokens": 64, "relevance_threshold": None}
     bad = CliRunner().invoke(app, ["neighbors", str(run), "--json-mode", "maybe"])
     assert bad.exit_code != 0
+
+
+def test_answer_cut_at_the_token_limit_loses_its_last_item(tmp_path: Path) -> None:
+    """The server says it cut an answer (``finish_reason: "length"``): the backend tells the parser, so the cut last
+    item ("Curly", "Chesapeake Bay Ret") is no name; the same text ending normally keeps it. Every item left out is
+    counted in the stats."""
+    cut = {"poodle": "Barbet, Lagotto Romagnolo, Curly", "retriever": "1. Flat-coated retriever\n2. Chesapeake Bay Ret",
+           "beagle": "Harrier, Basset hound, Foxhound"}
+
+    def responder(no: int, name: str, prompt: str, body: dict) -> Reply:
+        return Reply(content=cut[name], finish_reason="stop" if name == "beagle" else "length")
+
+    targets = [TargetClass(0, "poodle"), TargetClass(1, "retriever"), TargetClass(2, "beagle")]
+    with ChatServer(responder) as srv:
+        doc = search(targets, cfg_for(srv, tmp_path, per_class=5, split_ratio="1:1:1", strict_retry=False))
+    found = {t["name"]: t["found"] for t in doc["targets"]}
+    assert found == {"poodle": ["barbet", "lagotto romagnolo"], "retriever": ["flat-coated retriever"],
+                     "beagle": ["harrier", "basset hound", "foxhound"]}
+    assert doc["stats"]["dropped"]["cut_off"] == 2

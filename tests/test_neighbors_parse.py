@@ -252,3 +252,52 @@ def test_cache_roundtrip_and_corruption(tmp_path) -> None:
     assert cache.get(k1) is None
     with pytest.raises(ValueError):
         cache.path("../../x")
+
+
+# ---- issue 21: the three answer classes that lost names, and a reason for every loss -----------------------------
+
+
+@pytest.mark.parametrize("text", [
+    "[Wolf, Red fox, Coyote, ", '["Wolf", "Red fox", "Coyote", ', "['wolf', 'red fox', 'coyote', ",
+    "Here you go: [wolf; red fox; coyote; ", '[\n  "wolf",\n  "red fox",\n  "coyote",\n  ', "[wolf, red fox, coyote,",
+])
+def test_bracket_list_cut_right_after_a_separator(text: str) -> None:
+    res = parse_answer(text)
+    assert res.names == ["wolf", "red fox", "coyote"] and res.repaired["cut_off_list"] == 1
+    assert not res.dropped  # nothing was cut mid-item
+
+
+@pytest.mark.parametrize("text", [
+    "[wolf, red fox, Return a JSON list of visually similar categories]",
+    '["wolf", "red fox", "Do not include the target category"]',
+    '["wolf", "Only list names, no explanations", "red fox"]',
+    "wolf, red fox, Please answer with the names of categories only",
+])
+def test_one_instruction_like_item_among_names(text: str) -> None:
+    res = parse_answer(text)
+    assert res.names == ["wolf", "red fox"]
+    assert res.dropped["instruction"] + res.dropped["prose"] == 1  # counted, under its reason
+
+
+@pytest.mark.parametrize(("text", "kept"), [
+    ("Poodle, Barbet, Curly", ["poodle", "barbet"]),
+    ("1. Golden retriever\n2. Labrador retriever\n3. Chesapeake Bay Ret", ["golden retriever", "labrador retriever"]),
+    ("- wolf\n- red fox\n- coyo", ["wolf", "red fox"]),
+])
+def test_answer_cut_at_the_token_limit_drops_its_last_item(text: str, kept: list[str]) -> None:
+    res = parse_answer(text, cut_off=True)
+    assert res.names == kept and res.dropped["cut_off"] == 1
+    whole = parse_answer(text)  # without the server's word the last item stands
+    assert len(whole.names) == len(kept) + 1 and not whole.dropped
+    # a closed list is complete whatever the server says
+    assert parse_answer('["wolf", "red fox"]', cut_off=True).names == ["wolf", "red fox"]
+
+
+@pytest.mark.parametrize("text", [
+    "", "   ", "I'm sorry, I cannot help with that.", "Here are some visually similar categories:",
+    "[Note: the following categories are all visually similar to the target.]", "[]", '{"names": []}',
+    "../../etc/passwd", "1. 2. 3.",
+])
+def test_an_answer_without_names_always_has_a_reason(text: str) -> None:
+    res = parse_answer(text)
+    assert res.names == [] and sum(res.dropped.values()) >= 1 and all(v > 0 for v in res.dropped.values())

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from run_helpers import train_mtimes
 
 from neighborlt.ablate import AblationConfig, grid_rows, run_ablation, train_config
 from neighborlt.errors import ConfigError
@@ -81,10 +82,11 @@ def test_silencing_grid_end_to_end(tmp_path: Path, data_dir: Path) -> None:
     assert sum(share[k] for k in ("correct", "other_target", "paired_aux", "unpaired_aux")) == pytest.approx(100)
     assert share["aux"] == pytest.approx(share["paired_aux"] + share["unpaired_aux"])
     assert where["n_test"] == 5 * TRAIN["max_test_per_class"]
-    # re-running only re-reads the finished runs
-    trained.clear()
-    run_ablation(cfg, tmp_path, progress=False, on_run=lambda n, s: trained.append((n, s)))
-    assert len(trained) == 10
+    # re-running only re-reads the finished runs: no training output is written again
+    before = train_mtimes(tmp_path)
+    assert len(before) == 5 * 2 * 3  # 5 runs x 2 seeds x (weights, model.json, done marker)
+    run_ablation(cfg, tmp_path, progress=False)
+    assert train_mtimes(tmp_path) == before
 
 
 def test_variants_subset_and_runs_shared_with_table6(tmp_path: Path, data_dir: Path) -> None:

@@ -77,11 +77,14 @@ def test_cli_train_resnet8_writes_run_files(tmp_path: Path, data_dir: Path, caps
     logits = predict_logits(run, test)
     assert logits.shape == (100, 5)
     assert (logits.argmax(1) == test.labels).mean() * 100 == pytest.approx(rows[-1]["test"]["overall"])
-    # the same command again is skipped; a changed one is refused without --force
+    # the same command again is skipped; a changed one trains again (the one key rule), replacing the model
     capsys.readouterr()
     assert _cli(args) == 0 and "skipped" in capsys.readouterr().out
-    assert _cli([*args, "--lr", "0.01"]) == 2
-    assert "--force" in capsys.readouterr().err
+    before = (t / "model.safetensors").stat().st_mtime_ns
+    assert _cli([*args, "--lr", "0.01", "--epochs", "1"]) == 0
+    assert "skipped" not in capsys.readouterr().out and (t / "model.safetensors").stat().st_mtime_ns != before
+    assert read_json(run / "records" / "train.config.json")["lr"] == 0.01
+    assert [json.loads(x)["epoch"] for x in (t / "log.jsonl").read_text().splitlines()] == [1]  # no old rows
 
 
 def test_aux_training_neighbor_silencing_and_crt(tmp_path: Path, small_aux) -> None:

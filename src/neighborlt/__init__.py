@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .losses import LOSSES
     from .neighbors import BACKENDS, NeighborsConfig, run_neighbors
     from .pipeline import PipelineConfig, run_pipeline
+    from .pretrain import PretrainConfig, run_pretrain
     from .report import ReportConfig, run_report
     from .retrieve import SOURCES, RetrieveConfig, run_retrieve
     from .train import MODELS, TrainConfig, create_model, run_train
@@ -53,6 +54,7 @@ _LAZY: dict[str, str] = {
     "run_neighbors": "neighbors", "NeighborsConfig": "neighbors",
     "run_retrieve": "retrieve", "RetrieveConfig": "retrieve",
     "run_filter": "filter", "FilterConfig": "filter",
+    "run_pretrain": "pretrain", "PretrainConfig": "pretrain",
     "run_train": "train", "TrainConfig": "train",
     "export_direct": "export",
     "run_eval": "evaluate", "EvalConfig": "evaluate",
@@ -69,10 +71,11 @@ _LAZY: dict[str, str] = {
 __all__ = [
     "BACKENDS", "LOSSES", "MODELS", "SOURCES",
     "AblationConfig", "ClassesConfig", "ConfigError", "DataError", "EvalConfig", "FilterConfig", "NeighborLTError",
-    "NeighborsConfig", "PipelineConfig", "Predictor", "Registry", "ReportConfig", "RetrieveConfig", "RunDir",
+    "NeighborsConfig", "PipelineConfig", "Predictor", "PretrainConfig", "Registry", "ReportConfig", "RetrieveConfig",
+    "RunDir",
     "TrainConfig", "__version__", "create_model", "export_direct", "list_models", "load", "predict_images",
     "resolve_data_dir", "run_ablation", "run_classes", "run_eval", "run_filter", "run_neighbors", "run_pipeline",
-    "run_report", "run_retrieve", "run_train",
+    "run_pretrain", "run_report", "run_retrieve", "run_train",
 ]
 
 

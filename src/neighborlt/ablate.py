@@ -89,9 +89,9 @@ class AblationConfig(BaseModel):
     def _sections_are_valid(self) -> AblationConfig:
         """``train`` and ``filter`` are checked as TrainConfig / FilterConfig fields up front, so a mistyped key is
         one line before any data stage runs (not after minutes of preparing the protocol)."""
-        from .cli._common import check_section
         from .filter.config import FilterConfig
         from .train.config import TrainConfig
+        from .validation import check_section
 
         check_section(self.train, TrainConfig, "--train")
         check_section(self.filter, FilterConfig, "--filter")
@@ -133,8 +133,9 @@ class GridResult:
     markdown: str = ""
 
 
-def _spec(cfg: AblationConfig, name: str, *, aux: bool, per_class: int | None = None,
-          split_ratio: str | None = None, pairing: str = "relation", **train: Any) -> RunSpec:
+def run_spec(cfg: AblationConfig, name: str, *, aux: bool, per_class: int | None = None,
+             split_ratio: str | None = None, pairing: str = "relation", **train: Any) -> RunSpec:
+    """One run of a grid: its folder ``name``, with or without auxiliary data, and the train fields it changes."""
     if aux:
         train.setdefault("aux_cap", cfg.aux_cap)
     return RunSpec(name=name, aux=aux, per_class=per_class or cfg.per_class, split_ratio=split_ratio or cfg.split_ratio,
@@ -145,9 +146,9 @@ def grid_rows(cfg: AblationConfig, grid: str) -> list[Row]:
     """The rows of one grid; runs shared by several rows (direct vs cRT classifier) are trained once."""
     ns = {"loss": "neighbor_silencing", "lambda_s": cfg.lambda_s}
     if grid == "table6":
-        base = _spec(cfg, "balce", aux=False, loss="balanced_softmax")
-        dag = _spec(cfg, "balce_aux_crt", aux=True, loss="balanced_softmax", classifier="retrain")
-        nsr = _spec(cfg, f"ns{cfg.lambda_s:g}_aux_crt", aux=True, classifier="retrain", **ns)
+        base = run_spec(cfg, "balce", aux=False, loss="balanced_softmax")
+        dag = run_spec(cfg, "balce_aux_crt", aux=True, loss="balanced_softmax", classifier="retrain")
+        nsr = run_spec(cfg, f"ns{cfg.lambda_s:g}_aux_crt", aux=True, classifier="retrain", **ns)
         return [Row("Bal-CE (no auxiliary data)", base),
                 Row("+ auxiliary data, Bal-CE (†), cRT classifier", dag, "crt_metrics"),
                 Row("+ neighbor silencing, cRT classifier", nsr, "crt_metrics"),
@@ -157,29 +158,29 @@ def grid_rows(cfg: AblationConfig, grid: str) -> list[Row]:
                 # run's backbone, re-trained after the fact; no auxiliary data anywhere)
                 Row("Bal-CE (no auxiliary data), cRT classifier (control)", base, "crt_metrics")]
     if grid == "lambda":
-        return [Row(f"λs = {lam:g}", _spec(cfg, f"ns{lam:g}_aux", aux=True, loss="neighbor_silencing", lambda_s=lam))
+        return [Row(f"λs = {lam:g}", run_spec(cfg, f"ns{lam:g}_aux", aux=True, loss="neighbor_silencing", lambda_s=lam))
                 for lam in cfg.lambdas]
     if grid == "cap":
-        return [Row(f"M = {m}", _spec(cfg, f"ns{cfg.lambda_s:g}_aux_m{m}", aux=True, aux_cap=m, **ns))
+        return [Row(f"M = {m}", run_spec(cfg, f"ns{cfg.lambda_s:g}_aux_m{m}", aux=True, aux_cap=m, **ns))
                 for m in cfg.caps]
     if grid == "k":
-        return [Row(f"K = {k}", _spec(cfg, f"ns{cfg.lambda_s:g}_aux_k{k}", aux=True, per_class=k, **ns))
+        return [Row(f"K = {k}", run_spec(cfg, f"ns{cfg.lambda_s:g}_aux_k{k}", aux=True, per_class=k, **ns))
                 for k in cfg.ks]
     if grid == "ratio":
-        return [Row(f"ratio {r}", _spec(cfg, f"ns{cfg.lambda_s:g}_aux_r{r.replace(':', '-')}", aux=True,
+        return [Row(f"ratio {r}", run_spec(cfg, f"ns{cfg.lambda_s:g}_aux_r{r.replace(':', '-')}", aux=True,
                                         split_ratio=r, **ns)) for r in cfg.ratios]
     if grid == "losses":
-        rows = [Row(label, _spec(cfg, "balce" if name == "balanced_softmax" else name, aux=False, loss=name))
+        rows = [Row(label, run_spec(cfg, "balce" if name == "balanced_softmax" else name, aux=False, loss=name))
                 for label, name in (("CE", "ce"), ("LA (τ=1)", "logit_adjusted"), ("Bal-BCE", "balanced_bce"),
                                     ("DRO-LT", "dro"), ("Bal-CE", "balanced_softmax"))]
-        rows.append(Row(f"NS (λs={cfg.lambda_s:g}) + auxiliary data", _spec(cfg, f"ns{cfg.lambda_s:g}_aux", aux=True,
+        rows.append(Row(f"NS (λs={cfg.lambda_s:g}) + auxiliary data", run_spec(cfg, f"ns{cfg.lambda_s:g}_aux", aux=True,
                                                                              **ns)))
         return rows
     if grid == "pairs":
-        dag = _spec(cfg, "balce_aux_crt", aux=True, loss="balanced_softmax", classifier="retrain")
-        runs = [(f"NS, {cfg.relation} pairs", _spec(cfg, f"ns{cfg.lambda_s:g}_aux_crt", aux=True, classifier="retrain",
+        dag = run_spec(cfg, "balce_aux_crt", aux=True, loss="balanced_softmax", classifier="retrain")
+        runs = [(f"NS, {cfg.relation} pairs", run_spec(cfg, f"ns{cfg.lambda_s:g}_aux_crt", aux=True, classifier="retrain",
                                                      **ns))]
-        runs += [(f"NS, {p} pairs", _spec(cfg, f"ns{cfg.lambda_s:g}_aux_crt_{p}", aux=True, classifier="retrain",
+        runs += [(f"NS, {p} pairs", run_spec(cfg, f"ns{cfg.lambda_s:g}_aux_crt_{p}", aux=True, classifier="retrain",
                                           pairing=p, **ns)) for p in cfg.pairings]
         return ([Row("† (λs = 1), direct classifier", dag)] + [Row(f"{lab}, direct classifier", r) for lab, r in runs]
                 + [Row("† (λs = 1), cRT classifier", dag, "crt_metrics")]
@@ -189,22 +190,22 @@ def grid_rows(cfg: AblationConfig, grid: str) -> list[Row]:
         # the direct classifier; the first row is † (nothing silenced), every other row is compared with it
         nsl = "neighbor_silencing"
         variants = {
-            "paper": Row(f"paper (λs {LAMBDA_S:g}, aux_weight 1)", _spec(cfg, f"ns{LAMBDA_S:g}_aux", aux=True, loss=nsl,
+            "paper": Row(f"paper (λs {LAMBDA_S:g}, aux_weight 1)", run_spec(cfg, f"ns{LAMBDA_S:g}_aux", aux=True, loss=nsl,
                                                                         lambda_s=LAMBDA_S)),
-            "hard_pairs": Row("hard pairs (λs 0, aux_weight 1)", _spec(cfg, "ns0_aux", aux=True, loss=nsl,
+            "hard_pairs": Row("hard pairs (λs 0, aux_weight 1)", run_spec(cfg, "ns0_aux", aux=True, loss=nsl,
                                                                         lambda_s=0.0)),
             "aux_exclusive": Row("aux-exclusive only (λs 1, aux_weight 0)",
-                                 _spec(cfg, "ns1_aux_auxw0", aux=True, loss=nsl, lambda_s=1.0,
+                                 run_spec(cfg, "ns1_aux_auxw0", aux=True, loss=nsl, lambda_s=1.0,
                                        loss_params=(("aux_weight", 0.0),))),
             "official": Row("official (λs 0, aux_weight 0)",
-                            _spec(cfg, "ns_official_aux", aux=True, loss=nsl, lambda_s=0.0,
+                            run_spec(cfg, "ns_official_aux", aux=True, loss=nsl, lambda_s=0.0,
                                   loss_params=(("silencing", "official"),)))}
-        return ([Row("† (λs 1, Bal-CE + auxiliary data)", _spec(cfg, "balce_aux", aux=True, loss="balanced_softmax"))]
+        return ([Row("† (λs 1, Bal-CE + auxiliary data)", run_spec(cfg, "balce_aux", aux=True, loss="balanced_softmax"))]
                 + [row for name, row in variants.items() if name in cfg.silencing_variants])
     raise ConfigError(f"unknown grid {grid!r}; choose one of: {', '.join(GRIDS)}")
 
 
-def _canonical(spec: RunSpec, data: _Data) -> tuple[Any, ...]:
+def _canonical(spec: RunSpec, data: GridData) -> tuple[Any, ...]:
     """What makes two runs identical (the folder name does not): the training options and the auxiliary set they
     see, i.e. its classes and neighbour pairs. Two neighbour settings that give the same set (K = 7 and K = 8 when the
     pool has only 5 classes, say) therefore train once. The classifier option is left out: a run with
@@ -220,7 +221,7 @@ def _neighbors_dir(out: Path, spec: RunSpec) -> Path:
     return out / "neighbors" / f"k{spec.per_class}_r{spec.split_ratio.replace(':', '-')}"
 
 
-class _Data:
+class GridData:
     """Builds and memoises the auxiliary settings: each is a run directory made by neighbors -> retrieve (the
     protocol's local pool) -> filter, whose ``filter/aux_manifest.parquet`` the training runs copy."""
 
@@ -366,8 +367,9 @@ def posthoc_crt(run_dir: Path, tcfg: Any, aux: Any) -> dict[str, float | None]:
     (seconds; ``RUN/train/crt/``) and return the test metrics, cached in ``RUN/train/crt/metrics.json``."""
     import torch
 
+    from .metrics import cap_per_class
     from .train.crt import run_crt
-    from .train.engine import _cap_test, load_trained_model
+    from .train.engine import load_trained_model
 
     crt_dir = run_dir / "train" / "crt"
     cached = crt_dir / "metrics.json"
@@ -381,7 +383,7 @@ def posthoc_crt(run_dir: Path, tcfg: Any, aux: Any) -> dict[str, float | None]:
     device = torch.device("cuda" if use_cuda else "cpu")
     L = int(aux.num_target)
     counts = np.bincount(np.asarray(aux.train.labels), minlength=L)[:L]
-    test = _cap_test(aux.test, tcfg.max_test_per_class)  # the test set the run itself was scored on
+    test = cap_per_class(aux.test, tcfg.max_test_per_class)  # the test set the run itself was scored on
     _, metrics = run_crt(tcfg, model.to(device), meta, aux, test, None, None, crt_dir, device, counts,
                          aux.thresholds)
     atomic_write_json(cached, metrics)
@@ -398,7 +400,9 @@ def _train_seconds(run_dir: Path) -> float:
     return float(sum(r.get("time_s", 0.0) for r in rows if "epoch" in r))
 
 
-def _summary(values: list[float]) -> tuple[float, float]:
+def mean_std(values: list[float | None]) -> tuple[float, float]:
+    """Mean and sample std of the per-seed values (None / NaN left out; NaN std for one value, NaN both for none);
+    the one summary of the grids, the pilot and the bench scripts."""
     arr = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
     if arr.size == 0:
         return float("nan"), float("nan")
@@ -427,7 +431,7 @@ def train_config(cfg: AblationConfig, spec: RunSpec, seed: int) -> Any:
                           "data_dir": cfg.data_dir, **aux})
 
 
-def _plan(cfg: AblationConfig, data: _Data) -> tuple[dict[tuple[Any, int], tuple[RunSpec, str]], dict[Any, str]]:
+def _plan(cfg: AblationConfig, data: GridData) -> tuple[dict[tuple[Any, int], tuple[RunSpec, str]], dict[Any, str]]:
     """Every distinct run of the grids once, in grid order: ``{(canonical run, seed): (spec, folder name)}``, and
     the folder name of each canonical run (identical runs in several grids, e.g. M = 50 and λs = 0.1, train once)."""
     todo: dict[tuple[Any, int], tuple[RunSpec, str]] = {}
@@ -506,7 +510,7 @@ def prepare_runs(cfg: AblationConfig, out_dir: str | os.PathLike[str], *, execut
 
     out = Path(out_dir).resolve()
     RunDir(out).record("ablate", cfg)
-    data = _Data(cfg, out)
+    data = GridData(cfg, out)
     todo, _ = _plan(cfg, data)
     # the workers must read the same image files as this process: a run's config key includes the paths (and
     # mtimes) of its images, and extracted archives live in the cache
@@ -549,7 +553,7 @@ def run_ablation(cfg: AblationConfig, out_dir: str | os.PathLike[str], *, progre
     out = Path(out_dir)
     rd = RunDir(out)
     rd.record("ablate", cfg)
-    data = _Data(cfg, out)
+    data = GridData(cfg, out)
     results: list[GridResult] = []
     cache: dict[tuple[Any, int], Any] = {}
 
@@ -599,11 +603,13 @@ def run_ablation(cfg: AblationConfig, out_dir: str | os.PathLike[str], *, progre
                 walls.append(wall)
             if baseline is None:
                 baseline = per_seed
-            entry: dict[str, Any] = {"label": row.label, "run": folder[_canonical(row.run, data)],
-                                     "classifier": row.source, "seeds": per_seed, "wall_s_mean": float(np.mean(walls))}
+            run_name = folder[_canonical(row.run, data)]
+            entry: dict[str, Any] = {"label": row.label, "run": run_name, "classifier": row.source, "seeds": per_seed,
+                                     "wall_s_mean": float(np.mean(walls)),
+                                     "trained": trained_label(out / "runs" / run_name, cfg.seeds)}
             for s in SPLITS:
-                entry[s] = _summary([per_seed[sd][s] for sd in cfg.seeds])
-                entry[f"delta_{s}"] = _summary([per_seed[sd][s] - baseline[sd][s] for sd in cfg.seeds
+                entry[s] = mean_std([per_seed[sd][s] for sd in cfg.seeds])
+                entry[f"delta_{s}"] = mean_std([per_seed[sd][s] - baseline[sd][s] for sd in cfg.seeds
                                                 if per_seed[sd][s] is not None and baseline[sd][s] is not None])
             table_rows.append(entry)
         md = _markdown(cfg, grid, table_rows)
@@ -645,7 +651,30 @@ def _markdown(cfg: AblationConfig, grid: str, rows: list[dict[str, Any]]) -> str
         cells = ([r["label"]] + [fmt_mean_std(*r[s]) for s in SPLITS]
                  + [fmt_mean_std(*r["delta_overall"]), fmt_mean_std(*r["delta_few"]), f"{r['wall_s_mean']:.0f}"])
         lines.append("| " + " | ".join(cells) + " |")
-    return head + "\n".join(lines) + "\n"
+    trained = dict.fromkeys(r.get("trained") for r in rows if r.get("trained"))
+    note = ("\nLosses as trained (each run's model.json): " + "; ".join(trained) + ".\n") if trained else ""
+    return head + "\n".join(lines) + "\n" + note
+
+
+def trained_label(run: Path, seeds: list[int]) -> str | None:
+    """The loss and its parameters a grid run trained with, from ``<run>/seed<S>/train/model.json`` (never the
+    requested config); None when no seed has one.
+
+    Raises:
+        ConfigError: the seeds of one run trained with different loss parameters (folders of another grid).
+    """
+    from .pipeline import trained_loss_label
+
+    labels = {trained_loss_label(m) for sd in seeds
+              if isinstance(m := _maybe_read(run / f"seed{sd}" / "train" / "model.json"), dict)}
+    if len(labels) > 1:
+        raise ConfigError(f"{run}: its seeds trained with different losses ({'; '.join(sorted(labels))}); remove the "
+                          "folder and run again")
+    return labels.pop() if labels else None
+
+
+def _maybe_read(path: Path) -> Any:
+    return read_json(path) if path.is_file() else None
 
 
 def _silencing_vs_dagger(rows: list[dict[str, Any]], seeds: list[int],
@@ -658,7 +687,7 @@ def _silencing_vs_dagger(rows: list[dict[str, Any]], seeds: list[int],
         parts = []
         for s in SPLITS:
             vals = [ns[k][s] - dag[k][s] for k in seeds if ns[k][s] is not None and dag[k][s] is not None]
-            parts.append(f"{s} {fmt_mean_std(*_summary(vals))}")
+            parts.append(f"{s} {fmt_mean_std(*mean_std(vals))}")
         lines.append(f"* {source}: " + ", ".join(parts))
     return "\n".join(lines) + "\n"
 
@@ -668,8 +697,8 @@ def where_on_test(run_dir: Path, aux: Any, max_test_per_class: int | None) -> di
     on (:func:`neighborlt.evaluate.where_predictions` with the training set's pairs), cached in
     ``RUN/train/where.json`` under the weights' SHA-256."""
     from .evaluate import where_predictions
+    from .metrics import cap_per_class
     from .rundir import file_sha256
-    from .train.engine import _cap_test
     from .train.inference import predict_logits
 
     model_dir = run_dir / "train"
@@ -679,7 +708,7 @@ def where_on_test(run_dir: Path, aux: Any, max_test_per_class: int | None) -> di
         doc = read_json(cached)
         if isinstance(doc, dict) and doc.get("weights_sha256") == sha:
             return doc
-    test = _cap_test(aux.test, max_test_per_class)
+    test = cap_per_class(aux.test, max_test_per_class)
     logits = predict_logits(model_dir, test)
     doc = {**where_predictions(logits, test.labels, int(aux.num_target), aux.pairs), "weights_sha256": sha}
     doc.pop("per_class", None)
@@ -699,13 +728,13 @@ def _silencing_notes(cfg: AblationConfig, rows: list[dict[str, Any]], sets: Sequ
     eces = [(r["label"], [r["seeds"][k].get("ece") for k in cfg.seeds]) for r in rows]
     if all(v is not None for _, vals in eces for v in vals):
         lines += ["Expected calibration error (%, 15 bins, target rows, direct classifier): "
-                  + "; ".join(f"{lab} {fmt_mean_std(*_summary(vals))}" for lab, vals in eces), ""]
+                  + "; ".join(f"{lab} {fmt_mean_std(*mean_std(vals))}" for lab, vals in eces), ""]
     if where:
         lines += [("Where the target test images go under the full L + K head (top-1 %, mean ± std over seeds; "
                   "`paired aux` = an auxiliary class paired with the image's own class, the only ones silencing "
                   "touches):"), ""]
         for r, docs in zip(rows, where):
-            share = {k: fmt_mean_std(*_summary([d["share"][k] for d in docs]))
+            share = {k: fmt_mean_std(*mean_std([d["share"][k] for d in docs]))
                      for k in ("correct", "other_target", "aux", "paired_aux")}
             lines.append(f"* {r['label']}: correct {share['correct']}, other target {share['other_target']}, "
                          f"auxiliary {share['aux']}, paired auxiliary {share['paired_aux']}")

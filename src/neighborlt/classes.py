@@ -21,12 +21,12 @@ from .data.protocol import Protocol, ProtocolConfig, build_protocol, resolve_con
 from .data.shots import shot_groups
 from .data.targets import TARGETS_FILE, write_targets
 from .data.wordnet import is_wnid
-from .errors import ConfigError
-from .rundir import RunDir, atomic_write_json, config_hash, read_json
+from .rundir import RunDir, atomic_write_json, read_json
 
 logger = logging.getLogger(__name__)
 
 STAGE = "classes"
+STAGE_VERSION = 2  # raised when the stage writes other outputs for the same options (2: the one key rule)
 SCHEMA = 1
 
 
@@ -50,7 +50,7 @@ class ClassesConfig(BaseModel):
     few: int | None = Field(None, ge=0)
     skip_corrupt: bool = False  # drop undecodable images (counted in logs/classes.jsonl) instead of failing
     download: bool = False  # fetch CIFAR through torchvision when missing (online)
-    force: bool = False  # overwrite a run dir made with a different classes config
+    force: bool = False  # run again even when finished with the same options (other options always run again)
 
     @field_validator("targets", "pool", mode="before")
     @classmethod
@@ -128,8 +128,8 @@ def run_classes(cfg: ClassesConfig, run_dir: RunDir | str | os.PathLike[str]) ->
     """Build the protocol, write ``targets.parquet`` + ``split.json`` + ``classes.json`` atomically, record
     config/env, mark done.
 
-    A re-run with the same config is skipped; a different config in the same run directory is refused unless
-    ``cfg.force``.
+    A re-run with the same config is skipped (unless ``cfg.force``); other options run the stage again and replace
+    its files, and every later stage then runs again too (their keys hold these files' hashes).
 
     Args:
         cfg: the stage options.
@@ -139,7 +139,6 @@ def run_classes(cfg: ClassesConfig, run_dir: RunDir | str | os.PathLike[str]) ->
         A :class:`ClassesResult`.
 
     Raises:
-        ConfigError: a different classes config already produced this run directory (and not ``force``).
         DataError: the dataset is missing or malformed.
 
     Example:
@@ -148,9 +147,9 @@ def run_classes(cfg: ClassesConfig, run_dir: RunDir | str | os.PathLike[str]) ->
     """
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     pcfg = cfg.protocol_config()
-    key = config_hash({"stage": STAGE, "protocol": pcfg.identity()})
+    key = run.stage_key(STAGE, pcfg.identity(), version=STAGE_VERSION)
     classes_path, split_path, targets_path = run.path("classes.json"), run.path("split.json"), run.path(TARGETS_FILE)
-    if run.is_done(STAGE, key) and classes_path.is_file() and split_path.is_file() and targets_path.is_file():
+    if not cfg.force and run.is_done(STAGE, key, "classes.json", "split.json", TARGETS_FILE):
         doc = read_json(classes_path)
         split = read_json(split_path)
         logger.info("classes: already done for this config in %s; skipping", run.root)
@@ -159,14 +158,10 @@ def run_classes(cfg: ClassesConfig, run_dir: RunDir | str | os.PathLike[str]) ->
                              num_pool=len(split.get("pool", [])),
                              train_counts=[int(r["train_count"]) for r in doc["classes"]], skipped=True,
                              skipped_corrupt=len(split.get("skipped_corrupt", [])))
-    previous = run.done_key(STAGE)
-    if previous is not None and previous != key and not cfg.force:
-        raise ConfigError(
-            f"{run.path('records', STAGE + '.done.json')}: this run directory was made with a different classes "
-            "config; use a new run directory or pass --force to overwrite"
-        )
+    logger.info("classes: running (%s)", "--force" if cfg.force else run.stale_reason(STAGE, key))
     run.record(STAGE, {"options": cfg.model_dump(mode="json"), "protocol": pcfg.model_dump(mode="json")},
                seed=pcfg.seed)
+    run.clear_done(STAGE)
     protocol = build_protocol(pcfg)
     split = split_record(protocol)
     if split["skipped_corrupt"]:

@@ -36,8 +36,9 @@ from .errors import DataError, NeighborLTError
 from .metrics import (  # noqa: F401  re-exported: the pure metrics live in neighborlt.metrics
     SCHEMA,
     SPLITS,
-    _check_counts,
-    _check_labels,
+    cap_per_class,
+    check_counts,
+    check_labels,
     evaluate_predictions,
     expected_calibration_error,
     shot_accuracy,
@@ -47,8 +48,6 @@ from .rundir import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
-    config_hash,
-    file_sha256,
     read_json,
 )
 
@@ -199,6 +198,7 @@ def write_report(
 
 # --------------------------------------------------------------------------------------------- where test images go
 
+STAGE_VERSION = 2  # raised when eval writes other outputs for the same inputs (2: the one key rule)
 WHERE_KINDS = ("correct", "other_target", "paired_aux", "unpaired_aux")
 
 
@@ -246,7 +246,7 @@ def where_predictions(
     L = int(num_target)
     if not 1 <= L <= c:
         raise DataError(f"where: num_target {L} must be in 1..{c} (the logits' columns)")
-    y = _check_labels(labels, L, "where")
+    y = check_labels(labels, L, "where")
     if len(y) != n:
         raise DataError(f"where: {len(y)} labels but {n} rows of logits")
     if n and np.isnan(z).any():
@@ -301,7 +301,7 @@ def where_predictions(
     }
     groups = None
     if train_counts is not None:
-        counts = _check_counts(train_counts, "where")
+        counts = check_counts(train_counts, "where")
         if len(counts) != L:
             raise DataError(f"where: {len(counts)} training counts but {L} target classes")
         groups = shot_groups(counts, many=many, few=few)
@@ -553,22 +553,21 @@ def run_eval(cfg: EvalConfig, run_dir: str | os.PathLike[str] | RunDir) -> dict[
         pred_path = Path(cfg.predictions)
         if not pred_path.is_file():
             raise DataError(f"{pred_path}: predictions file not found; pass an existing .npz or .csv file")
-        inputs = {"predictions": file_sha256(pred_path)}
-        if run.path("classes.json").exists():
-            inputs["classes"] = file_sha256(run.path("classes.json"))
+        inputs: list[Any] = [pred_path, *(["classes.json"] if run.path("classes.json").exists() else [])]
     else:
         from .export import model_dir_for, read_model_info
 
         mdir = model_dir_for(run, cfg.model)
         info = read_model_info(mdir)
-        inputs = {"weights": file_sha256(mdir / str(info.get("weights", "model.safetensors")))}
-        if run.path("split.json").exists():
-            inputs["split"] = file_sha256(run.path("split.json"))
-    key = config_hash({"cfg": cfg, "inputs": inputs})
+        inputs = [mdir / str(info.get("weights", "model.safetensors")), mdir / "model.json",
+                  *(["split.json"] if run.path("split.json").exists() else [])]
+    key = run.stage_key(stage, cfg.model_dump(mode="json"), inputs, version=STAGE_VERSION)
     where_missing = cfg.predictions is None and not (out_dir / "where.json").exists() and _joint_has_aux(run)
     if run.is_done(stage, key) and (out_dir / "metrics.json").exists() and not where_missing:
         logger.info("eval: up to date (%s), skipping", out_dir / "metrics.json")
         return read_json(out_dir / "metrics.json")
+    logger.info("eval: running (%s)", "where.json missing" if where_missing and run.is_done(stage, key)
+                else run.stale_reason(stage, key))
 
     num_outputs: int | None = None
     where: dict[str, Any] | None = None
@@ -599,10 +598,7 @@ def run_eval(cfg: EvalConfig, run_dir: str | os.PathLike[str] | RunDir) -> dict[
         protocol = load_targets(run, data_dir=cfg.data_dir)
         many, few = _thresholds(cfg, {"many": protocol.config.many, "few": protocol.config.few})
         test = protocol.target_test
-        if cfg.max_test_per_class is not None:
-            keep = np.concatenate([np.flatnonzero(test.labels == c)[: cfg.max_test_per_class]
-                                   for c in range(test.num_classes)] + [np.zeros(0, dtype=np.int64)])
-            test = test.subset(np.sort(keep))
+        test = cap_per_class(test, cfg.max_test_per_class)
         names = list(protocol.target_train.class_names)
         counts = protocol.target_train.counts()
         logits = predict_logits(mdir, test, batch_size=cfg.batch_size, device=cfg.device)
@@ -616,14 +612,22 @@ def run_eval(cfg: EvalConfig, run_dir: str | os.PathLike[str] | RunDir) -> dict[
             num_outputs = int(logits.shape[1])
         preds, labels = logits, test.labels
         source = str(mdir)
+        trained = info if "loss_params" in info else read_model_info(run.path("train")) \
+            if run.path("train", "model.json").is_file() else info
+        from .pipeline import trained_loss_label
+
+        trained_loss = trained_loss_label(trained)  # what trained (model.json), never the requested config
+        source += f" (trained with {trained_loss})"
         where = _where_for_run(run, cfg, protocol, test, names, counts, many, few,
                                logits if mdir == run.path("train") else None)
     metrics = evaluate_predictions(preds, labels, counts, names, many=many, few=few, num_outputs=num_outputs)
     metrics["source"] = source
+    if cfg.predictions is None:
+        metrics["trained_loss"] = trained_loss
     metrics["model"] = None if cfg.predictions is not None else cfg.model
     metrics["max_test_per_class"] = None if cfg.predictions is not None else cfg.max_test_per_class
     title = "Evaluation" + ("" if cfg.predictions is not None else f" ({cfg.model} model)")
-    run.record(stage, {**cfg.model_dump(mode="json"), "resolved": {"many": many, "few": few, "inputs": inputs}})
+    run.record(stage, {**cfg.model_dump(mode="json"), "resolved": {"many": many, "few": few, "inputs": key.inputs}})
     write_report(out_dir, metrics, title=title, source=source)
     if where is not None:
         atomic_write_json(out_dir / "where.json", where)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from .errors import ConfigError, DataError, NeighborLTError
-from .rundir import RunDir, atomic_write_bytes, atomic_write_json, config_hash, file_sha256, read_json
+from .rundir import RunDir, atomic_write_bytes, atomic_write_json, file_sha256, read_json
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
 INFO = "model.json"
+STAGE_VERSION = 2  # raised when export writes other outputs for the same inputs (2: the one key rule)
 STAGE = "export"
 
 
@@ -188,11 +189,12 @@ def export_direct(run_dir: str | os.PathLike[str] | RunDir, *, force: bool = Fal
     if not isinstance(num_target, int) or isinstance(num_target, bool) or not 1 <= num_target <= num_classes:
         raise DataError(f"{info_path}: 'num_target_classes' must be 1..{num_classes}, got {num_target!r}; re-run training")
     src_sha = file_sha256(weights_path)
-    key = config_hash({"weights": src_sha, "info": info})
+    key = run.stage_key(STAGE, {}, [weights_path, info_path], version=STAGE_VERSION)
     out_dir = run.path("export")
     if not force and run.is_done(STAGE, key) and (out_dir / WEIGHTS).is_file() and (out_dir / INFO).is_file():
         logger.info("export: up to date (%s), skipping", out_dir)
         return out_dir
+    logger.info("export: running (%s)", "--force" if force else run.stale_reason(STAGE, key))
     run.record(STAGE, {"source": str(weights_path), "source_sha256": src_sha, "num_classes": num_classes,
                        "num_target_classes": num_target})
     weight_key, bias_key = classifier_key_names(info, info_path)

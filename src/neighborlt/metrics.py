@@ -73,7 +73,7 @@ def _class_indices(a: np.ndarray, upper: int, what: str, kind: str, fix: str) ->
     return a
 
 
-def _check_labels(labels: Any, num_classes: int, what: str) -> np.ndarray:
+def check_labels(labels: Any, num_classes: int, what: str) -> np.ndarray:
     y = np.asarray(labels)
     if y.ndim != 1:
         raise DataError(f"{what}: labels must be a 1-D array of class indices, got shape {y.shape}")
@@ -82,13 +82,23 @@ def _check_labels(labels: Any, num_classes: int, what: str) -> np.ndarray:
     return y
 
 
-def _check_counts(train_counts: Any, what: str) -> np.ndarray:
+def check_counts(train_counts: Any, what: str) -> np.ndarray:
     c = np.asarray(train_counts)
     if c.ndim != 1 or len(c) == 0:
         raise DataError(f"{what}: train_counts must be a non-empty 1-D array (one count per class), got shape {c.shape}")
     if not np.issubdtype(c.dtype, np.number) or np.any(c < 0) or np.any(c != np.round(c)):
         raise DataError(f"{what}: train_counts must be non-negative integers")
     return c.astype(np.int64)
+
+
+def cap_per_class(image_set: Any, per_class: int | None) -> Any:
+    """The first ``per_class`` images of every class of an ImageSet (all of them when None): the capped test set a
+    run is scored on (``max_test_per_class``), the same images in training, evaluation and the grids."""
+    if per_class is None:
+        return image_set
+    labels = np.asarray(image_set.labels)
+    keep = [np.flatnonzero(labels == c)[:per_class] for c in range(image_set.num_classes)]
+    return image_set.subset(np.sort(np.concatenate([*keep, np.zeros(0, dtype=np.int64)])))
 
 
 def _per_class(pred: np.ndarray, y: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -155,9 +165,9 @@ def _compute(
     num_outputs: int | None,
     what: str = "predictions",
 ) -> dict[str, Any]:
-    counts = _check_counts(train_counts, what)
+    counts = check_counts(train_counts, what)
     num_classes = len(counts)
-    y = _check_labels(labels, num_classes, what)
+    y = check_labels(labels, num_classes, what)
     outputs = num_classes if num_outputs is None else int(num_outputs)
     if outputs < num_classes:
         raise ConfigError(f"num_outputs={outputs} is below the {num_classes} classes; pass at least {num_classes}")
@@ -261,7 +271,7 @@ def evaluate_predictions(
     Raises:
         DataError: mismatched lengths, labels or predictions out of range, wrong number of class names.
     """
-    counts = _check_counts(train_counts, "train_counts")
+    counts = check_counts(train_counts, "train_counts")
     if len(class_names) != len(counts):
         raise DataError(
             f"class_names: {len(class_names)} names but {len(counts)} training counts; both must list the same classes"

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .ablate import fmt_mean_std
+from .ablate import fmt_mean_std, mean_std
 from .errors import ConfigError
 from .rundir import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, run_lock
 
@@ -197,11 +197,6 @@ def head_tail(per_class: list[dict[str, Any]], fraction: float) -> dict[str, flo
     return {"head": head, "tail": tail, "gap": head - tail}
 
 
-def _summary(values: list[float]) -> tuple[float, float]:
-    arr = np.asarray(values, dtype=float)
-    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else float("nan")
-
-
 def run_pilot(cfg: PilotConfig, out_dir: str | os.PathLike[str], *, workers: int = 1, progress: bool = True,
               on_run: Callable[[str, int], None] | None = None) -> dict[str, Any]:
     """Train every run of the pilot (skipping finished ones) and write its table, plot and page.
@@ -221,8 +216,8 @@ def run_pilot(cfg: PilotConfig, out_dir: str | os.PathLike[str], *, workers: int
 
     if workers < 1:
         raise ConfigError(f"--workers {workers}: give 1 or more training processes")
-    from .cli._common import check_section
     from .train import TrainConfig
+    from .validation import check_section
 
     check_section(cfg.train, TrainConfig, "--train")  # a bad train field: one line before any work
     train_config(cfg, cfg.seeds[0])  # ... and a field that does not fit a targets-only run
@@ -333,7 +328,7 @@ def write_results(cfg: PilotConfig, out_dir: str | os.PathLike[str]) -> dict[str
                                   "train_images": int(sum(c["train_count"] for c in m["per_class"]))}
             row: dict[str, Any] = {"superclasses": s, "ratio": r, "seeds": per_seed}
             for k in ("gap", "head", "tail", "overall"):
-                row[k] = _summary([per_seed[sd][k] for sd in cfg.seeds])
+                row[k] = mean_std([per_seed[sd][k] for sd in cfg.seeds])
             rows.append(row)
         # the same classes in the same order at ratio 1: what the imbalance adds to the gap (class difficulty,
         # which makes the ratio-1 gap differ from 0, cancels)
@@ -342,7 +337,7 @@ def write_results(cfg: PilotConfig, out_dir: str | os.PathLike[str]) -> dict[str
             if balanced is not None:
                 for sd in cfg.seeds:
                     row["seeds"][sd]["gap_vs_balanced"] = row["seeds"][sd]["gap"] - balanced["seeds"][sd]["gap"]
-                row["gap_vs_balanced"] = _summary([row["seeds"][sd]["gap_vs_balanced"] for sd in cfg.seeds])
+                row["gap_vs_balanced"] = mean_std([row["seeds"][sd]["gap_vs_balanced"] for sd in cfg.seeds])
     md = _markdown(cfg, rows)
     doc = {"config": cfg.model_dump(mode="json"), "rows": rows}
     atomic_write_json(out / "pilot.json", doc)

@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .defaults import AUX_CAP, LAMBDA_S, AuxCap
 from .errors import ConfigError
-from .rundir import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
+from .rundir import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, change_reason, read_json
+from .validation import format_validation_error
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ DEMO_TRAIN: dict[str, Any] = {
 #: The stages of ``neighborlt run`` in order (``--from`` / ``--until`` take these names). ``train``, ``export`` and
 #: ``eval`` also do the baseline (RUN/baseline) when ``baseline`` is on; ``eval`` writes RUN/summary.md.
 STAGES = ("classes", "neighbors", "retrieve", "filter", "train", "export", "eval", "report")
+BASELINE_STAGES = ("train", "export", "eval")  # the stages that also run in RUN/baseline
 DEFAULT_PROTOCOL = "cifar10-neighbours"
 METHOD_DEFAULTS: dict[str, Any] = {"loss": "neighbor_silencing", "lambda_s": LAMBDA_S, "aux_cap": AUX_CAP}
 
@@ -78,11 +80,18 @@ class PipelineConfig(BaseModel):
     max_test_per_class: int | None = Field(None, ge=1)  # evaluate on at most N test images per class (quick runs)
 
     def method(self) -> dict[str, Any]:
-        """loss / lambda_s / aux_cap of the method run: top-level key > train section > default."""
+        """loss / lambda_s / aux_cap of the method run: top-level key > train section > default (λs only when
+        given: a ``silencing`` preset in ``train.loss_params`` may set it, and a preset next to a λs it overrides
+        is an error, not a silent order)."""
         out = {}
         for k, default in METHOD_DEFAULTS.items():
             top = getattr(self, k)
-            out[k] = top if top is not None else self.train.get(k, default)
+            if top is not None:
+                out[k] = top
+            elif k in self.train:
+                out[k] = self.train[k]
+            elif k != "lambda_s":
+                out[k] = default
         return out
 
     def source_name(self) -> str:
@@ -92,8 +101,6 @@ class PipelineConfig(BaseModel):
 
 
 def _section_error(e: ValidationError, section: str, model: type[BaseModel]) -> ConfigError:
-    from .cli._common import format_validation_error
-
     return ConfigError(format_validation_error(e, prefix=section, model=model))
 
 
@@ -112,8 +119,6 @@ def pipeline_config(raw: Any, *, source: str | None = None) -> PipelineConfig:
     try:
         return PipelineConfig(**{str(k): v for k, v in raw.items()})
     except ValidationError as e:
-        from .cli._common import format_validation_error
-
         raise ConfigError(where + format_validation_error(e, model=PipelineConfig)) from None
 
 
@@ -251,7 +256,7 @@ def _outputs(stage: str, baseline: bool) -> list[str]:
 def _train(run: Path, tcfg: Any, progress: bool) -> None:
     from .train import run_train
 
-    res = run_train(tcfg, run, progress=progress, resume=True)  # continue an interrupted run
+    res = run_train(tcfg, run, progress=progress, resume="auto")  # continue an interrupted run of the same key
     if res.interrupted:
         from .errors import NeighborLTError
 
@@ -312,12 +317,16 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | os.PathLike[str] | None = N
                       + yaml.safe_dump(resolved, sort_keys=False, allow_unicode=True))
     bdir = rd.path("baseline")
     ran: list[str] = []
+    skipped: list[str] = []
+    reasons: dict[str, str] = {}
     nres = rres = fres = None
     method = base_metrics = None
     for stage in selected:
         if stage == "report":
             continue  # after the summary, below
         logger.info("pipeline: stage %s", stage)
+        dirs = {"": rd, **({"baseline": RunDir(bdir)} if cfg.baseline and stage in BASELINE_STAGES else {})}
+        before = {label: d.done_record(stage) for label, d in dirs.items()}
         if stage == "classes":
             run_classes(stages["classes"], rd)
         elif stage == "neighbors":
@@ -346,11 +355,17 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | os.PathLike[str] | None = N
             method = run_eval(stages["eval"], root)
             if cfg.baseline:
                 base_metrics = run_eval(stages["eval"], bdir)
-        ran.append(stage)
+        why = _why_ran(before, {label: d.done_record(stage) for label, d in dirs.items()})
+        if why is None:
+            skipped.append(stage)
+        else:
+            ran.append(stage)
+            reasons[stage] = why
+            logger.info("pipeline: %s ran (%s)", stage, why)
 
     summary = None
     funnel = fres.funnel if fres is not None else (_maybe_json(rd.path("filter", "funnel.json")) or {}).get("total")
-    if "eval" in ran:
+    if "eval" in selected:
         ndoc = nres.doc if nres is not None else (_maybe_json(rd.path("neighbors.json")) or {})
         rdoc = rres.model_dump() if rres is not None else _maybe_json(rd.path("retrieve", "stats.json"))
         if fres is not None:
@@ -358,7 +373,11 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | os.PathLike[str] | None = N
         else:
             fj = _maybe_json(rd.path("filter", "funnel.json"))
             fdoc = {"funnel": fj.get("total", {}), "classes": fj.get("classes")} if fj else None
-        text = summary_markdown(cfg, method or {}, base_metrics, ndoc, rdoc, fdoc, train=stages["train"])
+        text = summary_markdown(cfg, method or {}, base_metrics, ndoc, rdoc, fdoc, train=stages["train"],
+                                model=_maybe_json(rd.path("train", "model.json")))
+        from .coverage import coverage_markdown
+
+        text += coverage_markdown(rd.root)  # targets without an auxiliary class / a silenced pair, and what to try
         atomic_write_text(rd.path("summary.md"), text)
         atomic_write_json(rd.path("summary.json"), {"method": _headline(method or {}),
                                                     "baseline": _headline(base_metrics) if base_metrics else None,
@@ -370,8 +389,22 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | os.PathLike[str] | None = N
 
         report = run_report(stages["report"], rd)
         ran.append("report")
+        reasons["report"] = "always written"
     return {"method": method, "baseline": base_metrics, "summary": summary, "funnel": funnel, "report": report,
-            "stages": ran}
+            "stages": ran, "skipped": skipped, "reasons": reasons}
+
+
+def _why_ran(before: dict[str, dict[str, Any] | None], after: dict[str, dict[str, Any] | None]) -> str | None:
+    """Why a stage ran, from its completion records before and after it (``{"": run, "baseline": ...}``); None when
+    no record changed (the stage was up to date and skipped)."""
+    out = []
+    for label, new in after.items():
+        old = before.get(label)
+        if new is None or (old is not None and old.get("time") == new.get("time")):
+            continue
+        reason = change_reason(old, new) or "its outputs were missing, or --force"
+        out.append(f"{label}: {reason}" if label else reason)
+    return "; ".join(out) if out else None
 
 
 def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -384,9 +417,11 @@ def _pct(v: Any) -> str:
 
 def summary_markdown(cfg: PipelineConfig, method: dict[str, Any], baseline: dict[str, Any] | None,
                      neighbors: dict[str, Any], retrieve: dict[str, Any] | None = None,
-                     filt: dict[str, Any] | None = None, *, train: Any = None) -> str:
+                     filt: dict[str, Any] | None = None, *, train: Any = None,
+                     model: dict[str, Any] | None = None) -> str:
     """A short markdown comparison of the method and the baseline (top-1 %, target classes only) and the
-    acquisition funnel (candidates -> kept auxiliary images)."""
+    acquisition funnel (candidates -> kept auxiliary images). The loss and its parameters (λs, M) are what trained,
+    from the method's ``model.json`` (``model``), never the requested config."""
     tr = train.model_dump() if train is not None else {**cfg.train, **cfg.method()}
     lines = [
         f"# neighborlt run: {cfg.source_name()}",
@@ -410,11 +445,26 @@ def summary_markdown(cfg: PipelineConfig, method: dict[str, Any], baseline: dict
     if baseline is not None:
         lines.append("| Balanced-CE, no auxiliary data | " + " | ".join(
             _pct(baseline.get(k)) for k in ("overall", "many", "medium", "few")) + " |")
-    lines.append(f"| {tr.get('loss')} (λs={float(tr.get('lambda_s', LAMBDA_S)):g}, M={tr.get('aux_cap')}) + auxiliary "
-                 "classes, direct classifier | "
+    lines.append(f"| {trained_loss_label(model)} + auxiliary classes, direct classifier | "
                  + " | ".join(_pct(method.get(k)) for k in ("overall", "many", "medium", "few")) + " |")
     lines += ["", "One seed: a single run's numbers move by a few points; see `neighborlt ablate` for mean ± std."]
     return "\n".join(lines) + "\n"
+
+
+def trained_loss_label(model: dict[str, Any] | None) -> str:
+    """``neighbor_silencing (λs=0.1, aux_weight=1, M=50)``: the loss and parameters a model trained with, read from its
+    ``model.json`` (``loss``, ``loss_params``, ``aux_cap``); models from before these were recorded give the loss
+    name and ``(λs not recorded)``."""
+    if not model:
+        return "(no trained model)"
+    params = model.get("loss_params")
+    if params is None:
+        return f"{model.get('loss')} (λs not recorded)"
+    names = {"lambda_s": "λs"}
+    parts = [f"{names.get(k, k)}={v:g}" if isinstance(v, float) else f"{names.get(k, k)}={v}" for k, v in params.items()]
+    if model.get("aux_cap") is not None or model.get("num_classes", 0) > model.get("num_target_classes", 0):
+        parts.append(f"M={model.get('aux_cap') if model.get('aux_cap') is not None else 'all'}")
+    return f"{model.get('loss')} ({', '.join(parts)})" if parts else str(model.get("loss"))
 
 
 def default_run_dir() -> Path:

@@ -245,18 +245,14 @@ def _safe_stem(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:60] or "figure"
 
 
-def _sheet_slug(name: str) -> str:
-    """The file-name form of a class name that the filter stage uses for its contact sheets."""
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")[:60] or "class"
-
-
-def _method_label(train_cfg: dict[str, Any] | None, has_aux: bool) -> str:
-    if not train_cfg:
+def _method_label(model: dict[str, Any] | None, has_aux: bool) -> str:
+    """The method's label from what trained (``train/model.json``: loss, λs, aux_weight, M), never the requested
+    config."""
+    if not model:
         return "method"
-    loss = str(train_cfg.get("loss", "method"))
-    if loss == "neighbor_silencing":
-        loss = f"neighbor silencing (λs={train_cfg.get('lambda_s')}, M={train_cfg.get('aux_cap')})"
-    return f"{loss}{' + auxiliary classes' if has_aux else ''}"
+    from .pipeline import trained_loss_label
+
+    return f"{trained_loss_label(model)}{' + auxiliary classes' if has_aux else ''}"
 
 
 def _baseline_label(train_cfg: dict[str, Any] | None) -> str:
@@ -403,7 +399,7 @@ def _section_splits(inp: _Inputs, cfg: ReportConfig) -> _Section:
         sec.blocks.append(_Missing("RUN/eval/metrics.json", "neighborlt eval RUN"))
         return sec
     b = inp.baseline_metrics
-    mlabel = _method_label(inp.train_cfg, bool(inp.num_aux()))
+    mlabel = _method_label(_try(lambda: inp.model), bool(inp.num_aux()))
     blabel = _baseline_label(inp.baseline_train_cfg)
     keys = ("overall", "many", "medium", "few")
     series = [(blabel, b, "#9a9a9a"), (mlabel, m, "#1f77b4")] if b is not None else [(mlabel, m, "#1f77b4")]
@@ -690,7 +686,9 @@ def _section_funnel(inp: _Inputs, cfg: ReportConfig) -> _Section:
         return sec
     # sheet files are named by class slug: map each back to its funnel class (name, order) where one matches
     by_name = {n: (i, n) for i, n in enumerate(per_class_order)}
-    by_slug = {_sheet_slug(n): (i, n) for i, n in reversed(list(enumerate(per_class_order)))}
+    from .filter import sheet_stem  # the filter names the sheets; one function, so the two never drift apart
+
+    by_slug = {sheet_stem(n): (i, n) for i, n in reversed(list(enumerate(per_class_order)))}
     kind_rank = {"kept": 0, "rejected": 1, "other": 2}
     sheets = [(by_name.get(c) or by_slug.get(c) or (len(by_name), c), c, k, p) for c, k, p in sheets]
     sheets.sort(key=lambda t: (t[0][0], t[1], kind_rank[t[2]]))
@@ -922,10 +920,13 @@ def _summary(inp: _Inputs, sections: list[_Section]) -> _Section:
     if n_aux is not None:
         facts.append(f"{n_aux} auxiliary classes in the joint model")
     t = _try(lambda: inp.train_cfg)
+    trained = _try(lambda: inp.model)
     if isinstance(t, dict):
-        facts.append(f"{t.get('model')} at {t.get('image_size')} px, {t.get('epochs')} epochs, loss {t.get('loss')}"
-                     + (f" (λs {t.get('lambda_s')}, M {t.get('aux_cap')})" if t.get("loss") == "neighbor_silencing"
-                        else "") + f", seed {t.get('seed')}")
+        from .pipeline import trained_loss_label
+
+        loss = trained_loss_label(trained) if isinstance(trained, dict) else "(not trained yet)"
+        facts.append(f"{t.get('model')} at {t.get('image_size')} px, {t.get('epochs')} epochs, loss {loss}"
+                     f", seed {t.get('seed')}")
     if facts:
         sec.blocks.append(_Para("; ".join(facts) + "."))
     if m is None:

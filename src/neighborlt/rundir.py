@@ -13,7 +13,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,19 @@ from .errors import NeighborLTError
 RECORDED_PACKAGES = ("neighborlt", "torch", "torchvision", "timm", "numpy", "pydantic", "openai", "wn")
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where ``/proc`` tells it (Linux), else set and restored."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike[str]) -> Iterator[str]:
     """Yield a temp file name in ``path``'s folder; on success it replaces ``path`` (``os.replace``), on any error
@@ -32,7 +46,11 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[str]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    try:
+        if hasattr(os, "fchmod"):  # mkstemp makes 0600: follow the umask like any other new file
+            os.fchmod(fd, 0o666 & ~current_umask())
+    finally:
+        os.close(fd)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -153,6 +171,60 @@ def environment_record(seed: int | None = None) -> dict[str, Any]:
     return rec
 
 
+@dataclass(frozen=True)
+class StageKey:
+    """A stage's completion key, from the one rule every stage follows (:meth:`RunDir.stage_key`): the stage's key
+    fields (the options that change its outputs), the sha256 of every input file it reads and the stage's version.
+    Any change of one of them changes :attr:`key`, so the stage runs again, and so does every stage that reads its
+    outputs (their bytes change)."""
+
+    stage: str
+    version: int
+    fields: Any  # the key fields, as JSON values
+    inputs: dict[str, str | None] = field(default_factory=dict)  # input file (relative to RUN) -> sha256 (None: absent)
+
+    @property
+    def key(self) -> str:
+        return config_hash({"stage": self.stage, "version": self.version, "fields": self.fields,
+                            "inputs": self.inputs})
+
+    def __str__(self) -> str:
+        return self.key
+
+
+def _diff_fields(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the key fields that differ between two JSON values (a changed list is one name)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new), key=str):
+            out += _diff_fields(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return [] if old == new else [prefix or "options"]
+
+
+def change_reason(old: dict[str, Any] | None, new: dict[str, Any] | None) -> str | None:
+    """Why a stage's completion record ``new`` differs from ``old`` (records as :meth:`RunDir.mark_done` writes them;
+    None when they hold the same key): ``not run before``, the key fields that changed (``epochs changed``), the input
+    files that changed (``split.json changed``), ``stage version changed``."""
+    if new is None or (old is not None and old.get("key") == new.get("key")):
+        return None
+    if old is None:
+        return "not run before"
+    if "fields" not in old or "fields" not in new:
+        return "finished by an older version of neighborlt" if "fields" not in old else "key changed"
+    reasons: list[str] = []
+    if old.get("version") != new.get("version"):
+        reasons.append("stage version changed")
+    names = _diff_fields(old.get("fields"), new.get("fields"))
+    if names:
+        reasons.append(", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "") + " changed")
+    old_in, new_in = old.get("inputs") or {}, new.get("inputs") or {}
+    changed = [k for k in new_in if old_in.get(k) != new_in[k]] + [k for k in old_in if k not in new_in]
+    if changed:
+        reasons.append(", ".join(changed) + " changed")
+    return "; ".join(reasons) or "key changed"
+
+
 class RunDir:
     """One run directory holding every stage's files.
 
@@ -174,16 +246,59 @@ class RunDir:
         atomic_write_json(self.path("records", f"{stage}.config.json"), config)
         atomic_write_json(self.path("records", f"{stage}.env.json"), environment_record(seed))
 
-    def done_key(self, stage: str) -> str | None:
+    def stage_key(self, stage: str, fields: Any, inputs: Iterable[str | os.PathLike[str]] = (), *,
+                  version: int = 1) -> StageKey:
+        """The completion key of ``stage`` (the one rule of every stage): its key ``fields`` (options that change
+        its outputs; execution-only options left out), the sha256 of each input file it reads (``inputs``: paths,
+        relative to the run directory or absolute; a missing file counts as absent) and its ``version`` (raised
+        when a stage's code changes what it writes)."""
+        hashes: dict[str, str | None] = {}
+        for item in inputs:
+            p = Path(item)
+            p = p if p.is_absolute() else self.root / p
+            try:
+                label = str(p.relative_to(self.root))
+            except ValueError:
+                label = str(p)
+            hashes[label] = file_sha256(p) if p.is_file() else None
+        return StageKey(stage, int(version), to_jsonable(fields), hashes)
+
+    def done_record(self, stage: str) -> dict[str, Any] | None:
+        """``records/<stage>.done.json`` (None when the stage has not finished, or the record is unreadable)."""
         p = self.path("records", f"{stage}.done.json")
-        return read_json(p).get("key") if p.exists() else None
+        try:
+            rec = read_json(p) if p.is_file() else None
+        except NeighborLTError:
+            return None
+        return rec if isinstance(rec, dict) else None
 
-    def is_done(self, stage: str, key: str) -> bool:
-        """True when ``stage`` finished with the same config key (so it can be skipped)."""
-        return self.done_key(stage) == key
+    def done_key(self, stage: str) -> str | None:
+        rec = self.done_record(stage)
+        return rec.get("key") if rec else None
 
-    def mark_done(self, stage: str, key: str, **stats: Any) -> None:
-        atomic_write_json(self.path("records", f"{stage}.done.json"), {"key": key, "time": time.time(), **stats})
+    def is_done(self, stage: str, key: str | StageKey, *outputs: str | os.PathLike[str]) -> bool:
+        """True when ``stage`` finished with the same key (so it can be skipped) and its ``outputs`` (paths relative
+        to the run directory) are all still there."""
+        return self.done_key(stage) == str(key) and all((self.root / o).is_file() for o in outputs)
+
+    def stale_reason(self, stage: str, key: StageKey) -> str | None:
+        """Why ``stage`` must run with ``key`` (None when it finished with that key): ``not run before``, the key
+        fields that changed (``epochs changed``), the input files that changed (``split.json changed``)."""
+        return change_reason(self.done_record(stage), {"key": key.key, "version": key.version, "fields": key.fields,
+                                                        "inputs": key.inputs})
+
+    def mark_done(self, stage: str, key: str | StageKey, **stats: Any) -> None:
+        """Write ``records/<stage>.done.json``: the key (and with a :class:`StageKey` its fields, input hashes and
+        version, so that a later run can say what changed) and ``stats``."""
+        rec: dict[str, Any] = {"key": str(key), "time": time.time()}
+        if isinstance(key, StageKey):
+            rec.update(version=key.version, fields=key.fields, inputs=key.inputs)
+        atomic_write_json(self.path("records", f"{stage}.done.json"), {**rec, **stats})
+
+    def clear_done(self, stage: str) -> None:
+        """Forget that ``stage`` finished (before its outputs are replaced, so a crash midway never leaves a marker
+        next to half-new outputs)."""
+        self.path("records", f"{stage}.done.json").unlink(missing_ok=True)
 
     def log(self, stage: str, **event: Any) -> None:
         """Append one JSON line to ``logs/<stage>.jsonl``."""

@@ -41,6 +41,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
     drop: bool = False
+    finish_reason: str = "stop"  # "length": the answer was cut at the token limit
 
 
 Responder = Callable[[int, str, str, dict], Reply]
@@ -187,7 +188,7 @@ class ChatServer:
                 body = {
                     "id": f"chatcmpl-{no}", "object": "chat.completion", "created": int(time.time()),
                     "model": req.get("model", server.model),
-                    "choices": [{"index": 0, "finish_reason": "stop",
+                    "choices": [{"index": 0, "finish_reason": reply.finish_reason,
                                  "message": {"role": "assistant", "content": content}}],
                     "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": len(content.split()),
                               "total_tokens": len(prompt.split()) + len(content.split())},

@@ -26,7 +26,7 @@ app = typer.Typer(
 
 # Modules under neighborlt.cli that define ``register(app)``; missing ones are skipped so that areas can
 # land independently.
-_AREAS = ("data", "classes", "neighbors", "retrieve", "train", "evaluate", "report", "pipeline")
+_AREAS = ("data", "classes", "neighbors", "retrieve", "pretrain", "train", "evaluate", "report", "pipeline", "viz")
 
 
 def _mount() -> None:

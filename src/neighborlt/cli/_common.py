@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import difflib
+import json
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 from ..errors import ConfigError
+from ..validation import check_section, format_validation_error
+
+__all__ = ["build_config", "check_section", "click_error_line", "format_validation_error", "is_instance_named",
+           "parse_key_values"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -29,80 +33,19 @@ def build_config(cls: type[M], *, repeated: dict[str, str] | None = None, **fiel
         raise ConfigError(f"{'--' + loc + ': ' if loc else ''}{err['msg']}") from None
 
 
-# Short wording for the commonest pydantic error types; the rest keep pydantic's own message.
-_SHORT = {
-    "greater_than_equal": "must be >= {ge}",
-    "greater_than": "must be > {gt}",
-    "less_than_equal": "must be <= {le}",
-    "less_than": "must be < {lt}",
-    "multiple_of": "must be a multiple of {multiple_of}",
-    "literal_error": "must be one of {expected}",
-    "enum": "must be one of {expected}",
-    "missing": "required, not given",
-}
-
-
-def _key_path(loc: tuple[Any, ...], prefix: str) -> str:
-    path = prefix
-    for part in loc:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        else:
-            path += f".{part}" if path else str(part)
-    return path
-
-
-def _known_keys(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> list[str] | None:
-    """The field names at ``loc`` (the parent of an unknown key), following nested models; None when unknown."""
-    cur: Any = model
-    for part in loc:
-        if not (isinstance(cur, type) and issubclass(cur, BaseModel)) or part not in cur.model_fields:
-            return None
-        cur = cur.model_fields[part].annotation
-    if isinstance(cur, type) and issubclass(cur, BaseModel):
-        return sorted(cur.model_fields)
-    return None
-
-
-def _short_repr(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def format_validation_error(error: ValidationError, *, prefix: str = "", model: type[BaseModel] | None = None) -> str:
-    """One line for a pydantic ValidationError: the key path of the first problem, what is wrong and the value
-    given, e.g. ``train.lambda_s: must be >= 0, got -1``; ``(and N more problems)`` when there are several.
-
-    ``prefix`` is prepended to the key path (the config section, ``train``); ``model`` (the validated class)
-    lets an unknown key list the allowed ones."""
-    errors = error.errors(include_url=False)
-    if not errors:
-        return " ".join(str(error).split())
-    err = errors[0]
-    loc = tuple(err.get("loc", ()))
-    kind = err.get("type", "")
-    ctx = err.get("ctx") or {}
-    if kind == "extra_forbidden":
-        known = _known_keys(model, loc[:-1])
-        close = difflib.get_close_matches(str(loc[-1]), known, n=1) if known and loc else []
-        problem = ("unknown key" + (f" (did you mean {close[0]!r}?)" if close else "")
-                   + (f"; allowed: {', '.join(known)}" if known else ""))
-    elif kind in ("value_error", "assertion_error") and "error" in ctx:
-        problem = str(ctx["error"])
-    elif kind in _SHORT:
+def parse_key_values(items: list[str] | None, flag: str) -> dict[str, Any]:
+    """Parse repeated ``key=value`` options (``--set``, ``--loss-param``); values are JSON when they parse (numbers,
+    lists), else strings."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        k, sep, v = item.partition("=")
+        if not sep or not k.strip():
+            raise ConfigError(f"{flag} {item!r}: use key=value, e.g. {flag} tau=1.0")
         try:
-            problem = _SHORT[kind].format(**ctx)
-        except (KeyError, IndexError):
-            problem = err.get("msg", kind)
-    else:
-        problem = err.get("msg", kind)
-    if kind not in ("missing", "extra_forbidden") and "input" in err and not isinstance(err["input"], (dict, BaseModel)):
-        problem += f", got {_short_repr(err['input'])}"
-    path = _key_path(loc, prefix)
-    line = f"{path}: {problem}" if path else problem
-    if len(errors) > 1:
-        line += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-    return " ".join(line.split())
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
 
 
 def is_instance_named(exc: BaseException, name: str) -> bool:
@@ -122,16 +65,3 @@ def click_error_line(e: Exception) -> str:
         except (AttributeError, IndexError):
             pass
     return f"error: {msg}"
-
-
-def check_section(fields: dict[str, Any], model: type[BaseModel], option: str) -> None:
-    """Validate a dict of ``model`` fields given as one option (``--train '{...}'`` of ``ablate`` / ``pilot``) before
-    any work, as one line naming the option and the key (an unknown key also gets the closest field name).
-
-    Raises:
-        ConfigError: ``--train epoch: unknown key (did you mean 'epochs'?); allowed: ...``
-    """
-    try:
-        model(**fields)
-    except ValidationError as e:
-        raise ConfigError(f"{option} " + format_validation_error(e, model=model)) from None

@@ -108,8 +108,17 @@ def run_cmd(
     wrote = [p for p, ok in ((f"{run_dir}/summary.md", out.get("summary")),
                              (f"{run_dir}/eval/report.md", out.get("method") is not None),
                              (f"{run_dir}/report/index.html", out.get("report") is not None)) if ok]
-    typer.echo(f"stages run: {', '.join(out['stages']) or 'none'}; config in {run_dir}/config.yaml"
-               + (f"; wrote {', '.join(wrote)}" if wrote else ""))
+    typer.echo(stages_line(out) + f"; config in {run_dir}/config.yaml" + (f"; wrote {', '.join(wrote)}" if wrote else ""))
+
+
+def stages_line(out: dict) -> str:
+    """``stages run: train (epochs changed), export (train/model.json changed); skipped (up to date): classes``."""
+    reasons = out.get("reasons") or {}
+    ran = [f"{s} ({reasons[s]})" if reasons.get(s) else s for s in out.get("stages", [])]
+    line = f"stages run: {', '.join(ran) or 'none'}"
+    if out.get("skipped"):
+        line += f"; skipped (up to date): {', '.join(out['skipped'])}"
+    return line
 
 
 def demo_cmd(

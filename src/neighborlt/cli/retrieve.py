@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from ._common import build_config
-from .train import _pairs
+from ._common import parse_key_values as _pairs
 
 
 def _nested(items: list[str] | None, flag: str) -> dict[str, Any]:

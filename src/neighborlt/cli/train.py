@@ -18,24 +18,9 @@ import typer
 from ..defaults import AUX_CAP_ALL
 from ..train.config import TrainConfig
 from ._common import build_config
+from ._common import parse_key_values as _pairs
 
 logger = logging.getLogger(__name__)
-
-
-def _pairs(items: list[str] | None, flag: str) -> dict[str, Any]:
-    """Parse repeated ``key=value`` options; values are JSON when they parse (numbers, lists), else strings."""
-    from ..errors import ConfigError
-
-    out: dict[str, Any] = {}
-    for item in items or []:
-        k, sep, v = item.partition("=")
-        if not sep or not k.strip():
-            raise ConfigError(f"{flag} {item!r}: use key=value, e.g. {flag} tau=1.0")
-        try:
-            out[k.strip()] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k.strip()] = v
-    return out
 
 
 def _h(field: str, text: str) -> str:

@@ -31,13 +31,14 @@ from pydantic import BaseModel, ConfigDict
 
 from ..data import manifest as mf
 from ..errors import ConfigError
-from ..rundir import RunDir, atomic_write_json, config_hash, file_sha256
+from ..rundir import RunDir, atomic_write_json
 from .caption import apply_caption_rule
 from .config import FilterConfig
 
 logger = logging.getLogger(__name__)
 
 STAGE = "filter"
+STAGE_VERSION = 2  # raised when the stage writes other outputs for the same inputs (2: the one key rule)
 FUNNEL = ("candidates", "downloaded", "caption", "band", "leak", "dedup", "cap", "kept")
 AUX_SCHEMA_EXTRA = ("class_index", "parent", "similarity", "leak_similarity")
 
@@ -125,16 +126,16 @@ def run_filter(cfg: FilterConfig, run_dir: RunDir | str | os.PathLike[str]) -> F
     if not rd.path("split.json").is_file():
         raise ConfigError(f"{rd.path('split.json')}: not found; run `neighborlt classes {rd.root}` first")
     out = rd.path(STAGE)
-    key = config_hash({"stage": STAGE, "cfg": cfg.key_fields(), "manifest": file_sha256(src),
-                       "split": file_sha256(rd.path("split.json"))})
+    key = rd.stage_key(STAGE, cfg.key_fields(), [src, "split.json", "classes.json"], version=STAGE_VERSION)
     aux_path = out / "aux_manifest.parquet"
-    if not cfg.force and rd.is_done(STAGE, key) and aux_path.is_file() and (out / "funnel.json").is_file():
+    if not cfg.force and rd.is_done(STAGE, key, "filter/aux_manifest.parquet", "filter/funnel.json"):
         from ..rundir import read_json
 
         doc = read_json(out / "funnel.json")
         logger.info("filter: finished with the same options and manifest in %s; skipping", out)
         return FilterResult(aux_manifest=str(aux_path), funnel=doc["total"], classes=doc["classes"],
                             dropped_classes=doc["dropped_classes"], skipped=True)
+    logger.info("filter: running (%s)", "--force" if cfg.force else rd.stale_reason(STAGE, key))
     rd.record(STAGE, cfg)
     rows = mf.read_table(src).to_pylist()
     decision = ["" for _ in rows]  # "" = still in; else the rule that rejected it
@@ -334,7 +335,9 @@ def _features(cfg: FilterConfig, protocol: Any, rows: list[dict[str, Any]], root
     return out
 
 
-def _safe(name: str) -> str:
+def sheet_stem(name: str) -> str:
+    """The file-name stem of a class's contact sheets (``sheets/<stem>_kept.png`` / ``<stem>_rejected.png``); the
+    report finds a class's sheets by it."""
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")[:60] or "class"
 
 
@@ -364,7 +367,7 @@ def _contact_sheets(cfg: FilterConfig, rd: RunDir, rows: list[dict[str, Any]], d
         for kind in ("kept", "rejected"):
             idx = [i for i in per[name] if (not decision[i]) == (kind == "kept") and rows[i]["status"] == "ok"]
             idx = idx[: cfg.sheet_images]
-            path = folder / f"{_safe(name)}_{kind}.png"
+            path = folder / f"{sheet_stem(name)}_{kind}.png"
             cols = 8
             nrow = max(1, (len(idx) + cols - 1) // cols)
             fig, axes = plt.subplots(nrow, cols, figsize=(cols * 1.2, nrow * 1.35 + 0.4), squeeze=False)

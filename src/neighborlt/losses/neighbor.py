@@ -288,6 +288,10 @@ class NeighborSilencingCE(nn.Module):
         logger.debug("neighbor silencing: C=%d, %d pairs, max degree %d, lambda_s=%g, aux_weight=%g, L=%s",
                      c, self.num_pairs, index.shape[1] - 1, lambda_s, aux_weight, num_targets)
 
+    def effective_params(self) -> dict[str, float]:
+        """The weights this loss trains with (``model.json`` records them): ``lambda_s`` and ``aux_weight``."""
+        return {"lambda_s": self.lambda_s, "aux_weight": self.aux_weight}
+
     @property
     def is_balanced_softmax(self) -> bool:
         """True when no term is re-weighted (the loss is exactly Balanced Softmax)."""

@@ -222,14 +222,14 @@ class OpenAIBackend(NeighborBackend):
             self.prepare([])
         messages = [{"role": "user", "content": prompt}]
         text, pt, ct, extra = self._complete(messages)
-        if self.cfg.strict_retry and not parse_answer(text).names:
+        if self.cfg.strict_retry and not parse_answer(text, cut_off=extra.get("finish_reason") == "length").names:
             strict = (STRICT_INSTRUCTION_JSON if self.cfg.json_mode != "off" else STRICT_INSTRUCTION).format(n=n)
             follow = [*messages, {"role": "assistant", "content": text}] if text.strip() else []
             follow = [*follow, {"role": "user", "content": strict}] if follow else \
                 [{"role": "user", "content": prompt + "\n" + strict}]
             text2, pt2, ct2, extra2 = self._complete(follow)
             pt, ct = pt + pt2, ct + ct2
-            recovered = bool(parse_answer(text2).names)
+            recovered = bool(parse_answer(text2, cut_off=extra2.get("finish_reason") == "length").names)
             logger.debug("class %r: empty answer; strict retry %s", target.name, "recovered" if recovered else "empty")
             extra = {**extra, **extra2, "strict_retry": "recovered" if recovered else "empty", "first_text": text}
             if recovered or not text.strip():

@@ -60,6 +60,12 @@ _ITEM_QUOTED_RE = re.compile(r'"([^"\n]*)"|\'([^\'\n]*)\'')
 _REMARK_RE = re.compile(r"\s*\(([^()]{0,200})\)")
 _NEGATIONS = frozenset({"not", "no", "non", "isn't", "aren't", "never", "unlike", "except", "although", "but",
                         "though", "however", "rather", "instead"})
+# an item that restates the prompt instead of naming a category ("Do not include the target", "Return a JSON list")
+_INSTRUCTION_RE = re.compile(
+    r"^(?:do not|don'?t|never|always|return|include|exclude|answer|output|respond|reply|note|please|provide|give|"
+    r"list|make sure|ensure|avoid|remember|here (?:are|is)|the following|i (?:cannot|can'?t|am|will))\b|"
+    r"\b(?:json|python list|categor(?:y|ies)|instructions?|target class(?:es)?|explanations?|visually similar|"
+    r"the prompt)\b", re.IGNORECASE)
 _RETRACT_RE = re.compile(r"\b(?:synonyms?|same(?: as)?|identical|duplicates?|alias|not (?:visually )?similar|"
                          r"not (?:a )?real|made up|fictional)\b")
 
@@ -194,16 +200,27 @@ def _is_prose(item: str) -> bool:
     return len(s.split()) >= _PLAIN_MAX_WORDS or bool(re.search(r"[.!?]\s*$", s))
 
 
-def split_list_body(body: str, *, cut: bool = False) -> tuple[list[str], bool] | None:
+def is_instruction(item: str) -> bool:
+    """An item of three or more words that restates the prompt rather than naming a category ("Do not include the
+    target", "Return only a JSON list", "visually similar categories")."""
+    s = item.strip().strip(_STRIP_CHARS)
+    return len(s.split()) >= 3 and bool(_INSTRUCTION_RE.search(s))
+
+
+def split_list_body(body: str, *, cut: bool = False, dropped: Counter | None = None) -> tuple[list[str], bool] | None:
     """Items of a bracket-list body that is not valid JSON or Python: quoted items with ``,``, ``;`` or ``|``
     between them, else bare items split on the most frequent of those separators (and line breaks).
 
     Args:
         body: the text between ``[`` and ``]`` (or after ``[`` to the end, when ``cut``).
-        cut: the list has no closing bracket (token limit): its last, possibly incomplete item is left out.
+        cut: the list has no closing bracket (token limit): its last, possibly incomplete item is left out (a cut
+            right after a separator, ``[a, b, ``, loses nothing).
+        dropped: counts the bare items left out because they are sentences (``prose``) or restate the prompt
+            (``instruction``), when other items are names.
 
     Returns:
-        ``(items, dropped_cut_item)``, or None when the body does not look like a list of names.
+        ``(items, dropped_cut_item)``, or None when the body does not look like a list of names (every item a
+        sentence).
     """
     quoted = list(_ITEM_QUOTED_RE.finditer(body))
     if quoted:
@@ -228,9 +245,16 @@ def split_list_body(body: str, *, cut: bool = False) -> tuple[list[str], bool] |
     if cut:
         dropped_cut = bool(parts.pop().strip())
     parts = [p for p in parts if p.strip()]
-    if not parts or any(_is_prose(p) for p in parts):
+    names = [p for p in parts if not (_is_prose(p) or is_instruction(p))]
+    if not names:
         return None
-    return parts, dropped_cut
+    if dropped is not None:
+        for p in parts:
+            if is_instruction(p):
+                dropped["instruction"] += 1
+            elif _is_prose(p):
+                dropped["prose"] += 1
+    return names, dropped_cut
 
 
 def _list_items(text: str, res: ParseResult) -> list[str] | None:
@@ -250,7 +274,7 @@ def _list_items(text: str, res: ParseResult) -> list[str] | None:
             try:
                 val = ast.literal_eval(chunk)
             except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
-                split = split_list_body(chunk[1:-1])
+                split = split_list_body(chunk[1:-1], dropped=res.dropped)
                 val = split[0] if split else None
         if isinstance(val, (list, tuple)):
             items = [v for v in val if isinstance(v, str)]
@@ -260,7 +284,7 @@ def _list_items(text: str, res: ParseResult) -> list[str] | None:
     start = text.rfind("[")
     if start > found_end and "]" not in text[start:] and len(text) - start <= 20_000:
         tail = text[start + 1:]
-        split = split_list_body(tail, cut=True)
+        split = split_list_body(tail, cut=True, dropped=res.dropped)
         if split and split[0]:
             res.repaired["cut_off_list"] += 1
             if split[1]:
@@ -371,12 +395,21 @@ def _line_items(text: str, res: ParseResult) -> list[str]:
     candidates = [ln for ln in lines if ln.count(",") + ln.count(";") >= 1]
     if candidates:
         items = re.split(r"[,;]", max(candidates, key=lambda ln: ln.count(",") + ln.count(";")))
-        # a comma "list" with a long item is a prose sentence ("I'm sorry, I cannot help with that.")
-        if all(len(it.split()) < _PLAIN_MAX_WORDS for it in items):
-            return items
-        return []
-    # one name per line: skip prose lines (sentence punctuation at the end, or too many words)
-    return [ln for ln in lines if not re.search(r"[.:!?]\s*$", ln) and len(ln.split()) <= _PLAIN_MAX_WORDS]
+        # a comma "list" with a long item and at most one short one is a prose sentence ("I'm sorry, I cannot help
+        # with that."); a long item among several short ones is a sentence or an instruction the model echoed: it is
+        # left out and counted
+        short = [it for it in items if len(it.split()) < _PLAIN_MAX_WORDS]
+        if len(short) < len(items) and len(short) < 2:
+            res.dropped["prose"] += 1
+            return []
+        if len(items) > len(short):
+            res.dropped["prose"] += len(items) - len(short)
+        return short
+    # one name per line: skip prose lines (sentence punctuation at the end, or too many words), counted
+    keep = [ln for ln in lines if not re.search(r"[.:!?]\s*$", ln) and len(ln.split()) <= _PLAIN_MAX_WORDS]
+    if len(lines) > len(keep):
+        res.dropped["prose"] += len(lines) - len(keep)
+    return keep
 
 
 def split_remark(item: str) -> tuple[str | None, str | None]:
@@ -407,16 +440,22 @@ def split_remark(item: str) -> tuple[str | None, str | None]:
     return (out if what else item), what
 
 
-def parse_answer(text: str, max_items: int = MAX_ITEMS) -> ParseResult:
+def parse_answer(text: str, max_items: int = MAX_ITEMS, *, cut_off: bool = False) -> ParseResult:
     """Extract safe, normalised, de-duplicated names from a raw answer; never raises.
 
     Args:
         text: the raw answer (any string; non-strings give an empty result).
         max_items: keep at most this many names.
+        cut_off: the server cut the answer at its token limit (``finish_reason == "length"``): the last item of a
+            list that is not a closed bracket list or JSON object may be cut mid-word (``..., Curly``,
+            ``3. Chesapeake Bay Ret``), so it is dropped (``dropped["cut_off"]``).
 
     Returns:
-        A :class:`ParseResult`; ``dropped`` counts ``unsafe``, ``duplicate``, ``retracted`` and ``over_limit``
-        items, ``cut_off`` partial last items and ``truncated`` text; ``repaired`` the fixed-up answers and items.
+        A :class:`ParseResult`; ``dropped`` counts ``unsafe``, ``duplicate``, ``retracted``, ``instruction``
+        (an item restating the prompt), ``prose`` (a sentence among names) and ``over_limit`` items, ``cut_off``
+        partial last items, ``truncated`` text, and ``no_names`` for an answer with no name and no other reason
+        (an empty or all-prose answer); ``repaired`` the fixed-up answers and items. Every item or answer left
+        out is counted under one reason.
 
     Example:
         >>> parse_answer('Sure! You should return: ["Wolf", "coyotes", "wolf"]').names
@@ -435,8 +474,11 @@ def parse_answer(text: str, max_items: int = MAX_ITEMS) -> ParseResult:
         items = _json_object_items(cleaned)
         if items is None:
             items = _list_items(cleaned, res)
-        if items is None:
-            items = _line_items(cleaned, res)
+            if items is None:
+                items = _line_items(cleaned, res)
+                if cut_off and items:  # the last line or comma item may be cut mid-word
+                    items = items[:-1]
+                    res.dropped["cut_off"] += 1
         seen: set[str] = set()
         for item in items:
             raw, what = split_remark(item) if "(" in item else (item, None)
@@ -445,6 +487,9 @@ def parse_answer(text: str, max_items: int = MAX_ITEMS) -> ParseResult:
                 if raw is None:
                     res.dropped["retracted"] += 1
                     continue
+            if is_instruction(raw):
+                res.dropped["instruction"] += 1
+                continue
             name = normalise_name(raw)
             if name is None:
                 res.dropped["unsafe"] += 1
@@ -462,4 +507,6 @@ def parse_answer(text: str, max_items: int = MAX_ITEMS) -> ParseResult:
         logger.warning("answer parser failed (%s: %s); answer ignored", type(e).__name__, e)
         res.names = [n for n in res.names if is_safe_name(n)]
         res.dropped["parse_error"] += 1
+    if not res.names and not +res.dropped:  # never an answer lost without a reason
+        res.dropped["no_names"] += 1
     return res

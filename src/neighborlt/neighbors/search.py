@@ -40,7 +40,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ..errors import ConfigError, DataError, NeighborLTError
-from ..rundir import RunDir, atomic_write_json, config_hash, read_json
+from ..rundir import RunDir, atomic_write_json, read_json
 from .base import BACKENDS, NeighborBackend, NeighborsConfig, RawAnswer, TargetClass, TransientError
 from .cache import AnswerCache, answer_key
 from .parse import ParseResult, name_key, parse_answer
@@ -49,6 +49,7 @@ from .plan import SHOTS, neighbours_per_shot, resolve_ratio
 logger = logging.getLogger(__name__)
 
 STAGE = "neighbors"
+STAGE_VERSION = 2  # raised when the stage writes other outputs for the same inputs (2: the one key rule)
 SCHEMA = 1
 ProgressFn = Callable[[int, int], None]  # (done, total) over the requests of this run
 
@@ -151,7 +152,15 @@ def answer_is_empty(rec: dict[str, Any]) -> bool:
     if rec.get("status", "ok") != "ok":
         return False
     extra = rec.get("extra") if isinstance(rec.get("extra"), dict) else {}
-    return bool(extra.get("refusal")) or not parse_answer(rec.get("text", "")).names
+    return bool(extra.get("refusal")) or not parse_record(rec).names
+
+
+def parse_record(rec: dict[str, Any]) -> ParseResult:
+    """:func:`parse_answer` of a cached answer record, told when the server cut the answer at its token limit
+    (``extra.finish_reason == "length"``, recorded by the openai backend), so a cut last item is not a name."""
+    extra = rec.get("extra") if isinstance(rec.get("extra"), dict) else {}
+    text = rec.get("text", "")
+    return parse_answer(text if isinstance(text, str) else "", cut_off=extra.get("finish_reason") == "length")
 
 
 def _backoff(cfg: NeighborsConfig, attempt: int, hint: float | None) -> float:
@@ -411,7 +420,7 @@ def _assemble(targets: list[TargetClass], cfg: NeighborsConfig, backend: Neighbo
         if key is None:
             continue
         if key not in parsed_of:
-            parsed_of[key] = parse_answer(answers[key]["text"])
+            parsed_of[key] = parse_record(answers[key])
         parsed = parsed_of[key]
         dropped.update(parsed.dropped)
         repaired.update(parsed.repaired)
@@ -535,6 +544,15 @@ class NeighborsResult:
     skipped: bool = False
 
 
+def input_files(cfg: NeighborsConfig) -> list[str]:
+    """The files besides ``classes.json`` whose contents the answers depend on (their hashes join the stage key): the
+    taxonomy / mapping files and a vocabulary names file."""
+    files = [f for f in (cfg.taxonomy_file, cfg.mapping_file) if f]
+    if cfg.vocabulary and not cfg.vocabulary.startswith("wordnet") and Path(cfg.vocabulary).is_file():
+        files.append(cfg.vocabulary)
+    return [str(Path(f).resolve()) for f in files]
+
+
 def run_neighbors(cfg: NeighborsConfig, run_dir: str | Path | RunDir, *, progress: ProgressFn | None = None,
                   force: bool = False) -> NeighborsResult:
     """Stage 2: read ``RUN/classes.json``, search neighbours, write ``RUN/neighbors.json`` atomically.
@@ -551,10 +569,11 @@ def run_neighbors(cfg: NeighborsConfig, run_dir: str | Path | RunDir, *, progres
         raise ConfigError(f"{classes_path}: not found; run `neighborlt classes {run.root}` first")
     out = run.path("neighbors.json")
     targets, totals, dataset = load_targets(classes_path)
-    key = config_hash({"cfg": cfg.result_key_fields(), "classes": read_json(classes_path), "schema": SCHEMA})
-    if not force and out.exists() and run.is_done(STAGE, key):
+    key = run.stage_key(STAGE, cfg.result_key_fields(), ["classes.json", *input_files(cfg)], version=STAGE_VERSION)
+    if not force and run.is_done(STAGE, key, "neighbors.json"):
         logger.info("%s is up to date (key %s); skipping", out, key)
         return NeighborsResult(out, read_json(out), skipped=True)
+    logger.info("neighbors: running (%s)", "--force" if force else run.stale_reason(STAGE, key))
     run.record(STAGE, cfg.model_dump())
     run.log(STAGE, event="start", backend=cfg.backend, model=cfg.model, classes=len(targets), dataset=dataset)
     try:

@@ -24,13 +24,14 @@ from pydantic import BaseModel, ConfigDict
 
 from ..data import manifest as mf
 from ..errors import ConfigError, DataError
-from ..rundir import RunDir, atomic_write_json, config_hash, file_sha256, read_json
+from ..rundir import RunDir, StageKey, atomic_write_json, config_hash, read_json
 from .config import RetrieveConfig
 from .sources import SOURCES, AuxName, SourceContext, candidate
 
 logger = logging.getLogger(__name__)
 
 STAGE = "retrieve"
+STAGE_VERSION = 2  # raised when the stage writes other outputs for the same inputs (2: the one key rule)
 
 
 class RetrieveResult(BaseModel):
@@ -76,24 +77,24 @@ def aux_names(doc: Any, path: Path) -> list[AuxName]:
     return [AuxName(n, p, synonyms.get(n, [])) for n, p in out.items()]
 
 
-def _inputs_key(cfg: RetrieveConfig, rd: RunDir, npath: Path, *, candidates: bool = False) -> str:
-    """Hash of the options and input files; ``candidates=True``: only what decides the candidate list (not the
-    download rules), so a re-run after a crash or with other download options does not ask the source again."""
+def _inputs_key(cfg: RetrieveConfig, rd: RunDir, npath: Path, *, candidates: bool = False) -> StageKey:
+    """The stage key (:meth:`RunDir.stage_key`: options, input files, version); ``candidates=True``: only what decides
+    the candidate list (not the download rules), so a re-run after a crash or with other download options does not
+    ask the source again."""
     fields = cfg.key_fields()
     if candidates:
         fields = {k: v for k, v in fields.items() if k not in ("download", "export_img2dataset")}
-    parts: dict[str, Any] = {"stage": STAGE, "cfg": fields}
-    for label, p in (("neighbors", npath), ("split", rd.path("split.json"))):
-        parts[label] = file_sha256(p) if p.is_file() else None
+    files: list[Path] = [npath, rd.path("split.json")]
     for label, value in (("urls_file", cfg.urls_file), ("pool", cfg.pool), ("import", cfg.import_img2dataset)):
         if value:
             p = Path(value)
             if p.is_file():
-                parts[label] = file_sha256(p)
+                files.append(p.resolve())
             elif p.is_dir():
-                parts[label] = sorted((str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns)
-                                      for f in p.rglob("*") if f.is_file())
-    return config_hash(parts)
+                fields = {**fields, f"{label}_listing": config_hash(sorted(
+                    (str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns) for f in p.rglob("*")
+                    if f.is_file()))}
+    return rd.stage_key(f"{STAGE}.candidates" if candidates else STAGE, fields, files, version=STAGE_VERSION)
 
 
 def run_retrieve(cfg: RetrieveConfig, run_dir: RunDir | str | os.PathLike[str]) -> RetrieveResult:
@@ -128,9 +129,12 @@ def run_retrieve(cfg: RetrieveConfig, run_dir: RunDir | str | os.PathLike[str]) 
         raise ConfigError("--match wordnet uses the protocol's sibling relation: it needs --source local without --pool")
     key = _inputs_key(cfg, rd, npath)
     manifest_path = out / "manifest.parquet"
-    if not cfg.force and not cfg.retry_failed and rd.is_done(STAGE, key) and manifest_path.is_file():
+    if not cfg.force and not cfg.retry_failed and rd.is_done(STAGE, key, "retrieve/manifest.parquet",
+                                                             "retrieve/stats.json"):
         logger.info("retrieve: finished with the same options and inputs in %s; skipping", out)
         return _result(mf.read_table(manifest_path), read_json(out / "stats.json"), skipped=True)
+    logger.info("retrieve: running (%s)", "--force" if cfg.force else "--retry-failed" if cfg.retry_failed
+                else rd.stale_reason(STAGE, key))
     rd.record(STAGE, cfg)
 
     names = aux_names(read_json(npath), npath) if needs_names else []
@@ -142,7 +146,7 @@ def run_retrieve(cfg: RetrieveConfig, run_dir: RunDir | str | os.PathLike[str]) 
         return load_targets(rd.root, data_dir=cfg.data_dir)
 
     ctx = SourceContext(names=names, root=rd.root, load_protocol=load_protocol)
-    cand_key = _inputs_key(cfg, rd, npath, candidates=True)
+    cand_key = _inputs_key(cfg, rd, npath, candidates=True).key
     cand_path, cand_doc = out / "candidates.parquet", out / "candidates.json"
     previous = read_json(cand_doc) if cand_doc.is_file() and cand_path.is_file() and not cfg.force else {}
     if previous.get("key") == cand_key:  # the source was asked already (web / kNN queries are not repeated)

@@ -145,13 +145,21 @@ class TrainConfig(BaseModel):
         if self.loss == "neighbor_silencing" and self.aux_manifest is None:
             raise ConfigError("--loss neighbor_silencing needs auxiliary classes: drop --no-aux (training reads "
                               "RUN/filter/aux_manifest.parquet) or use --loss balanced_softmax")
+        if "lambda_s" in self.loss_params:  # one writer per value: λs is the lambda_s field
+            raise ConfigError(f"--loss-param lambda_s={self.loss_params['lambda_s']}: λs has its own option; pass "
+                              "--lambda-s instead (lambda_s in a config file)")
         if "silencing" in self.loss_params:  # the named neighbor-silencing presets (losses.SILENCING_PRESETS)
             from ..losses import resolve_silencing
 
             if self.loss != "neighbor_silencing":
                 raise ConfigError("loss_params silencing=... is a neighbor_silencing preset: add --loss "
                                   "neighbor_silencing or drop it")
-            resolve_silencing(self.loss_params)
+            preset = resolve_silencing(self.loss_params)  # also refuses an aux_weight the preset sets otherwise
+            lam = float(preset.get("lambda_s", self.lambda_s))
+            if "lambda_s" in self.model_fields_set and self.lambda_s != lam:
+                raise ConfigError(f"--loss-param silencing={self.loss_params['silencing']} sets λs = {lam:g}: drop "
+                                  f"--lambda-s {self.lambda_s:g} or use --loss-param silencing=custom")
+            self.__dict__["lambda_s"] = lam  # the field holds what trains (records, reports), not set by the user
         if self.label_smoothing > 0 and self.mixup == 0 and self.cutmix == 0:
             raise ConfigError("--label-smoothing is applied through Mixup/CutMix targets: set --mixup or --cutmix")
         return self

@@ -48,10 +48,11 @@ from torch import nn
 
 from ..defaults import SHOT_THRESHOLDS
 from ..errors import ConfigError, NeighborLTError
-from ..rundir import RunDir, atomic_write_json, config_hash, file_sha256, read_json, to_jsonable
+from ..metrics import cap_per_class
+from ..rundir import RunDir, StageKey, atomic_write_json, config_hash, read_json, to_jsonable
 from . import checkpoint as ckpt
 from . import ddp
-from .config import TrainConfig, TrainResult
+from .config import EXECUTION_FIELDS, TrainConfig, TrainResult
 from .crt import run_crt
 from .heads import FeatureHead, WithFeatures
 from .inference import evaluate_model, load_trained_model, predict_logits
@@ -62,6 +63,7 @@ __all__ = ["FeatureHead", "TrainConfig", "TrainResult", "load_trained_model", "m
            "run_train"]
 
 STAGE = "train"
+STAGE_VERSION = 2  # raised when the stage writes other outputs for the same inputs (2: the one key rule)
 MODEL_SCHEMA = 1
 
 
@@ -155,29 +157,21 @@ def _load_data(cfg: TrainConfig, rd: RunDir) -> Any:
     log.info("training set: %d images, %d target + %d auxiliary classes (%s), %d neighbour pairs",
              len(aux.train), aux.num_target, aux.train.num_classes - aux.num_target, mpath or "no auxiliary data",
              len(aux.pairs))
-    return aux, _cap_test(aux.test, cfg.max_test_per_class), source
-
-
-def _cap_test(test: Any, per_class: int | None) -> Any:
-    """The first ``per_class`` test images of every class (all when None)."""
-    if per_class is None:
-        return test
-    keep = np.concatenate([np.flatnonzero(test.labels == c)[:per_class] for c in range(test.num_classes)])
-    return test.subset(np.sort(keep))
+    return aux, cap_per_class(aux.test, cfg.max_test_per_class), source
 
 
 def _given_data(cfg: TrainConfig, data: Any) -> tuple[Any, Any, str]:
     for attr in ("train", "test", "num_target", "pairs"):
         if not hasattr(data, attr):
             raise ConfigError(f"run_train(data=...) needs an AuxTrainingSet-like object; {attr!r} is missing")
-    return data, _cap_test(data.test, cfg.max_test_per_class), "given"
+    return data, cap_per_class(data.test, cfg.max_test_per_class), "given"
 
 
 def _data_key(cfg: TrainConfig, data: Any) -> str:
+    """The fingerprint of a given training set (its images, test images, L and pairs)."""
     from ..data import fingerprint
-    from ..rundir import config_hash
 
-    return config_hash([cfg.key(), fingerprint(data.train), fingerprint(data.test), int(data.num_target),
+    return config_hash([fingerprint(data.train), fingerprint(data.test), int(data.num_target),
                         np.asarray(data.pairs, dtype=np.int64).tolist()])
 
 
@@ -201,34 +195,60 @@ def _n_micro(n: int, batch: int, info: ddp.DistInfo) -> int:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _check_existing(cfg: TrainConfig, rd: RunDir, key: str, resume: bool, force: bool,
+def _check_existing(cfg: TrainConfig, rd: RunDir, key: StageKey, resume: bool | str, force: bool,
                     info: ddp.DistInfo) -> bool:
-    """Decide what to do with earlier files; True when an identical finished run can be reused."""
+    """Decide what to do with earlier files; True when an identical finished run can be reused.
+
+    The one key rule (:meth:`RunDir.stage_key`): a finished run with another key (options, ``split.json`` or the
+    manifest changed) is replaced, as ``make`` would; an unfinished run (a checkpoint) of the same key is continued
+    with ``resume`` (else refused), one of another key is replaced unless ``resume`` is True (explicit ``--resume``
+    of another configuration is an error); ``resume="auto"`` continues or starts over, whichever fits."""
     tdir = rd.path(STAGE)
-    done = rd.done_key(STAGE)
-    has_ckpt = ckpt.has_checkpoint(tdir / "checkpoint")
-    if force:
-        if info.is_main:
-            for p in (tdir / "checkpoint", tdir / "crt"):
-                shutil.rmtree(p, ignore_errors=True)
-            for p in (tdir / "log.jsonl", tdir / "model.safetensors", tdir / "model.json",
-                      rd.path("records", f"{STAGE}.done.json")):
-                p.unlink(missing_ok=True)
-        ddp.barrier(info)
-        return False
-    if done == key and (tdir / "model.json").exists():
+    if not force and rd.is_done(STAGE, key, "train/model.json", "train/model.safetensors"):
         return True
-    if done is not None and done != key:
-        raise ConfigError(f"{tdir}: holds a finished run with another configuration; use a new run directory "
-                          "or pass --force to overwrite it")
-    if has_ckpt and not resume:
+    has_ckpt = not force and ckpt.has_checkpoint(tdir / "checkpoint")
+    same_ckpt = has_ckpt and _checkpoint_key(tdir / "checkpoint") == key.key
+    if same_ckpt and not resume:
         raise ConfigError(f"{tdir / 'checkpoint' / 'last.pt'}: an unfinished run is here; pass --resume to "
                           "continue it or --force to start over")
+    if has_ckpt and not same_ckpt and resume is True:
+        raise ConfigError(f"{tdir / 'checkpoint' / 'last.pt'}: was written with another configuration; resume "
+                          "with the same options or pass --force to start over")
+    if info.is_main:
+        log.info("train: %s (%s)", "continuing the unfinished run" if same_ckpt else "training",
+                 "--force" if force else rd.stale_reason(STAGE, key))
+        rd.clear_done(STAGE)
+        for p in (tdir / "model.safetensors", tdir / "model.json"):
+            p.unlink(missing_ok=True)
+        shutil.rmtree(tdir / "crt", ignore_errors=True)
+        if not same_ckpt:  # start over: nothing of an earlier run stays
+            shutil.rmtree(tdir / "checkpoint", ignore_errors=True)
+            (tdir / "log.jsonl").unlink(missing_ok=True)
+    ddp.barrier(info)
     return False
 
 
+def _checkpoint_key(ckpt_dir: Path) -> str | None:
+    """The run key a checkpoint was written with (None when it cannot be read: it is then started over)."""
+    try:
+        return ckpt.load_checkpoint(ckpt_dir)[1].get("config_key")
+    except NeighborLTError:
+        return None
+
+
+def effective_loss_params(cfg: TrainConfig, criterion: nn.Module | None) -> dict[str, Any]:
+    """The loss's parameters as it trained (``model.json`` ``loss_params``): the scalar ``loss_params`` given, a
+    ``silencing`` preset resolved, and what the loss reports itself (``effective_params()``: λs, aux_weight)."""
+    out: dict[str, Any] = {k: v for k, v in cfg.loss_params.items()
+                           if k != "silencing" and isinstance(v, (bool, int, float, str))}
+    own = getattr(criterion, "effective_params", None)
+    if callable(own):
+        out.update(own())
+    return out
+
+
 def _model_meta(cfg: TrainConfig, model: nn.Module, aux: Any, frozen_info: dict[str, Any] | None,
-                key: str, mode: str) -> dict[str, Any]:
+                key: str, mode: str, criterion: nn.Module | None = None) -> dict[str, Any]:
     from .models import classifier_keys
 
     w, b = classifier_keys(model)
@@ -246,6 +266,9 @@ def _model_meta(cfg: TrainConfig, model: nn.Module, aux: Any, frozen_info: dict[
         **_data_meta(cfg),
         "frozen": frozen_info,
         "loss": cfg.loss,
+        "loss_params": effective_loss_params(cfg, criterion),  # what trained (λs, aux_weight, ...): reports read it
+        "aux_cap": cfg.aux_cap if int(model.get_classifier().out_features) > int(aux.num_target) else None,  # type: ignore
+        "silencing": cfg.loss_params.get("silencing"),
         "recipe": {"name": cfg.recipe, "dataset": cfg.recipe_dataset, "filled": cfg.recipe_values()},
         "neighbor_pairs": np.asarray(aux.pairs, dtype=np.int64).reshape(-1, 2).tolist(),  # (target, auxiliary) rows
         "config_key": key,
@@ -261,7 +284,7 @@ def _data_meta(cfg: TrainConfig) -> dict[str, Any]:
     return {"data_mode": resolve_data_mode(cfg.data_mode, cfg.image_size), "crop_pct": model_crop_pct(cfg.model)}
 
 
-def run_train(cfg: TrainConfig, run_dir: str | os.PathLike[str] | RunDir, *, resume: bool = False,
+def run_train(cfg: TrainConfig, run_dir: str | os.PathLike[str] | RunDir, *, resume: bool | str = False,
               force: bool = False, progress: bool = True, on_step: Callable[[int, int], None] | None = None,
               data: Any | None = None) -> TrainResult:
     """Train a model on the target (+ auxiliary) classes of a run directory.
@@ -271,8 +294,10 @@ def run_train(cfg: TrainConfig, run_dir: str | os.PathLike[str] | RunDir, *, res
     Args:
         cfg: the training options.
         run_dir: the run directory (holds ``split.json`` and ``targets.parquet`` of ``neighborlt classes``).
-        resume: continue from ``RUN/train/checkpoint/last.pt`` (same config key required).
-        force: delete earlier training outputs of this run dir and start over.
+        resume: continue from ``RUN/train/checkpoint/last.pt`` (same run key required); ``"auto"`` (the pipeline):
+            continue a checkpoint of the same key, start over otherwise.
+        force: delete earlier training outputs of this run dir and start over (a finished run with another key,
+            options or input files, is replaced without it).
         progress: show a rich progress bar on rank 0.
         on_step: called as ``on_step(epoch, micro_step)`` after each optimizer step (tests, monitoring).
         data: a prebuilt :class:`~neighborlt.data.auxiliary.AuxTrainingSet` (``train``, ``test``,
@@ -352,6 +377,7 @@ class _Setup:
     mixup_fn: Any  # timm Mixup or None
     n_micro: int  # micro-batches per epoch on every rank
     net: nn.Module | None = None  # what the loop calls: the model, wrapped for features and DDP (set after resume)
+    stage_key: StageKey | None = None  # the run's key with its parts (written to the completion marker)
 
     @property
     def model(self) -> nn.Module:
@@ -376,12 +402,13 @@ class _Start:
     partial: tuple[float, int] = (0.0, 0)  # running loss sum and sample count of an epoch interrupted midway
 
 
-def _run(cfg: TrainConfig, rd: RunDir, info: ddp.DistInfo, *, resume: bool, force: bool, progress: bool,
+def _run(cfg: TrainConfig, rd: RunDir, info: ddp.DistInfo, *, resume: bool | str, force: bool, progress: bool,
          on_step: Callable[[int, int], None] | None, data: Any | None) -> TrainResult:
     """:func:`run_train` inside the process group and the determinism context."""
     t_start = time.time()
-    key = _run_key(cfg, rd, data)
-    if _check_existing(cfg, rd, key, resume, force, info):
+    skey = _run_key(cfg, rd, data)
+    key = skey.key
+    if _check_existing(cfg, rd, skey, resume, force, info):
         return _skipped(cfg, rd, info)
     per_rank = _per_rank_batch(cfg, info)
     if info.is_main:
@@ -390,6 +417,7 @@ def _run(cfg: TrainConfig, rd: RunDir, info: ddp.DistInfo, *, resume: bool, forc
         if cfg.recipe != "none":
             log.info("recipe %s (%s) filled: %s", cfg.recipe, cfg.recipe_dataset, cfg.recipe_values())
     s = _build(cfg, rd, info, key, per_rank, data)
+    s.stage_key = skey
     start = _resume(s) if resume else _Start()
     s.net = ddp.wrap(WithFeatures(s.model) if s.needs_features else s.model, info, sync_bn=cfg.sync_bn)
     epochs_done, interrupted, metrics = _train(s, start, progress, on_step)
@@ -409,14 +437,18 @@ def _run(cfg: TrainConfig, rd: RunDir, info: ddp.DistInfo, *, resume: bool, forc
 # ---- key and checks ---------------------------------------------------------------------------------------
 
 
-def _run_key(cfg: TrainConfig, rd: RunDir, data: Any | None) -> str:
-    """The key of the run: the config key, with the auxiliary manifest's hash (or the given data's fingerprint)."""
+def _run_key(cfg: TrainConfig, rd: RunDir, data: Any | None) -> StageKey:
+    """The run's key (:meth:`RunDir.stage_key`): the config's key fields (execution-only ones left out), the files
+    it reads (``split.json``, ``targets.parquet``, the auxiliary manifest), or the given data's fingerprint."""
+    fields: dict[str, Any] = cfg.model_dump(mode="json", exclude=set(EXECUTION_FIELDS))
+    fields["data_mode"] = _data_meta(cfg)["data_mode"]  # the mode used: auto and the mode it resolves to agree
     if data is not None:
-        return _data_key(cfg, data)
+        return rd.stage_key(STAGE, {**fields, "given_data": _data_key(cfg, data)}, version=STAGE_VERSION)
     if not rd.path("split.json").exists():
         raise ConfigError(f"{rd.path('split.json')}: not found; run `neighborlt classes {rd.root}` first")
     mpath = manifest_path(cfg, rd)
-    return cfg.key() if mpath is None else config_hash([cfg.key(), file_sha256(mpath)])
+    inputs = ["split.json", "targets.parquet"] + ([mpath] if mpath is not None else [])
+    return rd.stage_key(STAGE, fields, inputs, version=STAGE_VERSION)
 
 
 def _skipped(cfg: TrainConfig, rd: RunDir, info: ddp.DistInfo) -> TrainResult:
@@ -766,7 +798,7 @@ def _write_outputs(s: _Setup, result: TrainResult, metrics: dict[str, float | No
     cfg, d, tdir = s.cfg, s.data, s.tdir
     if not s.info.is_main:
         return
-    meta = _model_meta(cfg, s.model, d.aux, s.m.frozen_info, s.key, "joint")
+    meta = _model_meta(cfg, s.model, d.aux, s.m.frozen_info, s.key, "joint", s.criterion)
     ckpt.save_weights(tdir / "model.safetensors", s.model)
     atomic_write_json(tdir / "model.json", meta)
     result.model_path = str(tdir / "model.safetensors")
@@ -775,7 +807,7 @@ def _write_outputs(s: _Setup, result: TrainResult, metrics: dict[str, float | No
                                         s.m.test_x if cfg.frozen else None, tdir / "crt", s.dev, d.train_counts,
                                         d.thresholds)
         result.crt_model_path, result.crt_metrics = str(crt_path), crt_metrics
-    s.rd.mark_done(STAGE, s.key, metrics=metrics, crt_metrics=result.crt_metrics, epochs=cfg.epochs,
+    s.rd.mark_done(STAGE, s.stage_key or s.key, metrics=metrics, crt_metrics=result.crt_metrics, epochs=cfg.epochs,
                    wall_s=wall, world_size=s.info.world_size, relation=d.relation, **_data_meta(cfg))
 
 

@@ -215,6 +215,28 @@ class TimmModel(nn.Module):
         return set(f()) if callable(f) else set()
 
 
+@MODELS.register("vit_tiny_patch4_32", paper="https://arxiv.org/abs/2010.11929", params="5.4M")
+def vit_tiny_patch4_32(num_classes: int, image_size: int | None = None, **_: Any) -> TimmModel:
+    """ViT-Tiny (192-d, 12 blocks, 3 heads; timm's ``VisionTransformer``) with 4-px patches: 64 tokens at 32 px, the
+    small ViT that MAE pre-training (``neighborlt pretrain``) and fine-tuning can train on CPU-sized protocols."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    vit = VisionTransformer(img_size=image_size or 32, patch_size=4, embed_dim=192, depth=12, num_heads=3,
+                            num_classes=num_classes)
+    return TimmModel(vit, "vit_tiny_patch4_32")
+
+
+@MODELS.register("vit_pico_patch4_32", paper="https://arxiv.org/abs/2010.11929", params="0.1M")
+def vit_pico_patch4_32(num_classes: int, image_size: int | None = None, **_: Any) -> TimmModel:
+    """A 64-d, 2-block, 2-head ViT with 4-px patches (timm's ``VisionTransformer``): the smoke-test ViT (seconds per
+    epoch on a CPU) for MAE pre-training, fine-tuning and patch-token figures."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    vit = VisionTransformer(img_size=image_size or 32, patch_size=4, embed_dim=64, depth=2, num_heads=2,
+                            num_classes=num_classes)
+    return TimmModel(vit, "vit_pico_patch4_32")
+
+
 def _create_timm(name: str, num_classes: int, init: str, image_size: int | None) -> TimmModel:
     import timm
 
