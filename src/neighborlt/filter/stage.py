@@ -63,6 +63,9 @@ def _device(name: str) -> str:
     return name
 
 
+_BLOCK = 4096  # candidate rows per block when reading the (memory-mapped) features
+
+
 def _unit(f: np.ndarray) -> np.ndarray:
     f = np.asarray(f, dtype=np.float32)
     return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
@@ -161,24 +164,28 @@ def run_filter(cfg: FilterConfig, run_dir: RunDir | str | os.PathLike[str]) -> F
         from ..data import load_targets
 
         protocol = load_targets(rd.root, data_dir=cfg.data_dir)
-        feats = _features(cfg, protocol, [rows[i] for i in live], rd.root)
-        cand = _unit(feats["candidates"])
+        feats = _features(cfg, protocol, [rows[i] for i in live], rd.root)  # memory-mapped: read in row blocks
 
     if cfg.band and live and feats is not None:
         tt = protocol.target_train
         fc, ft = feats["candidates"], feats["target_train"]
-        if cfg.center:
-            fc, ft = center_features(fc, ft)
+        mu = None
+        if cfg.center:  # center_features, one block of candidates at a time
+            mu = np.asarray(ft, dtype=np.float32).mean(axis=0, keepdims=True)
+            ft = np.asarray(ft, dtype=np.float32) - mu
         proto = _unit(_prototypes(ft, tt.labels, tt.num_classes))
         by_name = {n: k for k, n in enumerate(tt.class_names)}
-        s_all = _unit(fc) @ proto.T  # [N, L]
-        for n, i in enumerate(live):
-            ps = [by_name[p] for p in rows[i]["parents"] if p in by_name]
-            if not ps:
-                sim[i] = np.nan
-                continue
-            j = max(ps, key=lambda k: s_all[n, k])
-            sim[i], parent[i] = s_all[n, j], tt.class_names[j]
+        for start in range(0, len(live), _BLOCK):
+            block = np.asarray(fc[start:start + _BLOCK], dtype=np.float32)
+            s_blk = _unit(block - mu if mu is not None else block) @ proto.T  # [block, L]
+            for n in range(start, start + len(block)):
+                i = live[n]
+                ps = [by_name[p] for p in rows[i]["parents"] if p in by_name]
+                if not ps:
+                    sim[i] = np.nan
+                    continue
+                j = max(ps, key=lambda k: s_blk[n - start, k])
+                sim[i], parent[i] = s_blk[n - start, j], tt.class_names[j]
         if cfg.band_mode == "absolute":
             for i in live:
                 if not (cfg.gamma_low < sim[i] < cfg.gamma_high):  # NaN (no known parent) is rejected too
@@ -197,7 +204,8 @@ def run_filter(cfg: FilterConfig, run_dir: RunDir | str | os.PathLike[str]) -> F
     if cfg.leak and live and feats is not None:
         test = protocol.target_test
         test_sha = {image_sha256(test, i) for i in range(len(test))}
-        best, _ = _max_cos(cand, _unit(feats["target_test"]))
+        fc, tt_unit = feats["candidates"], _unit(feats["target_test"])
+        best = np.concatenate([_max_cos(_unit(fc[s:s + _BLOCK]), tt_unit)[0] for s in range(0, len(live), _BLOCK)])
         for n, i in enumerate(live):
             leak_sim[i] = best[n]
             if decision[i]:
@@ -218,7 +226,8 @@ def run_filter(cfg: FilterConfig, run_dir: RunDir | str | os.PathLike[str]) -> F
             if feats is not None:
                 mates = kept_by_class.get(rows[i]["name"], [])
                 if mates:
-                    v = cand[[pos[j] for j in mates]] @ cand[pos[i]]
+                    fc = feats["candidates"]
+                    v = _unit(fc[[pos[j] for j in mates]]) @ _unit(fc[pos[i]:pos[i] + 1])[0]
                     if float(v.max()) >= cfg.dedup_threshold:
                         reject(i, "dedup")
                         continue
@@ -313,7 +322,8 @@ def _prototypes(features: np.ndarray, labels: np.ndarray, num_classes: int) -> n
 
 def _features(cfg: FilterConfig, protocol: Any, rows: list[dict[str, Any]], root: Path) -> dict[str, np.ndarray]:
     """Features of the candidates, the target training images (prototypes) and the target test images (leaks),
-    batched and cached by content (:func:`neighborlt.train.features.extract_features`)."""
+    extracted in resumable chunks and cached by content (:func:`neighborlt.train.features.extract_features`); under
+    torchrun each rank computes its own chunks. The arrays are memory-mapped: read them a block of rows at a time."""
     from ..data.auxiliary import rows_image_set
     from ..train.features import extract_features
 
@@ -322,7 +332,7 @@ def _features(cfg: FilterConfig, protocol: Any, rows: list[dict[str, Any]], root
     def ext(image_set: Any) -> np.ndarray:
         try:
             return extract_features(cfg.feature_model, cfg.feature_init, image_set, cfg.feature_image_size,
-                                    batch_size=cfg.batch_size, device=dev)
+                                    batch_size=cfg.batch_size, device=dev, distributed=True)
         except ConfigError as e:
             raise ConfigError(f"filter --feature-model {cfg.feature_model}: {e}") from None
 
