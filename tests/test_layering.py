@@ -63,7 +63,6 @@ PENDING = {
     ("src/neighborlt/data/base.py", "_shard_missing"),
     ("bench/baselines.py", "_safe"),
     ("bench/download_throughput.py", "_export_img2dataset"),
-    ("bench/feature_throughput.py", "_extract"),
 }
 
 
