@@ -8,7 +8,8 @@ the device, one ``[N, D]`` array saved at the end), on the CPU and, in bf16, on 
 
 Both paths start from the same decoded array (``neighborlt.data.as_array``, built before timing) and end with the
 features on disk; the chunked path's figure includes its DataLoader workers, the per-chunk atomic writes and the
-merge. Each chunked run writes into a fresh folder, so nothing is served from the cache. Random pixels and a
+merge. ``--modes stream`` adds the stream view (each JPEG decoded, resized and centre-cropped in the loader:
+decoding is timed there, and not in the old loop's figure). Each chunked run writes into a fresh folder, so nothing is served from the cache. Random pixels and a
 randomly initialised ViT time the same arithmetic as real ones.
 """
 
@@ -53,6 +54,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--chunk-rows", type=int, default=0, help="rows per chunk (0: the library default)")
     ap.add_argument("--workers", nargs="+", type=int, default=[0, 1], help="DataLoader workers of the chunked path")
+    ap.add_argument("--modes", nargs="+", default=["cache"], choices=["cache", "stream"],
+                    help="views of the chunked path (stream decodes every image in the loader: decoding timed)")
     ap.add_argument("--repeat", type=int, default=1, help="alternate the old and the chunked runs this many times")
     ap.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
     args = ap.parse_args()
@@ -116,15 +119,16 @@ def _compare(args: argparse.Namespace, model, name: str, init: str, image_set, i
     n, prec = len(images), "bf16" if bf16 else "fp32"
     print(f"| {name} | {size} | {prec} | {n} | {args.batch_size} | old (array, one save) | - | {old:.2f} | "
           f"{n / old:,.0f} | 1.00 |", flush=True)
-    for w in args.workers:
-        t0 = time.perf_counter()
-        new = extract_model_features(model, name, image_set, size, init=init, folder=tmp / f"w{w}",
-                                     batch_size=args.batch_size, device=args.device, bf16=bf16, num_workers=w,
-                                     chunk_rows=rows)
-        dt = time.perf_counter() - t0
-        diff = float(np.abs(np.asarray(new) - feats).max())
-        print(f"| {name} | {size} | {prec} | {n} | {args.batch_size} | chunked DataLoader | {w} | {dt:.2f} | "
-              f"{n / dt:,.0f} | {old / dt:.2f} (max diff {diff:.1e}) |", flush=True)
+    for mode in args.modes:
+        for w in args.workers:
+            t0 = time.perf_counter()
+            new = extract_model_features(model, name, image_set, size, init=init, folder=tmp / f"{mode}-w{w}",
+                                         batch_size=args.batch_size, device=args.device, bf16=bf16, num_workers=w,
+                                         chunk_rows=rows, data_mode=mode)
+            dt = time.perf_counter() - t0
+            diff = f" (max diff {float(np.abs(np.asarray(new) - feats).max()):.1e})" if mode == "cache" else ""
+            print(f"| {name} | {size} | {prec} | {n} | {args.batch_size} | chunked DataLoader, {mode} | {w} | "
+                  f"{dt:.2f} | {n / dt:,.0f} | {old / dt:.2f}{diff} |", flush=True)
 
 
 if __name__ == "__main__":
