@@ -12,6 +12,9 @@ Sections, each shown when its inputs exist (otherwise the section names the comm
   :func:`neighborlt.evaluate.where_predictions`);
 * the acquisition funnel (``filter/funnel.json``) and contact sheets (``filter/sheets/<class>_kept.png`` /
   ``<class>_rejected.png``);
+* coverage: per target, the proposed auxiliary names, the matched ones with image counts and the unmatched ones
+  (``filter/coverage.json`` / ``retrieve/coverage.json``, :mod:`neighborlt.coverage`), with the warning that names the
+  targets without an auxiliary class or a silenced pair;
 * training curves (``train/log.jsonl``, the baseline's when present);
 * config and provenance (``records/*.config.json`` / ``*.env.json`` / ``*.done.json``).
 
@@ -40,6 +43,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .coverage import coverage_warnings
 from .defaults import FEW_SHOT, MANY_SHOT
 from .errors import NeighborLTError
 from .rundir import RunDir, atomic_write_bytes, atomic_write_text, read_json
@@ -580,7 +584,10 @@ def _section_where(inp: _Inputs, cfg: ReportConfig) -> _Section:
                               "Where the joint model's top-1 falls, for all target test images and per split.",
                               "where", "stacked bar chart of where test images go"))
     headers = ["images", "n"] + [WHERE_LABELS[k] for k in kinds]
-    table = _Table(headers, [], [False, True] + [True] * len(kinds))
+    table = _Table(headers, [], [False, True] + [True] * len(kinds),
+                   caption="The joint model (all outputs, before export), not the direct classifier of the headline "
+                   "accuracy: the share (%) of each group's target test images whose top-1 is correct, another "
+                   "target, or an auxiliary class.")
     counts = {s: sum(r["n_test"] for r in doc.get("per_class", []) if r.get("shot") == s) for s in SPLITS}
     for g, sh in groups:
         n = str(doc.get("n_test")) if g.startswith("all") else str(counts.get(g, ""))
@@ -721,6 +728,42 @@ def _section_funnel(inp: _Inputs, cfg: ReportConfig) -> _Section:
     return sec
 
 
+def _section_coverage(inp: _Inputs, cfg: ReportConfig) -> _Section:
+    sec = _Section("coverage", "Coverage: auxiliary classes per target")
+    after_filter = inp.json("filter/coverage.json")
+    after_retrieve = inp.json("retrieve/coverage.json")
+    doc = after_filter or after_retrieve
+    if doc is None:
+        sec.available = False
+        sec.blocks.append(_Missing("RUN/retrieve/coverage.json", "neighborlt retrieve RUN (then neighborlt filter RUN)"))
+        return sec
+    for d in (after_retrieve, after_filter):
+        if d and d.get("warning"):
+            sec.blocks.append(_Para(str(d["warning"]), "warn"))
+    retrieved = {str(r.get("name")): r.get("matched") or {} for r in (after_retrieve or {}).get("targets", [])}
+    sec.blocks.append(_Para(
+        "For each target: the auxiliary names the neighbour search proposed, the auxiliary classes that got images "
+        + ("(images after retrieve → kept by the filter)" if after_filter else "(images after retrieve)")
+        + ", and the proposed names no image matched. A target without a kept auxiliary class has no silenced pair."))
+    rows = doc.get("targets") or []
+    table = _Table(["target", "proposed", "matched (images)", "unmatched"], [],
+                   caption="" if len(rows) <= cfg.max_class_rows else
+                   f"The first {cfg.max_class_rows} of {len(rows)} targets; all are in RUN/"
+                   f"{'filter' if after_filter else 'retrieve'}/coverage.json.")
+    for r in rows[: cfg.max_class_rows]:
+        name = str(r.get("name"))
+        got = r.get("matched") or {}
+        if after_filter:
+            before = retrieved.get(name, {})
+            cells = [f"{n} ({before.get(n, '?')} → {got.get(n, 0)})" for n in dict.fromkeys([*before, *got])]
+        else:
+            cells = [f"{n} ({k})" for n, k in got.items()]
+        table.rows.append([name, ", ".join(str(x) for x in r.get("proposed") or []) or "–",
+                           ", ".join(cells) or "none", ", ".join(str(x) for x in r.get("unmatched") or []) or "–"])
+    sec.blocks.append(table)
+    return sec
+
+
 def _curve_rows(path: Path) -> tuple[list[dict[str, Any]], int]:
     rows, bad = _read_jsonl(path)
     by_epoch: dict[int, dict[str, Any]] = {}
@@ -744,7 +787,8 @@ def _section_curves(inp: _Inputs, cfg: ReportConfig) -> _Section:
         return sec
     bpath = inp.baseline / "train" / "log.jsonl"
     brows = _curve_rows(bpath)[0] if bpath.is_file() else []
-    has_test = any(isinstance(r.get("test"), dict) for r in rows)
+    tested = [r for r in rows if isinstance(r.get("test"), dict)]
+    has_test = len(tested) > 1  # one evaluation (eval_every: 0, the last epoch) is a sentence, not a curve
     panels = 3 if has_test else 2
 
     def num(r: dict[str, Any], k: str) -> float:
@@ -784,7 +828,10 @@ def _section_curves(inp: _Inputs, cfg: ReportConfig) -> _Section:
     sec.blocks.append(_Para(
         f"{len(rows)} epochs logged (of {last.get('epochs', len(rows))}), {time_s:.{1 if time_s < 10 else 0}f} s of "
         f"training; final loss "
-        f"{num(last, 'loss'):.4f}." + (f" {bad} unreadable line(s) in log.jsonl were skipped." if bad else "")))
+        f"{num(last, 'loss'):.4f}." + (f" {bad} unreadable line(s) in log.jsonl were skipped." if bad else "")
+        + (f" Test top-1 was measured once, after epoch {tested[0]['epoch']} (eval_every: 0): "
+           + ", ".join(f"{k} {_pct(tested[0]['test'].get(k))}%" for k in ("overall", *SPLITS)
+                       if tested[0]["test"].get(k) is not None) + "." if len(tested) == 1 else "")))
     sec.blocks.append(_Figure(_figure_png(draw, (10.0, 3.2), cfg.dpi),
                               "Per-epoch training loss" + (" (baseline dashed)" if brows else "")
                               + ", learning rate" + (" and test accuracy when evaluated." if has_test else "."),
@@ -855,6 +902,7 @@ SECTIONS: tuple[tuple[str, Callable[[_Inputs, ReportConfig], _Section]], ...] = 
     ("splits", _section_splits),
     ("per_class", _section_per_class),
     ("where", _section_where),
+    ("coverage", _section_coverage),
     ("funnel", _section_funnel),
     ("curves", _section_curves),
     ("provenance", _section_provenance),
@@ -908,6 +956,17 @@ def _summary(inp: _Inputs, sections: list[_Section]) -> _Section:
             cards.append(("to auxiliary", f"{_pct(w['share'].get('aux'))}%", "joint model, top-1"))
     if cards:
         sec.blocks.append(_Cards(cards))
+    if w is not None and w.get("share"):
+        sec.blocks.append(_Para(
+            "The top-1 cards are the direct classifier (the exported model: target classes only). "
+            + ("'To paired aux' is the share of target test images that the joint model (targets + auxiliary "
+               "outputs, before export) puts on an auxiliary class paired with the image's own class: the confusion "
+               "the silencing loss allows; the direct classifier ranks those images among the targets."
+               if w.get("pairs_known") else "'To auxiliary' is the share of target test images that the joint model "
+               "(targets + auxiliary outputs, before export) puts on an auxiliary class.")
+            + " See 'Where the target test images go'.", "note"))
+    for warning in _try(lambda: coverage_warnings(inp.root)) or []:
+        sec.blocks.append(_Para(warning, "warn"))
     facts = []
     c = _try(lambda: inp.classes)
     if isinstance(c, dict):

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from ..coverage import write_coverage
 from ..data import manifest as mf
 from ..errors import ConfigError
 from ..rundir import RunDir, atomic_write_json
@@ -273,6 +274,7 @@ def run_filter(cfg: FilterConfig, run_dir: RunDir | str | os.PathLike[str]) -> F
     atomic_write_json(out / "funnel.json", funnel)
     if cfg.sheets:
         _contact_sheets(cfg, rd, rows, decision, protocol)
+    write_coverage(rd.root, STAGE)  # filter/coverage.json; one warning naming the targets without a silenced pair
     rd.log(STAGE, event="done", funnel=funnel["total"], classes=len(class_index), dropped_classes=dropped)
     rd.mark_done(STAGE, key, funnel=funnel["total"])
     logger.info("filter: %s", " -> ".join(f"{s} {funnel['total'][s]}" for s in FUNNEL))

@@ -22,6 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from ..coverage import write_coverage
 from ..data import manifest as mf
 from ..errors import ConfigError, DataError
 from ..rundir import RunDir, StageKey, atomic_write_json, config_hash, read_json
@@ -181,6 +182,7 @@ def run_retrieve(cfg: RetrieveConfig, run_dir: RunDir | str | os.PathLike[str]) 
     table = mf.to_table(rows)
     mf.write_table(table, manifest_path)
     atomic_write_json(out / "stats.json", stats)
+    write_coverage(rd.root, STAGE)  # retrieve/coverage.json; one warning naming the targets without images
     rd.log(STAGE, event="done", candidates=len(rows), status=stats["status"])
     rd.mark_done(STAGE, key, candidates=len(rows), status=stats["status"])
     ok_names = stats["names_with_images"]
