@@ -47,6 +47,8 @@ def test_protocol_config_errors(data_dir: Path) -> None:
         build_protocol("cifar10-neighbours", data_dir, pool=["dog", "cat"])
     with pytest.raises(ConfigError, match="target class 'lion' is not in"):
         build_protocol("cifar10-neighbours", data_dir, targets=["lion"])
+    with pytest.raises(ConfigError, match="target classes 'lion', 'tiger' are not in"):  # all of them, at once
+        build_protocol("cifar10-neighbours", data_dir, targets=["cat", "lion", "tiger"])
     with pytest.raises(ConfigError, match="invalid protocol config"):
         build_protocol("cifar10-neighbours", data_dir, sibling_k=-1)
 

@@ -161,12 +161,13 @@ def known_classes(image_set: ImageSet, limit: int = 60) -> str:
 def _index_by_id(image_set: ImageSet, ids: list[str], what: str) -> list[int]:
     lookup = {c: i for i, c in enumerate(image_set.class_ids)}
     lookup.update({n: i for i, n in enumerate(image_set.class_names) if n not in lookup})
-    out = []
-    for c in ids:
-        if c not in lookup:
-            raise ConfigError(f"{what} class {c!r} is not in {image_set.source}; known classes: "
-                              f"{known_classes(image_set)}")
-        out.append(lookup[c])
+    unknown = [c for c in ids if c not in lookup]
+    if unknown:  # every unknown name at once, not one per run
+        listed = ", ".join(repr(c) for c in unknown)
+        raise ConfigError(f"{what} class{'es' if len(unknown) > 1 else ''} {listed} "
+                          f"{'are' if len(unknown) > 1 else 'is'} not in {image_set.source}; known classes: "
+                          f"{known_classes(image_set)}")
+    out = [lookup[c] for c in ids]
     if len(set(out)) != len(out):
         dup = next(c for c in ids if sum(lookup[x] == lookup[c] for x in ids) > 1)
         raise ConfigError(f"{what} classes list {dup!r} twice")
