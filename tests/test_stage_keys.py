@@ -28,6 +28,24 @@ TINY = {**DEMO_TRAIN, "image_size": 16, "epochs": 1, "batch_size": 16, "warmup_e
 OUTPUTS = ("train/model.safetensors", "train/model.json", "records/train.done.json")
 
 
+@pytest.fixture(scope="module")
+def tiny_pool(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A local pool folder with 6 small images per pool class name (what the images show does not matter here) and
+    a neighbour mapping onto it: retrieve and filter take a second, not minutes over CIFAR's 25,000 pool images."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("pool")
+    rng = np.random.default_rng(0)
+    for name in ("dog", "truck", "horse"):
+        (root / "pool" / name).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "pool" / name / f"{i}.png")
+    mapping = root / "mapping.json"
+    mapping.write_text(json.dumps({"cat": ["dog"], "automobile": ["truck"]}))
+    return {"pool": root / "pool", "mapping": mapping}
+
+
 def _cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
     from neighborlt.cli import main
 
@@ -110,13 +128,15 @@ def test_wrong_dataset_path_in_an_existing_run_is_a_missing_path(tmp_path: Path,
     assert rd.path("classes.json").is_file()  # the finished stage's files are untouched by the failed one
 
 
-def test_edited_neighbors_json_reruns_retrieve_filter_and_train(tmp_path: Path, data_dir: Path) -> None:
+def test_edited_neighbors_json_reruns_retrieve_filter_and_train(tmp_path: Path, data_dir: Path,
+                                                                tiny_pool: dict[str, Path]) -> None:
     rd = RunDir(tmp_path / "run")
     mapping = tmp_path / "mapping.json"
-    mapping.write_text(json.dumps({"cat": ["dog"], "automobile": ["truck"]}))
+    mapping.write_text(tiny_pool["mapping"].read_text())
     run_classes(ClassesConfig(protocol="cifar10-neighbours", data_dir=str(data_dir), **SMALL), rd)
     ncfg = NeighborsConfig(backend="file", mapping_file=str(mapping))
-    rcfg, fcfg = RetrieveConfig(data_dir=str(data_dir)), FilterConfig(**KEEP_ALL)
+    rcfg = RetrieveConfig(pool=str(tiny_pool["pool"]), data_dir=str(data_dir))
+    fcfg = FilterConfig(**KEEP_ALL, min_per_class=1)
     tcfg = TrainConfig(**TINY, loss="neighbor_silencing", aux_cap=4, data_dir=str(data_dir))
 
     def stages() -> dict[str, bool]:
@@ -143,11 +163,13 @@ def test_edited_neighbors_json_reruns_retrieve_filter_and_train(tmp_path: Path, 
 # ---- neighborlt run after an edit --------------------------------------------------------------------------------
 
 
-def test_run_after_an_edit_reruns_what_changed_and_says_why(tmp_path: Path, data_dir: Path,
+def test_run_after_an_edit_reruns_what_changed_and_says_why(tmp_path: Path, data_dir: Path, tiny_pool: dict[str, Path],
                                                             capsys: pytest.CaptureFixture) -> None:
     config = tmp_path / "exp.yaml"
     doc = {"run_dir": str(tmp_path / "runs" / "x"), "data_dir": str(data_dir), "protocol_overrides": SMALL,
-           "retrieve": {"match": "wordnet"}, "filter": KEEP_ALL, "train": TINY, "aux_cap": 4, "report": False}
+           "neighbors": {"backend": "file", "mapping_file": str(tiny_pool["mapping"])},
+           "retrieve": {"pool": str(tiny_pool["pool"])}, "filter": {**KEEP_ALL, "min_per_class": 1}, "train": TINY,
+           "aux_cap": 4, "max_test_per_class": 2, "report": False}
     config.write_text(yaml.safe_dump(doc))
     code, out, err = _cli(["run", str(config)], capsys)
     assert code == 0, err
@@ -213,8 +235,9 @@ def small_aux(data_dir: Path):
 
 
 def test_model_json_records_the_losss_effective_parameters(tmp_path: Path, small_aux) -> None:
-    cfg = TrainConfig(model="resnet8_cifar", epochs=1, batch_size=16, lr=0.05, warmup_epochs=0, aux_cap=8,
-                      loss="neighbor_silencing", loss_params={"silencing": "official"})
+    cfg = TrainConfig(model="resnet8_cifar", image_size=16, epochs=1, batch_size=16, lr=0.05, warmup_epochs=0,
+                      aux_cap=8, max_test_per_class=2, eval_every=0, loss="neighbor_silencing",
+                      loss_params={"silencing": "official"})
     run_train(cfg, tmp_path, data=small_aux, progress=False)
     meta = read_json(tmp_path / "train" / "model.json")
     assert meta["loss_params"] == {"lambda_s": 0.0, "aux_weight": 0.0} and meta["aux_cap"] == 8
