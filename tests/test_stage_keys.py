@@ -245,3 +245,42 @@ def test_model_json_records_the_losss_effective_parameters(tmp_path: Path, small
     from neighborlt.pipeline import trained_loss_label
 
     assert trained_loss_label(meta) == "neighbor_silencing (λs=0, aux_weight=0, M=8)"
+
+
+# ---- a flag an error names exists on the command that prints it ---------------------------------------------------
+
+# module (or package) -> the commands whose runs print its errors; training's errors are checked in test_options
+PRINTED_BY = {"classes.py": ["classes"], "neighbors": ["neighbors"], "retrieve": ["retrieve"], "filter": ["filter"],
+              "evaluate.py": ["eval"], "export.py": ["export", "predict"], "report.py": ["report"],
+              "pipeline.py": ["run", "demo"], "ablate.py": ["ablate"], "pilot.py": ["pilot"], "rundir.py": ["run"]}
+OTHER_TOOLS = {"--output", "--save"}  # img2dataset's own flags, in the command line retrieve prints for it
+
+
+def test_flags_named_in_stage_errors_exist_on_their_command() -> None:
+    import ast
+    import re
+
+    import typer.main
+
+    from neighborlt.cli import app
+
+    src = Path(__file__).resolve().parents[1] / "src" / "neighborlt"
+    commands = {name: {o for p in cmd.params for o in [*p.opts, *p.secondary_opts] if o.startswith("--")}
+                for name, cmd in typer.main.get_command(app).commands.items()}
+    missing, seen = [], 0
+    for key, names in PRINTED_BY.items():
+        have = set().union(*(commands[n] for n in names))
+        for path in sorted((src / key).glob("*.py")) if (src / key).is_dir() else [src / key]:
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                name = node.func.id if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) else \
+                    getattr(getattr(node, "func", None), "attr", "")
+                if not (isinstance(node, ast.Call) and name.endswith("Error")):
+                    continue
+                for sub in ast.walk(node):
+                    if isinstance(sub, ast.Constant) and isinstance(sub.value, str):
+                        for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", sub.value):
+                            seen += 1
+                            if flag not in have and flag not in OTHER_TOOLS:
+                                missing.append(f"{path.name}:{node.lineno} {flag} (not on {'/'.join(names)})")
+    assert seen > 20  # the scan sees the messages (--force, --from, --until, --backend, ...)
+    assert not missing, "error messages name flags their command does not have: " + "; ".join(missing)

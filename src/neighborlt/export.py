@@ -41,7 +41,7 @@ def _as_run(run_dir: str | os.PathLike[str] | RunDir) -> RunDir:
     if isinstance(run_dir, RunDir):
         return run_dir
     if not Path(run_dir).is_dir():
-        raise NeighborLTError(f"{run_dir}: run directory not found; pass the --run-dir of a trained run")
+        raise NeighborLTError(f"{run_dir}: run directory not found; pass the run directory of a trained run")
     return RunDir(run_dir)
 
 
