@@ -386,11 +386,13 @@ def _contact_sheets(cfg: FilterConfig, rd: RunDir, rows: list[dict[str, Any]], d
             for ax in axes.ravel():
                 ax.axis("off")
             if idx:
+                from ..data.pixels import decode
+
                 images = rows_image_set([rows[i] for i in idx], protocol.pool, rd.root, size=64)
                 for n, i in enumerate(idx):
                     ax = axes.ravel()[n]
                     try:
-                        ax.imshow(images.load(n))
+                        ax.imshow(decode(images.ref(n), 128, policy="center", crop_pct=1.0))  # drafted thumbnail
                     except Exception as e:  # noqa: BLE001 - a broken image is shown as a blank tile
                         logger.debug("contact sheet: %s", e)
                     if kind == "rejected":
