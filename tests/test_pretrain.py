@@ -150,6 +150,7 @@ def _ddp_worker(rank: int, world: int, port: int, run: str) -> None:
     assert res.world_size == 2 and not res.interrupted
 
 
+@pytest.mark.slow  # two spawned processes each import torch and timm
 def test_pretrain_under_ddp(stage1: Path, tmp_path: Path) -> None:
     run = _copy_stage1(stage1, tmp_path / "ddp")
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(run)), nprocs=2, join=True)
