@@ -27,6 +27,11 @@ Rules (decided here, see :func:`recipe_values`):
 * ``scratch-mae`` needs ``init`` to be the MAE encoder's checkpoint path (the recipe cannot know the run
   directory); ``init: random`` with it is an error rather than a silent from-scratch ViT.
 
+Read with care: the paper's lr is taken as the absolute peak lr at the effective batch of 512 (``TrainConfig.lr``).
+LiVT's own fine-tuning states a *base* lr (``blr: 0.001``, absolute ``lr: 0.008`` = 1e-3 x 2048 / 256 in
+``exp/finetune/ImageNet-LT/vit_base_224/args.txt``), so the paper's 1e-3 may be MAE's base lr, i.e. 2e-3 absolute at
+512; set ``lr`` explicitly to use that reading.
+
 ASSUMED where the paper is silent: RandAug(9, 0.5) is written as timm's ``rand-m9-mstd0.5-inc1`` (the spelling of
 LiVT's fine-tuning runs, ``exp/finetune/ImageNet-LT/vit_base_224/args.txt`` in XuZhengzhuo/LiVT: ``aa:
 rand-m9-mstd0.5-inc1``); the input side is 224 px (ViT-B/16 at 224, as LiVT's ``input_size: 224``).
