@@ -20,6 +20,7 @@ stops the job), and the re-run computes only what is missing.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -395,6 +396,21 @@ def extract_model_features(model: nn.Module, model_name: str, image_set: ImageSe
     return out
 
 
+@contextlib.contextmanager
+def _quiet_classifier_messages() -> Iterator[None]:
+    """Drop :func:`~neighborlt.train.models.load_weights`' classifier messages while a feature model is built."""
+    log = logging.getLogger(create_model.__module__)
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "classifier" not in record.getMessage()
+
+    log.addFilter(keep)
+    try:
+        yield
+    finally:
+        log.removeFilter(keep)
+
+
 def extract_features(model_name: str, init: str, image_set: ImageSet, image_size: int, batch_size: int = 256,
                      device: str = "cpu", bf16: bool | None = None, *, num_workers: int | None = None,
                      chunk_rows: int = CHUNK_ROWS, distributed: bool = False, data_mode: str = "auto") -> np.ndarray:
@@ -423,7 +439,8 @@ def extract_features(model_name: str, init: str, image_set: ImageSet, image_size
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     if len(image_set) == 0:
         raise ConfigError(f"{image_set.source or 'image set'}: no images to extract features from")
-    model = create_model(model_name, num_classes=1, init=init, image_size=image_size)
+    with _quiet_classifier_messages():  # features need no classifier: that it is re-initialised is not news
+        model = create_model(model_name, num_classes=1, init=init, image_size=image_size)
     if init == "random":
         logger.warning("extracting features of a randomly initialised %s; they are cached under a new key", model_name)
     return extract_model_features(model, model_name, image_set, image_size, init=init, batch_size=batch_size,
