@@ -62,6 +62,12 @@ def test_no_library_module_imports_the_cli() -> None:
 PENDING = {
     ("src/neighborlt/data/base.py", "_shard_missing"),
     ("bench/baselines.py", "_safe"),
+    # new since issue 21's list (pretrain, viz): training's helpers they share need a public home
+    ("src/neighborlt/cli/pretrain.py", "_pairs"),
+    *(("src/neighborlt/pretrain/stage.py", n) for n in ("_determinism", "_load_data", "_n_micro", "_seed_all",
+                                                        "_batches", "_catch_signals", "_derive_seed", "_iterate",
+                                                        "_StopFlag")),
+    ("src/neighborlt/viz.py", "_load_data"),
     ("bench/download_throughput.py", "_export_img2dataset"),
 }
 
@@ -85,3 +91,38 @@ def test_no_private_names_imported_across_modules() -> None:
                 offenders.append(f"{path.relative_to(ROOT)}:{line} imports {', '.join(private)} from {module}")
     assert not offenders, "private names imported across modules: " + "; ".join(offenders)
     assert PENDING <= seen, f"made public since: drop {sorted(PENDING - seen)} from PENDING"
+
+
+# ---- the CLI repeats no default of a config ------------------------------------------------------------------------
+
+RENAMED = {"timeout": "timeout_s", "backoff": "backoff_s", "backoff_max": "backoff_max_s", "grid": "grids",
+           "backend": "neighbors_backend", "pairing": "pairings", "silencing_variant": "silencing_variants"}
+
+
+def test_cli_defaults_come_from_the_configs() -> None:
+    """Every flag of ``neighbors`` / ``ablate`` / ``pilot`` / ``eval`` that sets a config field defaults to "not
+    given" (None), so the one default is the config's (the help shows it), as ``train`` does."""
+    import typer.main
+
+    from neighborlt.ablate import AblationConfig
+    from neighborlt.cli import app
+    from neighborlt.evaluate import EvalConfig
+    from neighborlt.neighbors import NeighborsConfig
+    from neighborlt.pilot import PilotConfig
+
+    commands = typer.main.get_command(app).commands
+    configs = {"neighbors": NeighborsConfig, "ablate": AblationConfig, "pilot": PilotConfig, "eval": EvalConfig}
+    checked, repeated = 0, []
+    for name, model in configs.items():
+        for p in commands[name].params:
+            field = RENAMED.get(p.name, p.name)
+            if field not in model.model_fields or field == "data_dir":
+                continue
+            checked += 1
+            if p.default is not None:
+                repeated.append(f"{name} --{p.name.replace('_', '-')} = {p.default!r} (field {field})")
+            elif field not in ("train", "protocol_overrides") and model.model_fields[field].default not in (None, "") \
+                    and "(default: " not in (p.help or ""):  # JSON sections are merged over a documented base
+                repeated.append(f"{name} --{p.name.replace('_', '-')}: the help does not show the config's default")
+    assert checked >= 45, checked
+    assert not repeated, "CLI defaults that repeat a config's: " + "; ".join(repeated)

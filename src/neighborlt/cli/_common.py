@@ -10,8 +10,15 @@ from pydantic import BaseModel, ValidationError
 from ..errors import ConfigError
 from ..validation import check_section, format_validation_error
 
-__all__ = ["build_config", "check_section", "click_error_line", "format_validation_error", "is_instance_named",
-           "parse_key_values"]
+__all__ = [
+    "build_config",
+    "check_section",
+    "click_error_line",
+    "default_help",
+    "format_validation_error",
+    "is_instance_named",
+    "parse_key_values",
+]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -31,6 +38,14 @@ def build_config(cls: type[M], *, repeated: dict[str, str] | None = None, **fiel
             raise ConfigError(f"{(repeated or {})[str(parts[0])]} {err['input']!r}: {err['msg']}") from None
         loc = "-".join(str(x) for x in parts).replace("_", "-")
         raise ConfigError(f"{'--' + loc + ': ' if loc else ''}{err['msg']}") from None
+
+
+def default_help(model: type[BaseModel], field: str, text: str) -> str:
+    """Help text of a flag whose default is "not given": the text and the field's default from its config (the one
+    definition), ``(default: 5)``; a flag left out leaves the field to the config."""
+    info = model.model_fields[field]
+    default = info.default_factory() if info.default_factory is not None else info.default  # type: ignore[call-arg]
+    return f"{text} (default: {default})"  # not "[default: ...]": rich help would read it as markup
 
 
 def parse_key_values(items: list[str] | None, flag: str) -> dict[str, Any]:

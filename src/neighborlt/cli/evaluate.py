@@ -9,9 +9,15 @@ from typing import Annotated
 import typer
 
 from ..defaults import FEW_SHOT, MANY_SHOT
-from ._common import build_config
+from ._common import build_config, default_help
 
 logger = logging.getLogger(__name__)
+
+
+def _eh(field: str, text: str) -> str:
+    from ..evaluate import EvalConfig
+
+    return default_help(EvalConfig, field, text)
 
 
 def eval_cmd(
@@ -19,17 +25,19 @@ def eval_cmd(
     predictions: Annotated[Path | None, typer.Option(
         "--predictions", "-p",
         help="Evaluate a .npz/.csv of labels + predictions (or logits) instead of running the model.")] = None,
-    model: Annotated[str, typer.Option(
-        "--model", help="export: direct classifier (L rows); train: full L+K model; crt: re-trained classifier.",
-    )] = "export",
+    model: Annotated[str | None, typer.Option(
+        "--model", help=_eh("model", "export: direct classifier (L rows); train: full L+K model; crt: re-trained "
+                                     "classifier."))] = None,
     many: Annotated[int | None, typer.Option(
         "--many", help=f"Many-shot: more than this many training images (default: the run's, else {MANY_SHOT}).")] = None,
     few: Annotated[int | None, typer.Option(
         "--few", help=f"Few-shot: fewer than this many training images (default: the run's, else {FEW_SHOT}).")] = None,
     max_test_per_class: Annotated[int | None, typer.Option(
         "--max-test-per-class", help="Run the model on at most N test images per class (quick checks).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Inference batch size.")] = 256,
-    device: Annotated[str, typer.Option("--device", help="Torch device: auto, cpu, cuda[:N].")] = "auto",
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help=_eh("batch_size", "Inference batch size."))]
+    = None,
+    device: Annotated[str | None, typer.Option("--device", help=_eh("device", "Torch device: auto, cpu, cuda[:N]."))]
+    = None,
     data_dir: Annotated[Path | None, typer.Option(
         "--data-dir", help="Offline datasets folder [default: the one recorded in split.json].")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Output folder (default RUN/eval).")] = None,
@@ -38,8 +46,9 @@ def eval_cmd(
     from ..errors import ConfigError
     from ..evaluate import EvalConfig, run_eval
 
-    cfg = build_config(EvalConfig, predictions=predictions, model=model, many=many, few=few, batch_size=batch_size,
-                       max_test_per_class=max_test_per_class, device=device, data_dir=data_dir, out=out)
+    given = {"predictions": predictions, "model": model, "many": many, "few": few, "batch_size": batch_size,
+             "max_test_per_class": max_test_per_class, "device": device, "data_dir": data_dir, "out": out}
+    cfg = build_config(EvalConfig, **{k: v for k, v in given.items() if v is not None})  # defaults: EvalConfig's
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: run directory not found; pass an existing run directory")
     run_eval(cfg, run_dir)

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from ..defaults import AUX_CAP, LAMBDA_S
-from ._common import build_config
+from ._common import build_config, default_help, format_validation_error
 
 
 def _json_opt(text: str | None, what: str) -> dict:
@@ -131,19 +131,32 @@ def demo_cmd(
     run_cmd(run_dir, data_dir=data_dir, retrieve='{"match": "wordnet"}')
 
 
+def _ah(field: str, text: str) -> str:
+    from ..ablate import AblationConfig
+
+    return default_help(AblationConfig, field, text)
+
+
+def _ph(field: str, text: str) -> str:
+    from ..pilot import PilotConfig
+
+    return default_help(PilotConfig, field, text)
+
+
 def ablate_cmd(
     out_dir: Annotated[Path, typer.Argument(help="Experiment folder (created; re-running resumes).")],
-    grid: Annotated[list[str], typer.Option(
-        "--grid", help="table6 | lambda | cap | k | ratio | losses | pairs | silencing (repeat).")]
-    = ["table6"],  # noqa: B006
-    protocol: Annotated[str, typer.Option(help="Split-neighbour preset.")] = "cifar10-neighbours",
-    seeds: Annotated[str, typer.Option(help="Comma-separated training seeds.")] = "0,1,2",
-    relation: Annotated[str, typer.Option(help="neighbors (search with --backend) or wordnet (protocol siblings).")]
-    = "neighbors",
-    backend: Annotated[str, typer.Option(help="Neighbour backend for relation 'neighbors'.")] = "wordnet",
-    neighbors_vocabulary: Annotated[str, typer.Option(
-        help="backend (its own vocabulary) or pool (answers limited to the pool's class names; embedding backend)."
-    )] = "backend",
+    grid: Annotated[list[str] | None, typer.Option(
+        "--grid", help=_ah("grids", "table6 | lambda | cap | k | ratio | losses | pairs | silencing (repeat)."))]
+    = None,
+    protocol: Annotated[str | None, typer.Option(help=_ah("protocol", "Split-neighbour preset."))] = None,
+    seeds: Annotated[str | None, typer.Option(help=_ah("seeds", "Comma-separated training seeds."))] = None,
+    relation: Annotated[str | None, typer.Option(
+        help=_ah("relation", "neighbors (search with --backend) or wordnet (protocol siblings)."))] = None,
+    backend: Annotated[str | None, typer.Option(
+        help=_ah("neighbors_backend", "Neighbour backend for relation 'neighbors'."))] = None,
+    neighbors_vocabulary: Annotated[str | None, typer.Option(help=_ah(
+        "neighbors_vocabulary", "backend (its own vocabulary) or pool (answers limited to the pool's class names; "
+                                "embedding backend)."))] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Offline datasets folder.")] = None,
     train: Annotated[str | None, typer.Option(help="TrainConfig fields as JSON (merged over the demo's).")] = None,
     protocol_overrides: Annotated[str | None, typer.Option(help="ProtocolConfig fields as JSON.")] = None,
@@ -151,16 +164,14 @@ def ablate_cmd(
         "--filter", help="FilterConfig fields as JSON for every auxiliary setting (default: every rule off, every "
                          "pool image kept, as the README's tables were run), e.g. '{\"band\": true, \"leak\": true}'.")]
     = None,
-    lambda_s: Annotated[float, typer.Option(help="λs where not swept.")] = LAMBDA_S,
-    aux_cap: Annotated[str, typer.Option(help="M where not swept (a number or 'all').")] = str(AUX_CAP),
-    per_class: Annotated[int, typer.Option(help="K where not swept.")] = 5,
-    pairing: Annotated[list[str], typer.Option("--pairing", help="Grid pairs: visual (prototype cosine of frozen "
-                                                                 "pretrained features) | random (repeat).")]
-    = ["visual", "random"],  # noqa: B006
-    silencing_variant: Annotated[list[str], typer.Option(
-        "--silencing-variant", help="Grid silencing: the settings after † (repeat): paper | hard_pairs | "
-                                    "aux_exclusive | official.")]
-    = ["paper", "hard_pairs", "aux_exclusive", "official"],  # noqa: B006
+    lambda_s: Annotated[float | None, typer.Option(help=_ah("lambda_s", "λs where not swept."))] = None,
+    aux_cap: Annotated[str | None, typer.Option(help=_ah("aux_cap", "M where not swept (a number or 'all')."))] = None,
+    per_class: Annotated[int | None, typer.Option(help=_ah("per_class", "K where not swept."))] = None,
+    pairing: Annotated[list[str] | None, typer.Option("--pairing", help=_ah(
+        "pairings", "Grid pairs: visual (prototype cosine of frozen pretrained features) | random (repeat)."))] = None,
+    silencing_variant: Annotated[list[str] | None, typer.Option(
+        "--silencing-variant", help=_ah("silencing_variants", "Grid silencing: the settings after † (repeat): paper "
+                                                              "| hard_pairs | aux_exclusive | official."))] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
     print_commands: Annotated[bool, typer.Option(
         "--print-commands", help="Prepare every run folder (with its train.json) and print one shell command per "
@@ -176,22 +187,23 @@ def ablate_cmd(
     """Table 6 and the λs / M / K / split-ratio / loss grids: mean ± std over seeds, markdown + plots, OUT/index.html.
 
     Several `ablate` processes on one OUT share the runs (a lock per run folder); `--print-commands` hands the runs
-    to other machines instead."""
+    to other machines instead. Options left out keep AblationConfig's defaults (shown in the help)."""
     from ..ablate import AblationConfig, prepare_runs, run_ablation
     from ..errors import ConfigError
     from ..pipeline import DEMO_TRAIN
 
     try:
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+        seed_list = None if seeds is None else [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
         raise ConfigError(f"--seeds {seeds!r}: expected comma-separated integers such as 0,1,2") from None
+    given = {"grids": grid, "silencing_variants": silencing_variant, "protocol": protocol, "seeds": seed_list,
+             "relation": relation, "neighbors_backend": backend, "neighbors_vocabulary": neighbors_vocabulary,
+             "data_dir": str(data_dir) if data_dir else None, "lambda_s": lambda_s, "aux_cap": aux_cap,
+             "per_class": per_class, "pairings": pairing}
     cfg = build_config(AblationConfig, repeated={"grids": "--grid", "pairings": "--pairing",
-                                                 "silencing_variants": "--silencing-variant"}, grids=grid,
-                       silencing_variants=silencing_variant,
-                       protocol=protocol, seeds=seed_list, relation=relation, neighbors_backend=backend,
-                       neighbors_vocabulary=neighbors_vocabulary, data_dir=str(data_dir) if data_dir else None,
-                       train={**DEMO_TRAIN, **_json_opt(train, "--train")}, lambda_s=lambda_s, aux_cap=aux_cap,
-                       per_class=per_class, pairings=pairing,
+                                                 "silencing_variants": "--silencing-variant"},
+                       **{k: v for k, v in given.items() if v is not None},
+                       train={**DEMO_TRAIN, **_json_opt(train, "--train")},
                        protocol_overrides=_json_opt(protocol_overrides, "--protocol-overrides"),
                        **({"filter": {**AblationConfig.model_fields["filter"].default_factory(),  # type: ignore[misc]
                                       **_json_opt(filter_, "--filter")}} if filter_ else {}))
@@ -202,8 +214,6 @@ def ablate_cmd(
     try:
         FilterConfig(**cfg.filter)  # before any work: a bad key is one line naming it
     except ValidationError as e:
-        from ._common import format_validation_error
-
         raise ConfigError("--filter: " + format_validation_error(e, prefix="filter", model=FilterConfig)) from None
     if print_commands:  # stdout carries only the commands (`... | parallel`); logs go to stderr
         for command in prepare_runs(cfg, out_dir, executable=executable, include_finished=include_finished):
@@ -225,18 +235,24 @@ def _number_list(text: str, what: str, kind: type) -> list:
 
 def pilot_cmd(
     out_dir: Annotated[Path, typer.Argument(help="Experiment folder (created; re-running resumes).")],
-    dataset: Annotated[str, typer.Option(
-        help="Dataset name or path whose classes are WordNet ids (tiny-imagenet) or 'group/class' (omniglot).")]
-    = "tiny-imagenet",
-    num_classes: Annotated[int, typer.Option(help="Classes per long-tailed dataset.")] = 40,
-    superclasses: Annotated[str, typer.Option(help="Comma-separated numbers of superclasses S.")] = "5,10,20,40",
-    ratios: Annotated[str, typer.Option(help="Comma-separated imbalance ratios n_max / n_min.")] = "1,2,10,20,100",
-    n_max: Annotated[int, typer.Option(help="Training images of the head class.")] = 100,
-    seeds: Annotated[str, typer.Option(help="Comma-separated seeds (class sample, long tail, training).")] = "0,1,2",
-    partition_groups: Annotated[int, typer.Option(
-        help="WordNet datasets: split the hypernym tree into at least this many superclasses.")] = 48,
-    head_tail_fraction: Annotated[float, typer.Option(
-        help="Head / tail = this share of the classes by training-count rank (0 < f <= 0.5).")] = 1 / 3,
+    dataset: Annotated[str | None, typer.Option(help=_ph(
+        "dataset", "Dataset name or path whose classes are WordNet ids (tiny-imagenet) or 'group/class' "
+                   "(omniglot)."))] = None,
+    num_classes: Annotated[int | None, typer.Option(help=_ph("num_classes", "Classes per long-tailed dataset."))]
+    = None,
+    superclasses: Annotated[str | None, typer.Option(help=_ph(
+        "superclasses", "Comma-separated numbers of superclasses S."))] = None,
+    ratios: Annotated[str | None, typer.Option(help=_ph(
+        "ratios", "Comma-separated imbalance ratios n_max / n_min."))] = None,
+    n_max: Annotated[int | None, typer.Option(help=_ph("n_max", "Training images of the head class."))] = None,
+    seeds: Annotated[str | None, typer.Option(help=_ph(
+        "seeds", "Comma-separated seeds (class sample, long tail, training)."))] = None,
+    partition_groups: Annotated[int | None, typer.Option(help=_ph(
+        "partition_groups", "WordNet datasets: split the hypernym tree into at least this many superclasses."))]
+    = None,
+    head_tail_fraction: Annotated[float | None, typer.Option(help=_ph(
+        "head_tail_fraction", "Head / tail = this share of the classes by training-count rank (0 < f <= 0.5)."))]
+    = None,
     train: Annotated[str | None, typer.Option(
         help="TrainConfig fields as JSON (merged over the pilot's ResNet-8 / Balanced-CE defaults).")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Offline datasets folder.")] = None,
@@ -246,16 +262,17 @@ def pilot_cmd(
     """The granularity study (the paper's Fig. 3): head-tail accuracy gap against the imbalance ratio, for classes
     drawn from S superclasses; Balanced-CE from scratch, mean ± std over seeds, OUT/pilot.md and OUT/index.html.
 
-    Several `pilot` processes on one OUT share the runs (a lock per run folder)."""
+    Several `pilot` processes on one OUT share the runs (a lock per run folder). Options left out keep
+    PilotConfig's defaults (shown in the help)."""
     from ..pilot import PILOT_TRAIN, PilotConfig, run_pilot
 
-    cfg = build_config(PilotConfig, dataset=dataset, num_classes=num_classes,
-                       superclasses=_number_list(superclasses, "--superclasses", int),
-                       ratios=_number_list(ratios, "--ratios", float), n_max=n_max,
-                       seeds=_number_list(seeds, "--seeds", int), partition_groups=partition_groups,
-                       head_tail_fraction=head_tail_fraction,
-                       train={**PILOT_TRAIN, **_json_opt(train, "--train")},
-                       data_dir=str(data_dir) if data_dir else None)
+    given = {"dataset": dataset, "num_classes": num_classes, "n_max": n_max, "partition_groups": partition_groups,
+             "head_tail_fraction": head_tail_fraction, "data_dir": str(data_dir) if data_dir else None,
+             "superclasses": None if superclasses is None else _number_list(superclasses, "--superclasses", int),
+             "ratios": None if ratios is None else _number_list(ratios, "--ratios", float),
+             "seeds": None if seeds is None else _number_list(seeds, "--seeds", int)}
+    cfg = build_config(PilotConfig, **{k: v for k, v in given.items() if v is not None},
+                       train={**PILOT_TRAIN, **_json_opt(train, "--train")})
     doc = run_pilot(cfg, out_dir, workers=workers, progress=not quiet and workers == 1)
     typer.echo((out_dir / "pilot.md").read_text(encoding="utf-8"))
     typer.echo(f"wrote {out_dir / 'index.html'} ({len(doc['rows'])} settings)")
