@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -113,7 +114,7 @@ def write_targets(protocol: Protocol, path: str | os.PathLike[str], root: str | 
 
 def rerun_command(root: Path) -> str:
     """``neighborlt classes RUN --force`` with the options stage 1 recorded (``records/classes.config.json``)."""
-    cmd = f"neighborlt classes {root}"
+    cmd = f"neighborlt classes {shlex.quote(str(root))}"
     try:
         opts = json.loads((root / "records" / "classes.config.json").read_text(encoding="utf-8"))["options"]
         flags = []
@@ -121,7 +122,8 @@ def rerun_command(root: Path) -> str:
             if k == "force" or v is None or v is False:
                 continue
             flag = "--" + k.replace("_", "-")
-            flags.append(flag if v is True else f"{flag} {','.join(map(str, v)) if isinstance(v, list) else v}")
+            text = ",".join(map(str, v)) if isinstance(v, list) else str(v)
+            flags.append(flag if v is True else f"{flag} {shlex.quote(text)}")
         cmd = " ".join([cmd, *flags])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         cmd += " ... (the options in RUN/records/classes.config.json)"
