@@ -259,10 +259,12 @@ def _method_label(model: dict[str, Any] | None, has_aux: bool) -> str:
     return f"{trained_loss_label(model)}{' + auxiliary classes' if has_aux else ''}"
 
 
-def _baseline_label(train_cfg: dict[str, Any] | None) -> str:
+def _baseline_label(train_cfg: dict[str, Any] | None, model: dict[str, Any] | None = None) -> str:
+    """The baseline's label: its loss as trained (``baseline/train/model.json``), the config for older models."""
     if not train_cfg:
         return "baseline"
-    loss = {"balanced_softmax": "Balanced-CE"}.get(str(train_cfg.get("loss")), str(train_cfg.get("loss")))
+    trained = (model or {}).get("loss") or train_cfg.get("loss")
+    loss = {"balanced_softmax": "Balanced-CE"}.get(str(trained), str(trained))
     no_aux = ("aux_manifest" in train_cfg and train_cfg["aux_manifest"] is None) or train_cfg.get("use_aux") == "none"
     return f"{loss}{', no auxiliary data' if no_aux else ''}"
 
@@ -404,7 +406,7 @@ def _section_splits(inp: _Inputs, cfg: ReportConfig) -> _Section:
         return sec
     b = inp.baseline_metrics
     mlabel = _method_label(_try(lambda: inp.model), bool(inp.num_aux()))
-    blabel = _baseline_label(inp.baseline_train_cfg)
+    blabel = _baseline_label(inp.baseline_train_cfg, _try(lambda: inp.json("train/model.json", inp.baseline)))
     keys = ("overall", "many", "medium", "few")
     series = [(blabel, b, "#9a9a9a"), (mlabel, m, "#1f77b4")] if b is not None else [(mlabel, m, "#1f77b4")]
 
