@@ -60,6 +60,7 @@ FLAGS: dict[str, tuple[list[str], Any]] = {
     "amp": (["--amp", "bf16"], "bf16"),
     "device": (["--device", "cpu"], "cpu"),
     "num_workers": (["--num-workers", "2"], 2),
+    "data_mode": (["--data-mode", "stream"], "stream"),
     "threads": (["--threads", "1"], 1),
     "channels_last": (["--channels-last"], True),
     "eval_every": (["--eval-every", "0"], 0),

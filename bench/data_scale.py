@@ -1,0 +1,411 @@
+"""The data path at scale: ``train.data_mode`` cache vs stream vs torchvision ``ImageFolder`` + ``DataLoader``, on an
+ImageNet-shaped long-tailed JPEG folder and on web-sized images in retrieve-style tar shards.
+
+    .venv/bin/python bench/data_scale.py                      # N = 200 and 4N, 2 workers, S = 224
+    .venv/bin/python bench/data_scale.py --n 1000 --workers 4 --keep runs/data_scale
+
+Data (built once under ``--keep`` or a temporary folder, from the offline Tiny-ImageNet archive):
+
+- ``imagenet``: an ImageFolder ``train/<wnid>/*.jpg`` (+ ``test/``) of ``--classes`` classes, long-tailed (ratio
+  ``--ratio``), every 64-px image upscaled (bicubic) to a shorter side of 300-420 px at an aspect of 3:4-4:3, with
+  mild Gaussian noise (sigma 3), JPEG quality 90: the shape of ImageNet-LT's images.
+- ``web``: the same classes with the longer side 800-1100 px, in tar shards as ``neighborlt retrieve`` writes them
+  (read by :class:`~neighborlt.data.base.ShardMember` offsets).
+
+Per set and size (N, 4N), each method in its own process (peak RSS = that process + its largest loader worker):
+
+- ``cache``: ``ImageSetDataset`` in cache mode (decode all to a squashed ``[N, S, S, 3]`` array in a fresh cache,
+  then the cache-mode train transform: RandomResizedCrop of the squashed image, flip, ToTensor, Normalize); a
+  loader per epoch, as the engine makes them.
+- ``stream``: ``ImageSetDataset`` in stream mode (per-sample decode in the workers, draft-aware RandomResizedCrop
+  from the full image, flip, uint8 batches; normalisation in the main process, where the device would be);
+  persistent workers.
+- ``torchvision``: ``ImageFolder`` (for shards: the same bytes read by offset, decoded by PIL) with
+  ``RandomResizedCrop(S, bicubic)``, flip, ``ToTensor``, ``Normalize``; persistent workers.
+
+Printed: time to the first training batch (including the folder scan), extra disk, epoch images/s (a second full
+epoch), peak RSS, and the projection to the paper's 4.2M images (ImageNet-LT's 116k + 4.1M auxiliary images,
+Appendix B.2): the cache's decode time and disk, and an epoch at the measured rate. Then feature extraction
+images/s (eval view, a small timm model, random weights) stream vs cache, decoding included. Timings depend on the
+machine's load: state it with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing as mp
+import os
+import resource
+import shutil
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PAPER_IMAGES = 4_200_000  # ImageNet-LT 116k + 4.1M auxiliary images (paper, Appendix B.2)
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def _source(classes: int, per_class: int, data_dir: str | None) -> tuple[list[str], list[list[Path]]]:
+    """The first ``classes`` Tiny-ImageNet training classes and up to ``per_class`` of their 64-px JPEGs."""
+    from neighborlt.data import load_dataset
+
+    s = load_dataset("tiny-imagenet", "train", data_dir)
+    files = [[Path(s.paths[i]) for i in np.flatnonzero(s.labels == c)[:per_class]] for c in range(classes)]
+    return [s.class_ids[c] for c in range(classes)], files
+
+
+def _upscale(src: Path, seed: int, short: tuple[int, int], long_side: bool) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    side = int(rng.integers(short[0], short[1] + 1))
+    aspect = float(rng.uniform(3 / 4, 4 / 3))
+    with Image.open(src) as im:
+        im = im.convert("RGB")
+        if long_side:  # ``side`` is the longer side
+            w, h = (side, round(side / aspect)) if aspect >= 1 else (round(side * aspect), side)
+        else:  # ``side`` is the shorter side
+            w, h = (round(side * aspect), side) if aspect >= 1 else (side, round(side / aspect))
+        big = np.asarray(im.resize((w, h), Image.Resampling.BICUBIC), dtype=np.float32)
+    big = np.clip(big + rng.normal(0, 3, big.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(big).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _make_one(job: tuple[str, int, bool, str]) -> None:
+    src, seed, web, dst = job
+    data = _upscale(Path(src), seed, (800, 1100) if web else (300, 420), long_side=web)
+    Path(dst).write_bytes(data)
+
+
+def long_tail(n: int, classes: int, ratio: float) -> list[int]:
+    """Images per class (head first) summing to about ``n``, ``ratio`` = head / tail."""
+    w = ratio ** (-np.arange(classes) / max(1, classes - 1))
+    return [max(1, round(x)) for x in n * w / w.sum()]
+
+
+def build_sets(root: Path, n4: int, classes: int, ratio: float, workers: int, data_dir: str | None,
+               test_per_class: int = 4) -> dict[str, Any]:
+    """Generate 4N ImageNet-shaped and 4N web-sized JPEGs once (``root/pool``) and the N / 4N views of them."""
+    counts = long_tail(n4, classes, ratio)
+    wnids, files = _source(classes, max(counts) + test_per_class, data_dir)
+    marker = root / "built.json"
+    want = {"n4": n4, "classes": classes, "ratio": ratio, "counts": counts}
+    if marker.is_file() and json.loads(marker.read_text()) == want:
+        return json.loads((root / "sets.json").read_text())
+    shutil.rmtree(root, ignore_errors=True)
+    jobs = []
+    rows: list[tuple[str, int, int, str]] = []  # (kind, class, k, path)
+    for kind in ("imagenet", "web"):
+        for c, wnid in enumerate(wnids):
+            for k in range(counts[c] + test_per_class):
+                src = files[c][k % len(files[c])]
+                dst = root / "pool" / kind / wnid / f"{k:05d}.jpg"
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                jobs.append((str(src), (kind == "web") * 10**7 + c * 10**5 + k, kind == "web", str(dst)))
+                rows.append((kind, c, k, str(dst)))
+    t0 = time.perf_counter()
+    with mp.get_context("fork").Pool(max(1, workers)) as pool:
+        pool.map(_make_one, jobs, chunksize=16)
+    print(f"generated {len(jobs)} JPEGs in {time.perf_counter() - t0:.1f} s")
+    sets: dict[str, Any] = {}
+    for tag, frac in (("N", 4), ("4N", 1)):
+        keep = {(c, k) for c in range(classes) for k in range(counts[c]) if k % frac == 0}
+        folder = root / f"imagenet-{tag}"
+        for c, wnid in enumerate(wnids):
+            for split, ks in (("train", [k for k in range(counts[c]) if (c, k) in keep]),
+                              ("test", range(counts[c], counts[c] + test_per_class))):
+                d = folder / split / wnid
+                d.mkdir(parents=True, exist_ok=True)
+                for k in ks:
+                    os.link(root / "pool" / "imagenet" / wnid / f"{k:05d}.jpg", d / f"{k:05d}.jpg")
+        shard_dir = root / f"web-{tag}" / "retrieve" / "shards"
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        members, labels = [], []
+        items = [(c, k) for c in range(classes) for k in range(counts[c]) if (c, k) in keep]
+        order = np.random.default_rng(0).permutation(len(items))
+        per_shard = 1000
+        for s0 in range(0, len(items), per_shard):
+            tar_path = shard_dir / f"{s0 // per_shard:06d}.tar"
+            with tarfile.open(tar_path, "w") as tar:
+                for j in order[s0:s0 + per_shard]:
+                    c, k = items[j]
+                    tar.add(root / "pool" / "web" / wnids[c] / f"{k:05d}.jpg", arcname=f"{c:04d}{k:05d}.jpg")
+            with tarfile.open(tar_path) as tar:
+                for m in tar.getmembers():
+                    members.append([str(tar_path), m.offset_data, m.size])
+                    labels.append(int(m.name[:4]))
+        sets[tag] = {"imagenet": str(folder / "train"), "web": members, "web_labels": labels,
+                     "images": len(items)}
+    sets["wnids"] = wnids
+    (root / "sets.json").write_text(json.dumps(sets))
+    marker.write_text(json.dumps(want))
+    return sets
+
+
+# ---------------------------------------------------------------------------------------------------- measuring
+
+
+def _image_set(sets: dict[str, Any], tag: str, kind: str) -> Any:
+    from neighborlt.data import ImageSet, ShardMember, read_image_folder
+
+    if kind == "imagenet":
+        return read_image_folder(sets[tag]["imagenet"])
+    refs = [ShardMember(Path(p), o, n) for p, o, n in sets[tag]["web"]]
+    return ImageSet(class_names=list(sets["wnids"]), labels=sets[tag]["web_labels"], paths=refs, source="shards")
+
+
+class _ShardFolder:
+    """torchvision-style dataset over shard members: PIL decodes the full image, then the torchvision transform."""
+
+    def __init__(self, image_set: Any, transform: Any) -> None:
+        self.refs, self.labels, self.transform = image_set.paths, image_set.labels, transform
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(self.refs[i].read_bytes())) as im:
+            img = im.convert("RGB")
+        return self.transform(img), int(self.labels[i])
+
+
+def _hwm_kib(pid: int | str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _peak_rss_mib() -> float:
+    """Peak RSS of this process plus that of its largest loader worker (live, or already exited)."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = [resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss]
+    for t in Path("/proc/self/task").glob("*/children"):
+        kids += [_hwm_kib(pid) for pid in t.read_text().split()]
+    return (own + max(kids)) / 1024
+
+
+def _measure(method: str, sets: dict[str, Any], tag: str, kind: str, size: int, workers: int, batch: int,
+             cache: str) -> dict[str, Any]:
+    """One (method, set, size) in this process: first batch, extra disk, epoch images/s, peak RSS."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    torch.set_num_threads(1)
+    os.environ["NEIGHBORLT_CACHE"] = cache
+    from torchvision import datasets
+    from torchvision import transforms as T
+
+    from neighborlt.data import read_image_folder
+    from neighborlt.train.data import ImageSetDataset, build_transform, default_normalization
+    from neighborlt.train.samplers import build_sampler
+
+    default_normalization(), read_image_folder  # imports (timm) are a process's start-up, not the data path's
+    t0 = time.perf_counter()
+    if method == "torchvision":
+
+        tf = T.Compose([T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC),
+                        T.RandomHorizontalFlip(), T.ToTensor(),
+                        T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+        ds: Any = datasets.ImageFolder(sets[tag]["imagenet"], tf) if kind == "imagenet" else \
+            _ShardFolder(_image_set(sets, tag, kind), tf)
+        loader = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers,
+                            persistent_workers=workers > 0, drop_last=False)
+
+        def epoch(e: int) -> Any:
+            return iter(loader)
+        n = len(ds)
+    else:
+        image_set = _image_set(sets, tag, kind)
+        n = len(image_set)
+        sampler = build_sampler("random", image_set.labels, seed=0)
+        if method == "cache":
+            ds = ImageSetDataset(image_set, build_transform(size, train=True), size)
+
+            def epoch(e: int) -> Any:
+                idx = sampler.rank_indices(e)
+                batches = [idx[i:i + batch].tolist() for i in range(0, len(idx), batch)]
+                return iter(DataLoader(ds, batch_sampler=batches, num_workers=workers))
+        else:
+            ds = ImageSetDataset(image_set, None, size, mode="stream", train=True, seed=0)
+
+            def epoch(e: int) -> Any:
+                idx = sampler.rank_indices(e)
+                batches = [idx[i:i + batch].tolist() for i in range(0, len(idx), batch)]
+                for x, y in ds.train_batches(batches, e, num_workers=workers):
+                    yield ds.normalize(x), y
+    it = epoch(0)
+    next(it)
+    first = time.perf_counter() - t0
+    for _ in it:
+        pass
+    t1 = time.perf_counter()
+    seen = 0
+    for x, _y in epoch(1):
+        seen += len(x)
+    rate = seen / (time.perf_counter() - t1)
+    disk = sum(p.stat().st_size for p in Path(cache, "arrays").glob("*.npy")) if method == "cache" else 0
+    return {"method": method, "set": kind, "size": tag, "images": n, "first_batch_s": first, "disk_bytes": disk,
+            "epoch_img_s": rate, "peak_rss_mib": _peak_rss_mib()}
+
+
+def _features(method: str, sets: dict[str, Any], tag: str, size: int, workers: int, batch: int, model_name: str,
+              cache: str, limit: int) -> dict[str, Any]:
+    """Feature extraction images/s over the eval view (decoding included): stream vs the cache."""
+    import timm
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ["NEIGHBORLT_CACHE"] = cache
+    from neighborlt.train.data import default_normalization, eval_loader, normalize_uint8
+
+    default_normalization()
+
+    image_set = _image_set(sets, tag, "imagenet")
+    image_set = image_set.subset(np.arange(min(limit, len(image_set))))
+    torch.manual_seed(0)
+    model = timm.create_model(model_name, pretrained=False, num_classes=0).eval()
+    t0 = time.perf_counter()
+    loader = eval_loader(image_set, size, batch, workers, mode=method)  # type: ignore[arg-type]
+    mean, std = loader.dataset.normalization  # type: ignore[attr-defined]
+    n = 0
+    with torch.inference_mode():
+        for x, _y in loader:
+            if x.dtype == torch.uint8:
+                x = normalize_uint8(x, mean, std)
+            model(x)
+            n += len(x)
+    return {"method": method, "images": n, "img_s": n / (time.perf_counter() - t0)}
+
+
+def _in_child(fn: Any, *args: Any) -> dict[str, Any]:
+    """``fn(*args)`` in a fresh forked process (its own peak RSS and cache), its result returned."""
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+
+    def run() -> None:
+        try:
+            q.put(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - reported by the parent
+            q.put({"error": f"{type(e).__name__}: {e}"})
+
+    p = ctx.Process(target=run)
+    p.start()
+    out = q.get()
+    p.join()
+    if "error" in out:
+        raise RuntimeError(out["error"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- report
+
+
+def _mib(b: float) -> str:
+    return f"{b / 2**20:.0f} MiB" if b < 2**30 else f"{b / 2**30:.1f} GiB"
+
+
+def _dur(s: float) -> str:
+    return f"{s:.1f} s" if s < 120 else (f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=200, help="N: training images of the small size (4N is the large)")
+    ap.add_argument("--classes", type=int, default=10)
+    ap.add_argument("--ratio", type=float, default=10.0, help="imbalance ratio of the long tail")
+    ap.add_argument("--size", type=int, default=224, help="S: training side in pixels")
+    ap.add_argument("--workers", type=int, default=2, help="loader workers (every method)")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--feature-model", default="mobilenetv3_small_050", help="timm model (random weights)")
+    ap.add_argument("--feature-images", type=int, default=128)
+    ap.add_argument("--methods", nargs="+", default=["cache", "stream", "torchvision"])
+    ap.add_argument("--keep", default=None, help="build the data here and keep it (default: a temporary folder)")
+    ap.add_argument("--data-dir", default=None, help="folder holding tiny-imagenet-200.tar.gz")
+    args = ap.parse_args(argv)
+
+    import timm  # noqa: F401 - imported once here, inherited by every forked measuring process
+    import torchvision  # noqa: F401
+
+    from neighborlt.train.data import default_normalization
+
+    default_normalization()
+    tmp = tempfile.mkdtemp(prefix="nlt-data-scale-")
+    root = Path(args.keep) if args.keep else Path(tmp) / "data"
+    try:
+        sets = build_sets(root, 4 * args.n, args.classes, args.ratio, args.workers, args.data_dir)
+        rows = []
+        for kind in ("imagenet", "web"):
+            for tag in ("N", "4N"):
+                for method in args.methods:
+                    cache = tempfile.mkdtemp(dir=tmp, prefix="cache-")
+                    os.symlink(Path(os.environ.get("NEIGHBORLT_CACHE") or Path.home() / ".cache" / "neighborlt",
+                                    "extracted").resolve(), Path(cache, "extracted"))
+                    r = _in_child(_measure, method, sets, tag, kind, args.size, args.workers, args.batch, cache)
+                    shutil.rmtree(cache, ignore_errors=True)
+                    rows.append(r)
+                    print(json.dumps(r))
+        feats = []
+        for method in ("cache", "stream"):
+            cache = tempfile.mkdtemp(dir=tmp, prefix="cache-")
+            feats.append(_in_child(_features, method, sets, "N", args.size, args.workers, args.batch,
+                                   args.feature_model, cache, args.feature_images))
+            shutil.rmtree(cache, ignore_errors=True)
+        _print(rows, feats, args)
+        return {"rows": rows, "features": feats}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _print(rows: list[dict[str, Any]], feats: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    load = os.getloadavg()
+    print(f"\nS = {args.size}, {args.workers} workers, batch {args.batch}, {os.cpu_count()} CPUs, load average "
+          f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\n")
+    by = {(r["method"], r["set"], r["size"]): r for r in rows}
+    print("| set | images | method | first batch | extra disk | epoch img/s | peak RSS |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['set']} | {r['images']} | {r['method']} | {r['first_batch_s']:.2f} s | {_mib(r['disk_bytes'])} | "
+              f"{r['epoch_img_s']:.0f} | {r['peak_rss_mib']:.0f} MiB |")
+    print("\nRatios (stream / torchvision, epoch images/s):")
+    for kind in ("imagenet", "web"):
+        for tag in ("N", "4N"):
+            s, t = by.get(("stream", kind, tag)), by.get(("torchvision", kind, tag))
+            if s and t:
+                print(f"  {kind} {tag}: {s['epoch_img_s'] / t['epoch_img_s']:.2f}x")
+    print(f"\nProjection to {PAPER_IMAGES:,} images (from the 4N imagenet-shaped rows):")
+    print("| method | first batch | extra disk | one pass over all images |")
+    print("|---|---|---|---|")
+    for method in args.methods:
+        r = by.get((method, "imagenet", "4N"))
+        if not r:
+            continue
+        per = PAPER_IMAGES / r["images"]
+        first = r["first_batch_s"] * per if method == "cache" else r["first_batch_s"]
+        note = "" if method == "cache" else " (measured, flat in N)"
+        print(f"| {method} | {_dur(first)}{note} | {_mib(r['disk_bytes'] * per)} | "
+              f"{_dur(PAPER_IMAGES / r['epoch_img_s'])} |")
+    if feats:
+        f = {x["method"]: x for x in feats}
+        print(f"\nFeature extraction ({args.feature_model}, random weights, eval view, decoding included, "
+              f"{f['stream']['images']} images): cache {f['cache']['img_s']:.0f} img/s (decode all first), "
+              f"stream {f['stream']['img_s']:.0f} img/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""Smoke test of bench/data_scale.py on a tiny setting: the ImageNet-shaped folder and the web-sized shards are built
+from the offline Tiny-ImageNet archive, and every method is measured at N and 4N, printed and returned."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from bench_helpers import load_bench
+
+
+def test_data_scale_bench_measures_every_method(data_dir: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    bench = load_bench("data_scale")
+    out = bench.main(["--n", "8", "--classes", "2", "--size", "32", "--workers", "0", "--batch", "4",
+                      "--feature-images", "6", "--keep", str(tmp_path / "data"), "--data-dir", str(data_dir)])
+    rows = out["rows"]
+    assert {(r["set"], r["size"], r["method"]) for r in rows} == {
+        (k, t, m) for k in ("imagenet", "web") for t in ("N", "4N") for m in ("cache", "stream", "torchvision")}
+    by = {(r["set"], r["size"], r["method"]): r for r in rows}
+    assert by["imagenet", "4N", "stream"]["images"] > by["imagenet", "N", "stream"]["images"] >= 8
+    for r in rows:
+        assert r["first_batch_s"] > 0 and r["epoch_img_s"] > 0 and r["peak_rss_mib"] > 0
+        assert (r["disk_bytes"] > 0) == (r["method"] == "cache")
+    assert by["web", "N", "cache"]["disk_bytes"] == by["web", "N", "cache"]["images"] * 32 * 32 * 3 + 128
+    assert {f["method"] for f in out["features"]} == {"cache", "stream"}
+    shard = next((tmp_path / "data" / "web-N" / "retrieve" / "shards").glob("*.tar"))
+    assert shard.stat().st_size > 0
+    printed = capsys.readouterr().out
+    assert "| imagenet |" in printed and "Projection to 4,200,000 images" in printed and "imagenet 4N:" in printed
