@@ -80,3 +80,25 @@ def test_real_cifar10_test_decoded(data_dir: Path) -> None:
     x = as_array(s, 32)
     assert x.shape == (10000, 32, 32, 3)
     assert np.array_equal(x[1234], np.asarray(s.load(1234)))
+
+
+def test_manifest_rows_are_references_into_the_pool(tmp_path: Path) -> None:
+    """Pool rows of an array-backed pool stay rows of that array (no copy), beside file rows; the cache decodes every
+    one of them with the squash rule (the pool's own pixels at its size, files resized)."""
+    from neighborlt.data import ImageSet
+    from neighborlt.data.auxiliary import rows_image_set
+    from neighborlt.data.pixels import ArrayRow
+
+    pool = ImageSet(class_names=["p", "q"], labels=[0, 1, 1],
+                    array=np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8), source="pool")
+    f = tmp_path / "x.png"
+    Image.fromarray(np.full((30, 20, 3), 200, np.uint8)).save(f)
+    rows = [{"location": "pool", "pool_index": 2, "uid": "a"}, {"location": "file", "path": str(f), "uid": "b"},
+            {"location": "pool", "pool_index": 0, "uid": "c"}]
+    s = rows_image_set(rows, pool, tmp_path, labels=[0, 0, 0])
+    assert s.array is None and isinstance(s.paths[0], ArrayRow) and s.paths[0].source.array is pool.array
+    assert s.paths[1] == f
+    x = as_array(s, 16)
+    assert np.array_equal(x[0], pool.array[2]) and np.array_equal(x[2], pool.array[0])
+    assert (x[1] == 200).all()
+    assert fingerprint(s) != fingerprint(rows_image_set(rows[::-1], pool, tmp_path, labels=[0, 0, 0]))
