@@ -560,7 +560,7 @@ def run_eval(cfg: EvalConfig, run_dir: str | os.PathLike[str] | RunDir) -> dict[
         mdir = model_dir_for(run, cfg.model)
         info = read_model_info(mdir)
         inputs = [mdir / str(info.get("weights", "model.safetensors")), mdir / "model.json",
-                  *(["split.json"] if run.path("split.json").exists() else [])]
+                  *(["split.json", "targets.parquet"] if run.path("split.json").exists() else [])]
     key = run.stage_key(stage, cfg.model_dump(mode="json"), inputs, version=STAGE_VERSION)
     where_missing = cfg.predictions is None and not (out_dir / "where.json").exists() and _joint_has_aux(run)
     if run.is_done(stage, key) and (out_dir / "metrics.json").exists() and not where_missing:

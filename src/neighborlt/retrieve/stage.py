@@ -85,7 +85,7 @@ def _inputs_key(cfg: RetrieveConfig, rd: RunDir, npath: Path, *, candidates: boo
     fields = cfg.key_fields()
     if candidates:
         fields = {k: v for k, v in fields.items() if k not in ("download", "export_img2dataset")}
-    files: list[Path] = [npath, rd.path("split.json")]
+    files: list[Path] = [npath, rd.path("split.json"), rd.path("targets.parquet")]
     for label, value in (("urls_file", cfg.urls_file), ("pool", cfg.pool), ("import", cfg.import_img2dataset)):
         if value:
             p = Path(value)
@@ -263,8 +263,13 @@ def _reference_local(rows: list[dict[str, Any]], load_protocol: Any) -> None:
             return
         r.update(status="ok", sha256=hashlib.sha256(data).hexdigest(), width=int(w), height=int(h))
 
+    def block(part: list[dict[str, Any]]) -> None:
+        for r in part:
+            one(r)
+
+    # blocks of rows per task: a future per row (chunksize applies to processes only) cost more than the file check
     with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as ex:
-        list(ex.map(one, rows, chunksize=256))
+        list(ex.map(block, [rows[i:i + 512] for i in range(0, len(rows), 512)]))
 
 
 # --------------------------------------------------------------------------------------------------------------
