@@ -111,8 +111,9 @@ def test_pretrain_then_train_init_end_to_end(stage1: Path, tmp_path: Path, capsy
     assert "skipped" not in capsys.readouterr().out and read_json(p / "encoder.json")["mask_ratio"] == 0.5
 
 
-def test_sigterm_and_resume_are_bit_identical(stage1: Path, tmp_path: Path) -> None:
-    cfg = PretrainConfig(**TINY)
+@pytest.mark.parametrize("mode", [{"data_mode": "cache"}, {"data_mode": "stream", "num_workers": 2}])
+def test_sigterm_and_resume_are_bit_identical(stage1: Path, tmp_path: Path, mode: dict) -> None:
+    cfg = PretrainConfig(**TINY, **mode)  # stream: decoded per sample in 2 loader workers, as training at scale
     full = run_pretrain(cfg, _copy_stage1(stage1, tmp_path / "full"))
     assert not full.interrupted and full.epochs_done == 2
     part_dir = _copy_stage1(stage1, tmp_path / "part")
