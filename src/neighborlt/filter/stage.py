@@ -130,7 +130,8 @@ def run_filter(cfg: FilterConfig, run_dir: RunDir | str | os.PathLike[str]) -> F
     if not rd.path("split.json").is_file():
         raise ConfigError(f"{rd.path('split.json')}: not found; run `neighborlt classes {rd.root}` first")
     out = rd.path(STAGE)
-    key = rd.stage_key(STAGE, cfg.key_fields(), [src, "split.json", "targets.parquet", "classes.json"], version=STAGE_VERSION)
+    key = rd.stage_key(STAGE, cfg.key_fields(), [src, "split.json", "targets.parquet", "classes.json"],
+                       version=STAGE_VERSION)
     aux_path = out / "aux_manifest.parquet"
     if not cfg.force and rd.is_done(STAGE, key, "filter/aux_manifest.parquet", "filter/funnel.json"):
         from ..rundir import read_json
