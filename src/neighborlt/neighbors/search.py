@@ -403,6 +403,56 @@ def answer_synsets(rec: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _assemble(targets: list[TargetClass], cfg: NeighborsConfig, backend: NeighborBackend, per_shot: dict[str, int],
               job_of: dict[int, str], answers: dict[str, dict[str, Any]], stats: _Stats) -> dict[str, Any]:
+    """``neighbors.json`` from the answers, as a funnel: parse every answer, drop target names and copied example
+    names (:func:`_guarded_candidates`), names unrelated to their target (:func:`_drop_irrelevant`), names proposed
+    for many targets (:func:`_drop_generic`), then keep the first ``asked`` names of each target and build the
+    many-to-many relation (:func:`_relation`). Every name left out is counted in ``stats.dropped`` by its reason."""
+    dropped: Counter = Counter()
+    repaired: Counter = Counter()
+    cands = _guarded_candidates(targets, cfg, backend, job_of, answers, dropped, repaired)
+    if cfg.relevance_threshold is not None:
+        _drop_irrelevant(cands, targets, cfg, dropped)
+    cap = generic_cap(cfg, len(targets)) if backend.name == "openai" else 0
+    generic = _drop_generic(cands, cap, dropped) if cap else set()
+    rows, aux, unmatched, surplus = _relation(targets, per_shot, job_of, answers, cands, backend.name)
+    empty = sum(1 for r in rows if r["asked"] > 0 and not r["found"])
+    if empty:
+        logger.warning("%d of %d target classes got no usable neighbour (%d unmatched); see neighbors.json",
+                       empty, len(rows), len(unmatched))
+    guards = {k: dropped[k] for k in ("example_copy", "irrelevant", "generic") if dropped[k]}
+    if guards:
+        logger.info("answer-quality guards dropped %s", ", ".join(f"{v} {k}" for k, v in guards.items()))
+    return {
+        "schema": SCHEMA,
+        "backend": backend.name,
+        "model": backend.model if backend.name == "openai" else None,
+        "source": backend.model,
+        "split_ratio": cfg.split_ratio,
+        "per_class": cfg.per_class,
+        "max_per_class": cfg.max_per_class,
+        "per_shot": per_shot,
+        "relation": "many-to-many",  # an auxiliary class may have several parent targets
+        "targets": rows,
+        "auxiliary": sorted(aux.values(), key=lambda a: a["name"]),
+        "unmatched": unmatched,
+        "stats": {
+            "requests": stats.requests, "cached": stats.cached, "retries": stats.retries, "failed": stats.failed,
+            "prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
+            "errors": dict(stats.errors), "dropped": dict(dropped), "repaired": dict(repaired), "surplus": surplus,
+            "retried_empty": stats.retried_empty, "strict_retries": stats.strict_retries,
+            "strict_recovered": stats.strict_recovered, "generic_cap": cap, "generic_names": sorted(generic),
+            "targets_without_neighbours": empty, "auxiliary_classes": len(aux),
+            "many_parent_auxiliary": sum(1 for a in aux.values() if len(a["parents"]) > 1),
+        },
+    }
+
+
+def _guarded_candidates(targets: list[TargetClass], cfg: NeighborsConfig, backend: NeighborBackend,
+                        job_of: dict[int, str], answers: dict[str, dict[str, Any]], dropped: Counter,
+                        repaired: Counter) -> dict[int, list[str]]:
+    """Target index -> the names its answer proposes, parsed (:func:`parse_record`), without target classes and
+    their synonyms (``target_class``) and without the prompt's example names copied into it (``example_copy``:
+    ``example_copy_min`` or more of one example class's names, plus their mangled copies)."""
     leak: dict[str, str] = {}
     for t in targets:
         for s in (t.name, *t.synonyms):
@@ -410,10 +460,7 @@ def _assemble(targets: list[TargetClass], cfg: NeighborsConfig, backend: Neighbo
             if k:
                 leak.setdefault(k, t.name)
     examples: dict[str, frozenset[str]] = getattr(backend, "example_names", None) or {}
-    dropped: Counter = Counter()
-    repaired: Counter = Counter()
     parsed_of: dict[str, ParseResult] = {}
-    # pass 1: candidates per target after the per-answer guards (leaks, copied example names)
     cands: dict[int, list[str]] = {}
     for t in targets:
         key = job_of.get(t.index)
@@ -445,28 +492,42 @@ def _assemble(targets: list[TargetClass], cfg: NeighborsConfig, backend: Neighbo
             else:
                 out.append(nm)
         cands[t.index] = out
-    # relevance of each name to its target (optional, offline text embeddings)
-    if cfg.relevance_threshold is not None:
-        by_index = {t.index: t for t in targets}
-        pairs = [(by_index[i].name, nm) for i, names in cands.items() for nm in names]
-        scores = dict(zip(pairs, relevance_scores(cfg.embedding_model, pairs)))
+    return cands
+
+
+def _drop_irrelevant(cands: dict[int, list[str]], targets: list[TargetClass], cfg: NeighborsConfig,
+                     dropped: Counter) -> None:
+    """Leave out the names whose text-embedding cosine to their target is below ``relevance_threshold``
+    (``irrelevant``)."""
+    by_index = {t.index: t for t in targets}
+    pairs = [(by_index[i].name, nm) for i, names in cands.items() for nm in names]
+    scores = dict(zip(pairs, relevance_scores(cfg.embedding_model, pairs)))
+    for i, names in cands.items():
+        keep = [nm for nm in names if scores[(by_index[i].name, nm)] >= cfg.relevance_threshold]
+        dropped["irrelevant"] += len(names) - len(keep)
+        cands[i] = keep
+
+
+def _drop_generic(cands: dict[int, list[str]], cap: int, dropped: Counter) -> set[str]:
+    """Leave out the names proposed for more than ``cap`` targets (an LLM's "animal", "object", a copied example:
+    ``generic``); returns them."""
+    uses = Counter(k for names in cands.values() for k in {nm.replace("-", " ") for nm in names})
+    generic = {k for k, c in uses.items() if c > cap}
+    if generic:
+        logger.warning("%d names proposed for more than %d targets dropped as generic: %s", len(generic), cap,
+                       ", ".join(sorted(generic)[:10]))
         for i, names in cands.items():
-            keep = [nm for nm in names if scores[(by_index[i].name, nm)] >= cfg.relevance_threshold]
-            dropped["irrelevant"] += len(names) - len(keep)
+            keep = [nm for nm in names if nm.replace("-", " ") not in generic]
+            dropped["generic"] += len(names) - len(keep)
             cands[i] = keep
-    # one name proposed by an LLM for many unrelated targets is generic ("animal", "object", a copied example)
-    generic: set[str] = set()
-    cap = generic_cap(cfg, len(targets)) if backend.name == "openai" else 0
-    if cap:
-        uses = Counter(k for names in cands.values() for k in {nm.replace("-", " ") for nm in names})
-        generic = {k for k, c in uses.items() if c > cap}
-        if generic:
-            logger.warning("%d names proposed for more than %d targets dropped as generic: %s", len(generic), cap,
-                           ", ".join(sorted(generic)[:10]))
-            for i, names in cands.items():
-                keep = [nm for nm in names if nm.replace("-", " ") not in generic]
-                dropped["generic"] += len(names) - len(keep)
-                cands[i] = keep
+    return generic
+
+
+def _relation(targets: list[TargetClass], per_shot: dict[str, int], job_of: dict[int, str],
+              answers: dict[str, dict[str, Any]], cands: dict[int, list[str]],
+              backend_name: str) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]], list[dict[str, Any]], int]:
+    """The first ``asked`` names of every target and the many-to-many relation: ``(target rows, auxiliary entries
+    by name key, unmatched targets, surplus names beyond the number asked for)``."""
     surplus = 0  # usable names beyond the number asked for (offline backends return a few spare ones)
     aux: dict[str, dict[str, Any]] = {}
     rows: list[dict[str, Any]] = []
@@ -476,8 +537,8 @@ def _assemble(targets: list[TargetClass], cfg: NeighborsConfig, backend: Neighbo
         n = per_shot.get(t.shot, 0)
         row: dict[str, Any] = {"index": t.index, "name": t.name, "shot": t.shot, "asked": n, "found": [],
                                "answer_ids": [key] if key else []}
+        rows.append(row)
         if key is None:
-            rows.append(row)
             continue
         rec = answers[key]
         row["status"] = rec.get("status", "ok")
@@ -486,12 +547,12 @@ def _assemble(targets: list[TargetClass], cfg: NeighborsConfig, backend: Neighbo
         if row["status"] == "unmatched":
             unmatched.append({"index": t.index, "name": t.name, "reason": rec.get("note")})
         for nm in cands[t.index]:
-            k = nm.replace("-", " ")
             if len(row["found"]) >= n:
                 surplus += 1
                 continue
             row["found"].append(nm)
-            entry = aux.setdefault(k, {"name": nm, "parents": [], "backend": backend.name, "answer_ids": []})
+            entry = aux.setdefault(nm.replace("-", " "), {"name": nm, "parents": [], "backend": backend_name,
+                                                          "answer_ids": []})
             prov = answer_synsets(rec).get(name_key(nm) or "")
             if prov and "synset" not in entry:  # WordNet: the synset the name came from and its other lemmas
                 entry["synset"] = prov["synset"]
@@ -502,37 +563,7 @@ def _assemble(targets: list[TargetClass], cfg: NeighborsConfig, backend: Neighbo
                 entry["answer_ids"].append(key)
         if row["status"] == "ok" and not row["found"]:
             logger.debug("class %r: no usable neighbour in the answer", t.name)
-        rows.append(row)
-    empty = sum(1 for r in rows if r["asked"] > 0 and not r["found"])
-    if empty:
-        logger.warning("%d of %d target classes got no usable neighbour (%d unmatched); see neighbors.json",
-                       empty, len(rows), len(unmatched))
-    guards = {k: dropped[k] for k in ("example_copy", "irrelevant", "generic") if dropped[k]}
-    if guards:
-        logger.info("answer-quality guards dropped %s", ", ".join(f"{v} {k}" for k, v in guards.items()))
-    return {
-        "schema": SCHEMA,
-        "backend": backend.name,
-        "model": backend.model if backend.name == "openai" else None,
-        "source": backend.model,
-        "split_ratio": cfg.split_ratio,
-        "per_class": cfg.per_class,
-        "max_per_class": cfg.max_per_class,
-        "per_shot": per_shot,
-        "relation": "many-to-many",  # an auxiliary class may have several parent targets
-        "targets": rows,
-        "auxiliary": sorted(aux.values(), key=lambda a: a["name"]),
-        "unmatched": unmatched,
-        "stats": {
-            "requests": stats.requests, "cached": stats.cached, "retries": stats.retries, "failed": stats.failed,
-            "prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
-            "errors": dict(stats.errors), "dropped": dict(dropped), "repaired": dict(repaired), "surplus": surplus,
-            "retried_empty": stats.retried_empty, "strict_retries": stats.strict_retries,
-            "strict_recovered": stats.strict_recovered, "generic_cap": cap, "generic_names": sorted(generic),
-            "targets_without_neighbours": empty, "auxiliary_classes": len(aux),
-            "many_parent_auxiliary": sum(1 for a in aux.values() if len(a["parents"]) > 1),
-        },
-    }
+    return rows, aux, unmatched, surplus
 
 
 @dataclass
