@@ -198,6 +198,29 @@ def test_embedding_backend(tmp_path: Path) -> None:
     assert list((cache_dir() / "neighbors" / "embeddings").glob("*.npy"))
 
 
+def test_pool_vocabulary_from_captions_with_a_relevance_threshold(tmp_path: Path) -> None:
+    """``vocabulary: pool:<pool.csv>``: the names come from the pool's captions (longest noun phrases, caption words
+    such as "photo" left out), and the relevance threshold keeps unrelated pool classes off a target."""
+    from neighborlt.neighbors.offline import pool_vocabulary
+
+    pool = tmp_path / "pool.csv"
+    rows = ["a photo of a Labrador retriever", "photo: two Labrador retrievers", "a photo of a container ship",
+            "an orange on a table", "photo of a teapot", "a photo of a wolf in the snow"]
+    pool.write_text("path,caption\n" + "".join(f"{i}.jpg,{c}\n" for i, c in enumerate(rows)), "utf-8")
+    vocab = pool_vocabulary(pool)
+    assert "labrador retriever" in vocab and "container ship" in vocab and "teapot" in vocab
+    assert "photo" not in vocab and "retriever" not in vocab  # a caption word; inside a longer name
+    targets = [TargetClass(0, "golden retriever"), TargetClass(1, "cargo freighter")]
+    doc = search(targets, _cfg(tmp_path, backend="embedding", vocabulary=f"pool:{pool}", per_class=3))
+    found = {t["name"]: t["found"] for t in doc["targets"]}
+    assert set(found["golden retriever"]) <= set(vocab) and found["golden retriever"][0] == "labrador retriever"
+    assert len(found["golden retriever"]) == 3  # no threshold: the three nearest pool names, related or not
+    strict = search(targets, _cfg(tmp_path, backend="embedding", vocabulary=f"pool:{pool}", per_class=3,
+                                  relevance_threshold=0.5))
+    found = {t["name"]: t["found"] for t in strict["targets"]}
+    assert found == {"golden retriever": ["labrador retriever"], "cargo freighter": ["container ship"]}
+
+
 # --- stage and CLI -----------------------------------------------------------------------------------------------
 
 

@@ -44,8 +44,10 @@ def to_table(rows: list[dict[str, Any]], schema: pa.Schema = SCHEMA) -> pa.Table
     cols = {}
     for f in schema:
         default = DEFAULTS.get(f.name, "")
-        cols[f.name] = pa.array([r.get(f.name, default) if r.get(f.name) is not None else default for r in rows],
-                                type=f.type)
+        values = [r.get(f.name) for r in rows]
+        if None in values:  # (one C-level scan; the per-cell default only where a value is missing)
+            values = [default if v is None else v for v in values]
+        cols[f.name] = pa.array(values, type=f.type)
     return pa.table(cols, schema=schema)
 
 

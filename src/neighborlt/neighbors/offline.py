@@ -1,5 +1,6 @@
-"""Offline backends without WordNet matching: ``embedding`` (nearest names by text embedding), ``taxonomy``
-(siblings from a child,parent file) and ``file`` (a user-supplied, validated JSON/CSV mapping)."""
+"""Offline backends without WordNet matching: ``embedding`` (nearest names by text embedding; its vocabulary may be
+a local pool's caption nouns, ``--vocabulary pool:<pool.csv>``, so that every name it proposes has images),
+``taxonomy`` (siblings from a child,parent file) and ``file`` (a user-supplied, validated JSON/CSV mapping)."""
 
 from __future__ import annotations
 
@@ -76,12 +77,60 @@ def wordnet_vocabulary(root: str | None = None) -> list[str]:
     return sorted(names)
 
 
+#: a noun in more than this share of a pool's distinct captions is a caption word ("photo"), not a class
+POOL_COMMON_SHARE = 0.5
+
+
+def pool_vocabulary(path: str | os.PathLike[str], max_words: int = 4) -> list[str]:
+    """The class names a local pool can supply: WordNet nouns (up to ``max_words`` words) in its captions.
+
+    ``path`` is a ``path,caption`` CSV / Parquet (the captions) or a folder tree ``<class name>/*.jpg`` (the folder
+    names). Per distinct caption, the longest noun phrases are kept ("a photo of a Labrador retriever" gives
+    *labrador retriever*, not *retriever*); nouns found in more than half of the distinct captions are caption words
+    ("photo"), not classes, and are left out.
+    """
+    from ..retrieve.sources import caption_words, read_rows
+    from . import parse
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        names = {normalise_name(d.name) for d in p.iterdir() if d.is_dir()}
+        return sorted(n for n in names if n)
+    if not p.is_file():
+        raise ConfigError(f"--vocabulary pool:{path}: not found; give the pool's .csv / .parquet or folder")
+    captions = {str(r.get("caption") or "") for r in read_rows(p, ("caption",), "a pool vocabulary")}
+    nouns = parse._load_nouns()  # the one WordNet noun list, loaded once
+    counts: dict[str, int] = defaultdict(int)
+    for cap in captions:
+        words = caption_words(cap)
+        found: list[tuple[int, int]] = []
+        for i in range(len(words)):
+            for n in range(min(max_words, len(words) - i), 0, -1):
+                if " ".join(words[i:i + n]) in nouns or name_key(" ".join(words[i:i + n])) in nouns:
+                    found.append((i, i + n))
+                    break
+        # the longest phrases: drop one inside another ("retriever" inside "labrador retriever")
+        longest = [(a, b) for a, b in found if not any(c <= a and b <= d and (c, d) != (a, b) for c, d in found)]
+        for a, b in dict.fromkeys(longest):
+            nm = normalise_name(" ".join(words[a:b]))
+            if nm:
+                counts[nm] += 1
+    common = {n for n, c in counts.items() if c > POOL_COMMON_SHARE * len(captions) and len(captions) > 2}
+    out = sorted(n for n in counts if n not in common)
+    if not out:
+        raise DataError(f"{p}: no WordNet noun in the pool's captions; use --vocabulary wordnet or a names file")
+    return out
+
+
 def load_vocabulary(spec: str) -> list[str]:
-    """Vocabulary names for the embedding backend: ``wordnet``, ``wordnet:<synset>`` or a file (one per line)."""
+    """Vocabulary names for the embedding backend: ``wordnet``, ``wordnet:<synset>``, ``pool:<pool.csv | folder>``
+    (:func:`pool_vocabulary`: the names a local pool's captions can supply) or a file (one name per line)."""
     if spec == "wordnet":
         return wordnet_vocabulary()
     if spec.startswith("wordnet:"):
         return wordnet_vocabulary(spec.split(":", 1)[1])
+    if spec.startswith("pool:"):
+        return pool_vocabulary(spec.split(":", 1)[1])
     path = Path(spec).expanduser()
     out: list[str] = []
     seen: set[str] = set()
@@ -161,7 +210,9 @@ class EmbeddingBackend(NeighborBackend):
         self._targets = targets
         self._exclude = {k for t in targets for k in _target_keys(t)}
         spec = self.vocab_spec
-        if spec not in ("wordnet",) and not spec.startswith("wordnet:"):
+        if spec.startswith("pool:"):  # the pool's contents, not its path, decide the vocabulary
+            spec = f"pool:{_digest(json.dumps(load_vocabulary(spec)))}"
+        elif spec not in ("wordnet",) and not spec.startswith("wordnet:"):
             spec = f"file:{_digest(_read_text(Path(spec).expanduser(), 'vocabulary file'))}"
         self._prompt_tail = f"vocabulary={spec}; targets={_targets_digest(targets)}"
 

@@ -100,7 +100,8 @@ def _keys(*names: str) -> set[str]:
 _WORD_RE = re.compile(r"[\w']+")
 
 
-def _words(text: str) -> list[str]:
+def caption_words(text: str) -> list[str]:
+    """The lower-case words of a caption (underscores and hyphens split words), as names are matched."""
     return _WORD_RE.findall((text or "").lower().replace("_", " ").replace("-", " "))
 
 
@@ -109,6 +110,8 @@ def _word_forms(word: str) -> tuple[str, ...]:
     """The word and its singular readings that are WordNet nouns ("shoes" -> shoes, shoe; "wolves" -> wolf)."""
     from ..neighbors import parse
 
+    if not word.isalpha():  # numbers, "o'clock": nothing to fold
+        return (word,)
     nouns = parse._load_nouns()  # the one WordNet noun list, loaded once
     out = [word, parse.singular(word)]
     for old, new in parse._SUFFIXES:  # "shoes" is itself a WordNet noun, "shoe" too
@@ -134,14 +137,18 @@ class NameMatcher:
     def __init__(self, labelled_forms: Iterable[tuple[str, Iterable[str]]], cache_size: int = 1 << 18) -> None:
         self._table: dict[tuple[str, ...], list[tuple[str, str, int]]] = {}
         self._longest = 0
+        self._firsts: set[str] = set()
+        self._lasts: set[str] = set()
         for label, forms in labelled_forms:
             for rank, form in enumerate(dict.fromkeys(forms)):
                 k = name_key(form) if isinstance(form, str) else None
-                words = tuple(_words(k or ""))
+                words = tuple(caption_words(k or ""))
                 if not words:
                     continue
                 self._table.setdefault(words, []).append((label, form, rank))
                 self._longest = max(self._longest, len(words))
+                self._firsts.add(words[0])  # a word that starts no key is skipped at once
+                self._lasts.add(words[-1])
         self._cache: dict[str, dict[str, str]] = {}
         self._cache_size = cache_size
 
@@ -151,13 +158,19 @@ class NameMatcher:
         hit = self._cache.get(caption)
         if hit is not None:
             return hit
-        words = _words(caption)
+        words = caption_words(caption)
         best: dict[str, tuple[int, str]] = {}
-        for i in range(len(words)):
+        firsts, lasts, table = self._firsts, self._lasts, self._table
+        for i, first in enumerate(words):
+            single = _word_forms(first) if first not in firsts else None  # a one-word key may be a plural
+            if single is not None and not any(f in firsts for f in single):
+                continue
             for n in range(1, min(self._longest, len(words) - i) + 1):
                 head = tuple(words[i:i + n - 1])
                 for last in _word_forms(words[i + n - 1]):  # the last word singular or plural, as name_key folds it
-                    for label, form, rank in self._table.get((*head, last), ()):
+                    if last not in lasts:
+                        continue
+                    for label, form, rank in table.get((*head, last), ()):
                         if label not in best or rank < best[label][0]:
                             best[label] = (rank, form)
         out = {label: form for label, (_, form) in best.items()}
@@ -296,7 +309,7 @@ def _folder_pool(root: Path, ctx: SourceContext) -> Iterator[dict[str, Any]]:
     _forms_stats(ctx)
 
 
-def _read_table(path: Path, required: tuple[str, ...], what: str) -> list[dict[str, Any]]:
+def read_rows(path: Path, required: tuple[str, ...], what: str) -> list[dict[str, Any]]:
     """Rows of a CSV or Parquet file with the required columns (one clear line when a column is missing)."""
     if path.suffix.lower() == ".parquet":
         import pyarrow.parquet as pq
@@ -323,7 +336,7 @@ def _read_table(path: Path, required: tuple[str, ...], what: str) -> list[dict[s
 
 
 def _table_pool(path: Path, ctx: SourceContext) -> Iterator[dict[str, Any]]:
-    rows = _read_table(path, ("path", "caption"), "a local pool table")
+    rows = read_rows(path, ("path", "caption"), "a local pool table")
     by_name = {a.name: a for a in ctx.names}
     matcher = NameMatcher((a.name, a.forms) for a in ctx.names)
     base = os.path.abspath(path.parent)
@@ -357,7 +370,7 @@ def urls_source(cfg: Any, ctx: SourceContext) -> Iterator[dict[str, Any]]:
     path = Path(cfg.urls_file)
     if not path.is_file():
         raise ConfigError(f"--urls-file {path}: not found")
-    rows = _read_table(path, ("name", "url"), "--urls-file")
+    rows = read_rows(path, ("name", "url"), "--urls-file")
     by_key = {name_key(a.name): a for a in ctx.names if name_key(a.name)}
     unknown: dict[str, int] = {}
     bad_urls = 0
@@ -508,4 +521,4 @@ def knn_source(cfg: Any, ctx: SourceContext) -> Iterator[dict[str, Any]]:
 
 
 __all__ = ["CANDIDATE_FIELDS", "SOURCES", "WEB_ENGINES", "AuxName", "NameMatcher", "SourceContext", "candidate",
-           "caption_mentions"]
+           "caption_mentions", "caption_words", "read_rows"]

@@ -16,7 +16,7 @@ import logging
 import os
 import tarfile
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -233,43 +233,68 @@ def _download(cfg: RetrieveConfig, rd: RunDir, url_rows: list[dict[str, Any]]) -
                      size=int(res["size"]))
 
 
+def check_local_file(path: str) -> dict[str, Any]:
+    """Status, SHA-256 and size of one referenced image file (``status`` ``missing`` / ``not_image`` with a reason)."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        return {"status": "missing", "error": f"cannot read {p}: {e.strerror or e}"}
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        return {"status": "not_image", "error": f"{p.name}: not a readable image ({type(e).__name__})"}
+    return {"status": "ok", "sha256": hashlib.sha256(data).hexdigest(), "width": int(w), "height": int(h)}
+
+
+def _check_block(paths: list[str]) -> list[dict[str, Any]]:
+    return [check_local_file(p) for p in paths]
+
+
+#: referenced files checked in worker processes from this many distinct files on (threads below: no start-up cost)
+PROCESS_MIN_FILES = 20_000
+
+
 def _reference_local(rows: list[dict[str, Any]], load_protocol: Any) -> None:
-    """Status, SHA-256 and size of referenced local images (pool rows of an array-backed pool hash the pixels)."""
+    """Status, SHA-256 and size of referenced local images (pool rows of an array-backed pool hash the pixels).
+
+    Each distinct file is read once (an image that is a candidate of several names too), in blocks: worker processes
+    for large pools (reading, hashing and header parsing hold the GIL), threads for small ones.
+    """
     if not rows:
         return
     pool = load_protocol().pool if any(r["location"] == "pool" for r in rows) else None
-
-    def one(r: dict[str, Any]) -> None:
+    files: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
         if r["location"] == "pool" and pool is not None and pool.array is not None:
             a = pool.array[r["pool_index"]]
             r.update(status="ok", sha256=hashlib.sha256(a.tobytes()).hexdigest(), height=int(a.shape[0]),
                      width=int(a.shape[1]))
-            return
-        p = Path(r["path"])
-        try:
-            data = p.read_bytes()
-        except OSError as e:
-            r.update(status="missing", error=f"cannot read {p}: {e.strerror or e}")
-            return
-        from PIL import Image, UnidentifiedImageError
+        else:
+            files.setdefault(str(r["path"]), []).append(r)
+    paths = list(files)
+    blocks = [paths[i:i + 1024] for i in range(0, len(paths), 1024)]
+    workers = max(1, min(8, os.cpu_count() or 1))
+    if len(paths) >= PROCESS_MIN_FILES and workers > 1:
+        import multiprocessing
 
-        try:
-            import io
-
-            with Image.open(io.BytesIO(data)) as im:
-                w, h = im.size
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-            r.update(status="not_image", error=f"{p.name}: not a readable image ({type(e).__name__})")
-            return
-        r.update(status="ok", sha256=hashlib.sha256(data).hexdigest(), width=int(w), height=int(h))
-
-    def block(part: list[dict[str, Any]]) -> None:
-        for r in part:
-            one(r)
-
-    # blocks of rows per task: a future per row (chunksize applies to processes only) cost more than the file check
-    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as ex:
-        list(ex.map(block, [rows[i:i + 512] for i in range(0, len(rows), 512)]))
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
+            results = ex.map(_check_block, blocks)
+            for block, res in zip(blocks, results):
+                for path, info in zip(block, res):
+                    for r in files[path]:
+                        r.update(info)
+        return
+    with ThreadPoolExecutor(workers) as ex:  # a block per task: a future per row cost more than the check
+        for block, res in zip(blocks, ex.map(_check_block, blocks)):
+            for path, info in zip(block, res):
+                for r in files[path]:
+                    r.update(info)
 
 
 # --------------------------------------------------------------------------------------------------------------
