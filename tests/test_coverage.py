@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -47,9 +48,12 @@ def test_an_uncovered_target_is_named_on_the_console_in_the_summary_and_in_the_r
         train={"model": "resnet8_cifar", "image_size": 32, "epochs": 1, "warmup_epochs": 0, "batch_size": 8,
                "threads": 1, "eval_every": 0},
         baseline=False)
-    with caplog.at_level(logging.WARNING, logger="neighborlt"):
+    with caplog.at_level(logging.INFO, logger="neighborlt"):
         run_pipeline(cfg, tmp_path / "run", progress=False)
     run = tmp_path / "run"
+    epoch = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch 1/1")]
+    assert epoch and re.fullmatch(r"epoch 1/1 loss \d+\.\d{4} test overall \d+\.\d, .*", epoch[0]) \
+        and not re.search(r"\d\.\d{5}", epoch[0])  # rounded, not 92.94999999999999
     warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("coverage after")]
     assert len(warnings) == 2  # once after retrieve, once after the filter
     assert warnings[0].startswith("coverage after retrieve: 1 of 2 targets have no auxiliary class") \

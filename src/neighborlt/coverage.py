@@ -24,9 +24,9 @@ MAX_NAMED = 20  # targets named in a warning line (all of them are in coverage.j
 #: what to try, by the stage after which targets are uncovered
 ADVICE = {
     "retrieve": ("try another neighbour backend (neighbors.backend: openai, or embedding), the pool's vocabulary "
-                 "(neighbors: {backend: embedding, vocabulary: 'pool:<your pool>'}), or a bigger pool"),
+                 "(neighbors: {backend: embedding, vocabulary: 'pool:<your pool>', relevance_threshold: 0.4}), or a bigger pool"),
     "filter": ("try a lower band (filter.gamma_low, or band_mode: quantile), another neighbour backend or the pool's "
-               "vocabulary (neighbors: {backend: embedding, vocabulary: 'pool:<your pool>'}), or a bigger pool"),
+               "vocabulary (neighbors: {backend: embedding, vocabulary: 'pool:<your pool>', relevance_threshold: 0.4}), or a bigger pool"),
 }
 
 

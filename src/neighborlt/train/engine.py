@@ -767,6 +767,14 @@ def _optimizer_step(s: _Setup) -> None:
     s.scheduler.step()
 
 
+def format_metrics(metrics: dict[str, Any] | None) -> str:
+    """Test metrics for a log line, percentages to one decimal (``overall 92.9, many 95.1, ...``)."""
+    if not metrics:
+        return "n/a"
+    return ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()
+                     if v is not None and not isinstance(v, (dict, list)))
+
+
 def _end_epoch(s: _Setup, epoch: int, t0: float, loss_sum: float, seen: int,
                metrics: dict[str, float | None]) -> dict[str, float | None]:
     """Test metrics (every ``eval_every`` epochs and at the end), the log row and the checkpoint of a finished
@@ -784,7 +792,8 @@ def _end_epoch(s: _Setup, epoch: int, t0: float, loss_sum: float, seen: int,
         if do_eval:
             row["test"] = metrics
         _append_jsonl(s.tdir / "log.jsonl", row)
-        log.info("epoch %d/%d loss %.4f%s", epoch + 1, cfg.epochs, train_loss, f" test {metrics}" if do_eval else "")
+        log.info("epoch %d/%d loss %.4f%s", epoch + 1, cfg.epochs, train_loss,
+                 " test " + format_metrics(metrics) if do_eval else "")
     _save(s, epoch + 1, 0)
     return metrics
 
