@@ -21,7 +21,6 @@ resumed run ends with the same weights as an uninterrupted one. In stream mode (
 sample's augmentation is a function of ``(seed, epoch, position)``, so this holds for any worker count; in cache
 mode with ``num_workers > 0`` augmentation after a mid-epoch resume is re-seeded, so exactness holds at epoch
 boundaries only.
-
 """
 
 from __future__ import annotations
