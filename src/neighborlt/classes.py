@@ -158,7 +158,7 @@ def run_classes(cfg: ClassesConfig, run_dir: RunDir | str | os.PathLike[str]) ->
                              num_pool=len(split.get("pool", [])),
                              train_counts=[int(r["train_count"]) for r in doc["classes"]], skipped=True,
                              skipped_corrupt=len(split.get("skipped_corrupt", [])))
-    logger.info("classes: running (%s)", "--force" if cfg.force else run.stale_reason(STAGE, key))
+    logger.debug("classes: running (%s)", "--force" if cfg.force else run.stale_reason(STAGE, key))
     run.record(STAGE, {"options": cfg.model_dump(mode="json"), "protocol": pcfg.model_dump(mode="json")},
                seed=pcfg.seed)
     run.clear_done(STAGE)

@@ -566,7 +566,7 @@ def run_eval(cfg: EvalConfig, run_dir: str | os.PathLike[str] | RunDir) -> dict[
     if run.is_done(stage, key) and (out_dir / "metrics.json").exists() and not where_missing:
         logger.info("eval: up to date (%s), skipping", out_dir / "metrics.json")
         return read_json(out_dir / "metrics.json")
-    logger.info("eval: running (%s)", "where.json missing" if where_missing and run.is_done(stage, key)
+    logger.debug("eval: running (%s)", "where.json missing" if where_missing and run.is_done(stage, key)
                 else run.stale_reason(stage, key))
 
     num_outputs: int | None = None

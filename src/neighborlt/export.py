@@ -194,7 +194,7 @@ def export_direct(run_dir: str | os.PathLike[str] | RunDir, *, force: bool = Fal
     if not force and run.is_done(STAGE, key) and (out_dir / WEIGHTS).is_file() and (out_dir / INFO).is_file():
         logger.info("export: up to date (%s), skipping", out_dir)
         return out_dir
-    logger.info("export: running (%s)", "--force" if force else run.stale_reason(STAGE, key))
+    logger.debug("export: running (%s)", "--force" if force else run.stale_reason(STAGE, key))
     run.record(STAGE, {"source": str(weights_path), "source_sha256": src_sha, "num_classes": num_classes,
                        "num_target_classes": num_target})
     weight_key, bias_key = classifier_key_names(info, info_path)

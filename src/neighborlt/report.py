@@ -256,7 +256,8 @@ def _method_label(model: dict[str, Any] | None, has_aux: bool) -> str:
         return "method"
     from .pipeline import trained_loss_label
 
-    return f"{trained_loss_label(model)}{' + auxiliary classes' if has_aux else ''}"
+    label = trained_loss_label(model).replace("neighbor_silencing", "neighbor silencing", 1)
+    return f"{label}{' + auxiliary classes' if has_aux else ''}"
 
 
 def _baseline_label(train_cfg: dict[str, Any] | None, model: dict[str, Any] | None = None) -> str:

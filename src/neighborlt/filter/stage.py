@@ -140,7 +140,7 @@ def run_filter(cfg: FilterConfig, run_dir: RunDir | str | os.PathLike[str]) -> F
         logger.info("filter: finished with the same options and manifest in %s; skipping", out)
         return FilterResult(aux_manifest=str(aux_path), funnel=doc["total"], classes=doc["classes"],
                             dropped_classes=doc["dropped_classes"], skipped=True)
-    logger.info("filter: running (%s)", "--force" if cfg.force else rd.stale_reason(STAGE, key))
+    logger.debug("filter: running (%s)", "--force" if cfg.force else rd.stale_reason(STAGE, key))
     rd.record(STAGE, cfg)
     rows = mf.read_table(src).to_pylist()
     decision = ["" for _ in rows]  # "" = still in; else the rule that rejected it

@@ -604,7 +604,7 @@ def run_neighbors(cfg: NeighborsConfig, run_dir: str | Path | RunDir, *, progres
     if not force and run.is_done(STAGE, key, "neighbors.json"):
         logger.info("%s is up to date (key %s); skipping", out, key)
         return NeighborsResult(out, read_json(out), skipped=True)
-    logger.info("neighbors: running (%s)", "--force" if force else run.stale_reason(STAGE, key))
+    logger.debug("neighbors: running (%s)", "--force" if force else run.stale_reason(STAGE, key))
     run.record(STAGE, cfg.model_dump())
     run.log(STAGE, event="start", backend=cfg.backend, model=cfg.model, classes=len(targets), dataset=dataset)
     try:

@@ -134,7 +134,7 @@ def run_retrieve(cfg: RetrieveConfig, run_dir: RunDir | str | os.PathLike[str]) 
                                                              "retrieve/stats.json"):
         logger.info("retrieve: finished with the same options and inputs in %s; skipping", out)
         return _result(mf.read_table(manifest_path), read_json(out / "stats.json"), skipped=True)
-    logger.info("retrieve: running (%s)", "--force" if cfg.force else "--retry-failed" if cfg.retry_failed
+    logger.debug("retrieve: running (%s)", "--force" if cfg.force else "--retry-failed" if cfg.retry_failed
                 else rd.stale_reason(STAGE, key))
     rd.record(STAGE, cfg)
 
