@@ -279,7 +279,7 @@ def run_grid(args: argparse.Namespace) -> dict[str, Any]:
                 cfg = TrainConfig(**train_config(args.regime, loss, ds, args.epochs, seed, args.device,
                                                  args.num_workers, init=str(init) if init else None))
                 logger.info("train %s / %s / %s seed %d -> %s", ds, tag, loss, seed, run)
-                res = run_train(cfg, run, resume=True, data=data, progress=not args.no_progress)
+                res = run_train(cfg, run, resume="auto", data=data, progress=not args.no_progress)
                 if res.interrupted:
                     raise SystemExit(f"{run}: interrupted; re-run the same command to resume")
                 done = read_json(run / "records" / "train.done.json")

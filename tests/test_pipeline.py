@@ -117,12 +117,12 @@ def test_cli_errors_are_one_line(tmp_path: Path, args: list[str], message: str) 
 def test_pool_vocabulary_limits_neighbours_to_pool_classes(tmp_path: Path, data_dir: Path) -> None:
     """With --neighbors-vocabulary pool the backend can only name pool classes, so every proposed name reaches
     training (nothing unmatched) and K / the split ratio change the neighbour pairs."""
-    from neighborlt.ablate import _Data
+    from neighborlt.ablate import GridData
 
     cfg = AblationConfig(grids=["k", "ratio"], protocol="cifar10-neighbours",
                          data_dir=str(data_dir), relation="neighbors", neighbors_backend="embedding",
                          neighbors_vocabulary="pool")
-    data = _Data(cfg, tmp_path)
+    data = GridData(cfg, tmp_path)
     pool = set(data.protocol.pool.class_names)
     sets = {row.label: data.training_set(row.run) for g in ("k", "ratio") for row in grid_rows(cfg, g)}
     assert (tmp_path / "neighbors" / "pool_vocabulary.txt").read_text().split("\n")[:-1] == \
@@ -137,7 +137,7 @@ def test_pool_vocabulary_limits_neighbours_to_pool_classes(tmp_path: Path, data_
     assert head not in set(sets["ratio 0:1:3"].pairs[:, 0].tolist())
     assert head in set(sets["ratio 1:1:3"].pairs[:, 0].tolist())
     with pytest.raises(Exception, match="no auxiliary pool"):
-        _Data(cfg.model_copy(update={"protocol": "cifar10-lt"}), tmp_path / "lt")._pool_vocabulary()
+        GridData(cfg.model_copy(update={"protocol": "cifar10-lt"}), tmp_path / "lt")._pool_vocabulary()
 
 
 def test_grid_rows_with_the_same_auxiliary_set_train_once(tmp_path: Path, data_dir: Path) -> None:

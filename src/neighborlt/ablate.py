@@ -569,7 +569,7 @@ def run_ablation(cfg: AblationConfig, out_dir: str | os.PathLike[str], *, progre
             if on_run:
                 on_run(name, seed)
             data.populate(spec, run_dir)
-            res = run_train(tcfg_of(spec, seed), run_dir, progress=progress, resume=True)
+            res = run_train(tcfg_of(spec, seed), run_dir, progress=progress, resume="auto")
         if res.interrupted:
             raise ConfigError(f"training of {name} seed {seed} was interrupted; re-run to resume")
         cache[key] = (res, _train_seconds(run_dir))

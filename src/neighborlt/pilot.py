@@ -174,7 +174,7 @@ def run_one(cfg: PilotConfig, out_dir: str, superclasses: int, ratio: float, see
         if not mine:
             return False
         run_classes(_classes_config(cfg, targets, ratio, seed), run_dir)
-        res = run_train(train_config(cfg, seed), run_dir, resume=True, progress=progress)
+        res = run_train(train_config(cfg, seed), run_dir, resume="auto", progress=progress)
         if res.interrupted:
             raise ConfigError(f"training of {run_dir} was interrupted; re-run the same pilot command to resume")
         run_eval(EvalConfig(model="train", data_dir=cfg.data_dir), run_dir)
