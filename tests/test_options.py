@@ -65,8 +65,11 @@ FLAGS: dict[str, tuple[list[str], Any]] = {
     "channels_last": (["--channels-last"], True),
     "eval_every": (["--eval-every", "0"], 0),
     "eval_batch_size": (["--eval-batch-size", "64"], 64),
+    "recipe": (["--recipe", "clip", "--recipe-dataset", "places-lt"], "clip"),
+    "recipe_dataset": (["--recipe-dataset", "places-lt", "--recipe", "clip"], "places-lt"),
 }
-NEEDS = {"frozen": {"init": "pretrained"}, "label_smoothing": {"mixup": 0.2}}  # other fields a value requires
+NEEDS = {"frozen": {"init": "pretrained"}, "label_smoothing": {"mixup": 0.2},  # other fields a value requires
+         "recipe": {"recipe_dataset": "places-lt"}, "recipe_dataset": {"recipe": "clip"}}
 
 
 def _cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
