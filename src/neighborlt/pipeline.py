@@ -378,9 +378,6 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | os.PathLike[str] | None = N
         from .coverage import coverage_markdown
 
         text += coverage_markdown(rd.root)  # targets without an auxiliary class / a silenced pair, and what to try
-        from .coverage import coverage_markdown
-
-        text += coverage_markdown(rd.root)  # targets without an auxiliary class / a silenced pair, and what to try
         atomic_write_text(rd.path("summary.md"), text)
         atomic_write_json(rd.path("summary.json"), {"method": _headline(method or {}),
                                                     "baseline": _headline(base_metrics) if base_metrics else None,
