@@ -21,7 +21,8 @@ from neighborlt.ablate import AblationConfig, grid_rows, prepare_runs, train_con
 from neighborlt.pipeline import DEMO_TRAIN
 from neighborlt.report import write_ablation_page
 
-SMALL = {"n_max": 40, "imbalance_ratio": 10}
+# one pool class: the filter stage reads every pool image (5,000 here, not 25,000); the claims need one auxiliary class
+SMALL = {"n_max": 40, "imbalance_ratio": 10, "pool": ["dog"]}
 TRAIN = {**DEMO_TRAIN, "image_size": 16, "epochs": 1, "batch_size": 16, "warmup_epochs": 0, "max_test_per_class": 10,
          "crt_epochs": 1, "threads": 1}
 RUNS = ("balce", "balce_aux_crt", "ns0.1_aux_crt")  # the distinct runs of table6
@@ -176,14 +177,17 @@ def test_ablation_page_escapes_file_strings(tmp_path: Path) -> None:
     ("pilot", ["--train", '{"epoch": 3}'], "error: --train epoch: unknown key (did you mean 'epochs'?)"),
 ])
 def test_bad_section_key_is_one_line_before_any_work(command: str, option: list[str], message: str,
-                                                     tmp_path: Path) -> None:
+                                                     tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A mistyped --train / --filter key stops the command before it prepares any data (no output folder)."""
+    from neighborlt.cli import main  # the console entry point, in-process
+
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "neighborlt", command, str(out), *option], capture_output=True,
-                          text=True, timeout=120, check=False)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
+    with pytest.raises(SystemExit) as exit_:
+        main([command, str(out), *option])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), err
     assert not out.exists()
 
 

@@ -87,19 +87,21 @@ def test_wordnet_protocol_on_generated_tiny_layout(tmp_path: Path) -> None:
 
 def test_split_json_round_trip_and_aux(tmp_path: Path, data_dir: Path) -> None:
     run = RunDir(tmp_path / "run")
-    res = run_classes(ClassesConfig(protocol="cifar10-neighbours", data_dir=str(data_dir), seed=3), run)
+    # three pool classes (retrieve and filter read every pool image: 15,000 here, not 25,000); the names below use them
+    pool = ["dog", "truck", "ship"]
+    res = run_classes(ClassesConfig(protocol="cifar10-neighbours", data_dir=str(data_dir), seed=3, pool=pool), run)
     assert res.train_counts == [500, 158, 50, 15, 5]
     split = read_json(run.path("split.json"))
     assert split["protocol"]["seed"] == 3 and [t["id"] for t in split["targets"]][:2] == ["cat", "automobile"]
     p = load_targets(run)
-    ref = build_protocol("cifar10-neighbours", data_dir, seed=3)
+    ref = build_protocol("cifar10-neighbours", data_dir, seed=3, pool=pool)
     assert p.target_train.paths == ref.target_train.paths and p.config == ref.config
     assert p.target_test.paths == ref.target_test.paths and p.pool.paths == ref.pool.paths
 
     aux = _acquired(run, "wordnet")
-    assert aux.num_target == 5 and aux.train.num_classes == 10
-    assert aux.pairs.tolist() == [[0, 5], [1, 6], [2, 7], [3, 8], [4, 9]]
-    assert aux.train.counts().tolist() == [500, 158, 50, 15, 5] + [5000] * 5
+    assert aux.num_target == 5 and aux.train.num_classes == 8
+    assert aux.pairs.tolist() == [[0, 5], [1, 6], [3, 7]]  # cat - dog, automobile - truck, airplane - ship (WordNet)
+    assert aux.train.counts().tolist() == [500, 158, 50, 15, 5] + [5000] * 3
     assert aux.test.num_classes == 5
 
     neighbors = {"targets": [{"index": 0, "name": "cat", "found": ["Dogs", "lynx"]}],
