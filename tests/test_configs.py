@@ -79,7 +79,18 @@ def _example_module() -> object:
     return mod
 
 
-def test_own_dataset_example_end_to_end(tmp_path: Path, data_dir: Path) -> None:
+def _cli(args: list[str]) -> int:
+    from neighborlt.cli import main
+
+    try:
+        main(args)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def test_own_dataset_example_end_to_end(tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """make_example.py + config.yaml as the README runs them, shrunk to seconds: the WordNet neighbours of the
     targets find pool captions, the method and the baseline are trained and compared, a re-run does nothing."""
     t0 = time.time()
@@ -94,9 +105,8 @@ def test_own_dataset_example_end_to_end(tmp_path: Path, data_dir: Path) -> None:
     raw["report"] = False
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(raw))
-    proc = subprocess.run([sys.executable, "-m", "neighborlt", "run", str(config)], capture_output=True, text=True,
-                          timeout=300, check=False, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    monkeypatch.chdir(tmp_path)
+    assert _cli(["run", str(config)]) == 0, capsys.readouterr().err[-3000:]  # the CLI in-process (no 2nd torch import)
     run = tmp_path / "run"
     split = json.loads((run / "split.json").read_text())
     counts = {t["name"]: t["train_count"] for t in split["targets"]}  # ImageFolder: classes in folder order
@@ -132,12 +142,26 @@ def test_own_dataset_example_end_to_end(tmp_path: Path, data_dir: Path) -> None:
     ("train:\n  lr: [\n", "config.yaml:3:1: not valid YAML"),
     ("- 1\n", "expected a mapping of keys"),
 ])
-def test_bad_configs_are_one_line(tmp_path: Path, text: str, message: str) -> None:
+def test_bad_configs_are_one_line(tmp_path: Path, text: str, message: str, capsys: pytest.CaptureFixture,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process through the CLI's entry point (the console-script case is test_bad_config_in_a_console below)."""
+    monkeypatch.chdir(tmp_path)
     config = tmp_path / "config.yaml"
     config.write_text(text)
+    code = _cli(["run", str(config)])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith("error: ") and message in lines[0], lines[0]
+    assert not (tmp_path / "runs").exists()  # nothing ran
+
+
+def test_bad_config_in_a_console_is_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("train:\n  lr: [\n")
     proc = subprocess.run([sys.executable, "-m", "neighborlt", "run", str(config)], capture_output=True, text=True,
                           timeout=120, check=False, cwd=tmp_path)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: ") and message in lines[0], lines[0]
-    assert not (tmp_path / "runs").exists()  # nothing ran
+    assert lines[0].startswith("error: ") and "config.yaml:3:1: not valid YAML" in lines[0], lines[0]
+    assert not (tmp_path / "runs").exists()

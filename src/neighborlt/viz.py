@@ -249,8 +249,7 @@ def _umap(ctx: _Context) -> Path:
     for ax, (title, model, m_meta) in zip(axes[0], panels):
         feats = np.concatenate([_features(model, s, m_meta, ctx.cfg.batch_size) for s in sets])
         n = len(feats)
-        emb = umap.UMAP(n_neighbors=max(2, min(15, n - 1)), random_state=ctx.cfg.seed, init="random", n_jobs=1,
-                        n_components=2).fit_transform(feats)
+        emb = _umap_embed(umap, feats, max(2, min(15, n - 1)), ctx.cfg.seed)
         for c in targets + neighbours:
             sel = labels == c
             target = c < L
@@ -265,6 +264,26 @@ def _umap(ctx: _Context) -> Path:
     fig.suptitle(f"Most-confused head/tail pairs: {pair_text}", fontsize=9)
     fig.tight_layout()
     return _save(fig, ctx.out("umap"))
+
+
+def _umap_embed(umap: Any, feats: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """2-D UMAP of ``feats`` with ``k`` neighbours. Below UMAP's own exact-kNN size (4096 points) the exact neighbours
+    are computed here with numpy and handed in (``precomputed_knn``): the same graph UMAP builds itself, without
+    compiling its parallel numba kNN kernels (most of a fresh process's first UMAP call)."""
+    import warnings
+
+    knn: tuple[Any, ...] = (None, None, None)
+    if len(feats) < 4096:
+        x = np.asarray(feats, np.float64)
+        sq = (x * x).sum(1)
+        d = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2.0 * (x @ x.T), 0.0))
+        np.fill_diagonal(d, 0.0)
+        idx = np.argsort(d, axis=1, kind="stable")[:, :k]
+        knn = (idx.astype(np.int32), np.take_along_axis(d, idx, 1).astype(np.float32))
+    with warnings.catch_warnings():  # no search index given: only .transform() is unavailable, which is not used
+        warnings.filterwarnings("ignore", message=r"precomputed_knn\[2\]")
+        return umap.UMAP(n_neighbors=k, random_state=seed, init="random", n_jobs=1, n_components=2,
+                         precomputed_knn=knn).fit_transform(feats)
 
 
 def _patch_tokens(model: Any, x: Any) -> tuple[Any, int]:
