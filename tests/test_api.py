@@ -173,18 +173,18 @@ def test_prediction_writes_nothing(resnet_run: Path, cifar_files: list[Path], tm
     env.pop("NEIGHBORLT_DATA", None)
     before = sorted((str(p), p.stat().st_mtime_ns) for p in resnet_run.rglob("*"))
     files = [str(f) for f in cifar_files[:3]]
-    cli = subprocess.run([sys.executable, "-m", "neighborlt", "predict", str(resnet_run), *files, "-k", "2",
-                          "--device", "cpu"], check=False, capture_output=True, text=True, env=env, cwd=dirs["cwd"],
-                         timeout=300)
-    assert cli.returncode == 0, cli.stderr
-    printed = cli.stdout.strip().splitlines()
+    # one process (one torch import): the console entry point `neighborlt predict`, then the API on the same images
+    code = ("import json, sys, neighborlt; from neighborlt.cli import main; run, files = sys.argv[1], sys.argv[2:]; "
+            "main(['predict', run, *files, '-k', '2', '--device', 'cpu']); print('--- api', flush=True); "
+            "p = neighborlt.load(run, device='cpu'); print(json.dumps(p.predict(files, top_k=2)))")
+    proc = subprocess.run([sys.executable, "-c", code, str(resnet_run), *files], check=False, capture_output=True,
+                          text=True, env=env, cwd=dirs["cwd"], timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    cli, api = proc.stdout.split("--- api\n")
+    printed = cli.strip().splitlines()
     assert len(printed) == 3 and printed[0].startswith(files[0] + "\t") and printed[0].count("%") == 2
-    code = ("import json, sys, neighborlt; p = neighborlt.load(sys.argv[1], device='cpu'); "
-            "print(json.dumps(p.predict(sys.argv[2:], top_k=2)))")
-    api = subprocess.run([sys.executable, "-c", code, str(resnet_run), *files], check=False, capture_output=True,
-                         text=True, env=env, cwd=dirs["cwd"], timeout=300)
-    assert api.returncode == 0, api.stderr
-    rows = json.loads(api.stdout)
+    rows = json.loads(api)
+    assert len(rows) == 3
     for line, r in zip(printed, rows):  # the API returns what the CLI prints
         assert line == r["path"] + "\t" + ", ".join(f"{t['name']} {100 * t['probability']:.1f}%" for t in r["top"])
     for name, d in dirs.items():

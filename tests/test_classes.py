@@ -85,9 +85,6 @@ def test_cli_classes_and_summary(tmp_path: Path, data_dir: Path) -> None:
 
 
 def test_cli_error_is_one_line(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
     out = subprocess.run([sys.executable, "-m", "neighborlt", "classes", str(tmp_path / "r"), "--dataset",
                           str(tmp_path / "missing")], capture_output=True, text=True, check=False)
     assert out.returncode == 2
@@ -121,17 +118,21 @@ def test_cli_custom_split_on_an_image_folder_then_retrieve(tmp_path: Path) -> No
     assert len(rows) == 12 and read_json(run / "retrieve" / "stats.json")["names_with_images"] == 2
 
 
-def test_custom_split_config_and_unknown_names(tmp_path: Path) -> None:
+def test_custom_split_config_and_unknown_names(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = image_folder(tmp_path / "ds", {"cat": 3, "dog": 3, "fox": 3})
     cfg = ClassesConfig(dataset=str(root), targets="dog,cat", pool=["fox"])  # a YAML string or a list
     assert cfg.targets == ["dog", "cat"] and cfg.protocol_config().pool == ["fox"]
     res = run_classes(cfg, RunDir(tmp_path / "run"))
     assert res.num_targets == 2 and res.num_pool == 1 and res.train_counts == [3, 3]
+    from neighborlt.cli import main  # the console entry point in-process (test_cli_error_is_one_line runs the process)
+
     for args, what in ((["--targets", "cat,lion"], "target class 'lion'"), (["--pool", "cat,emu"], "pool class 'emu'")):
-        proc = subprocess.run([sys.executable, "-m", "neighborlt", "classes", str(tmp_path / "r2"), "--dataset",
-                               str(root), *args], capture_output=True, text=True, timeout=120, check=False)
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            main(["classes", str(tmp_path / "r2"), "--dataset", str(root), *args])
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert exit_.value.code == 2 and len(lines) == 1, err
         assert what in lines[0] and "known classes: cat, dog, fox" in lines[0]
     with pytest.raises(ConfigError, match="both a target and in the pool"):
         run_classes(ClassesConfig(dataset=str(root), targets=["cat"], pool=["cat"]), RunDir(tmp_path / "r3"))
