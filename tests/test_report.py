@@ -64,6 +64,10 @@ def report_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path
                          max_test_per_class=10, filter=FILTER)
     run_pipeline(cfg, run, progress=False)
     shutil.copytree(run / "report", run / "pipeline_report")  # the page run_pipeline wrote, on the real funnel
+    from neighborlt.viz import VizConfig, run_viz
+
+    drawn = run_viz(VizConfig(figures=["samples_per_class"], data_dir=str(data_dir)), run)  # the viz section's input
+    assert set(drawn.figures) == {"samples_per_class"}, drawn.skipped
     _write_funnel(run)
     classes = json.loads((run / "classes.json").read_text())
     classes["classes"][0]["name"] = HOSTILE_TARGET
@@ -95,7 +99,7 @@ def test_page_is_self_contained_and_images_are_png(report: Path) -> None:
         assert attr.startswith(("data:image/png;base64,", "#")), attr[:80]
     assert "url(" not in page and "@import" not in page and "<link" not in page.lower()
     sources = _img_sources(page)
-    assert len(sources) == page.count("<img ") == 6 + 5  # 6 figures + 5 contact sheets
+    assert len(sources) == page.count("<img ") == 6 + 5 + 1  # 6 figures + 5 contact sheets + 1 viz figure
     for src in sources:
         raw = base64.b64decode(src.split(",", 1)[1], validate=True)
         assert raw[:8] == b"\x89PNG\r\n\x1a\n"
@@ -103,8 +107,12 @@ def test_page_is_self_contained_and_images_are_png(report: Path) -> None:
             im.load()
             assert im.format == "PNG" and im.width > 10 and im.height > 10
     for heading in ("Class-frequency profile", "Accuracy by split", "Per-class accuracy", "Where the target test",
-                    "Acquisition funnel", "Contact sheets", "Training curves", "Config and provenance"):
+                    "Acquisition funnel", "Contact sheets", "Training curves", "Why: feature views",
+                    "Config and provenance"):
         assert heading in page
+    from neighborlt.viz import CAPTIONS
+
+    assert html.escape(CAPTIONS["samples_per_class"]) in page  # the viz figure with what to look for
     assert "Balanced-CE, no auxiliary data" in page and "neighbor silencing" in page
 
 
@@ -182,10 +190,12 @@ def test_missing_and_malformed_inputs_name_their_commands(report_run: Path, tmp_
     (run / "eval").mkdir()
     (run / "eval" / "metrics.json").write_text("{not json")
     res = run_report(ReportConfig(), run)
-    assert res.sections["profile"] and not any(v for k, v in res.sections.items() if k not in ("profile",
+    assert res.sections["profile"] and not any(v for k, v in res.sections.items() if k not in ("profile", "viz",
                                                                                                "provenance"))
+    # viz is optional: without figures it says which command draws them
     page = res.html.read_text(encoding="utf-8")
-    for command in ("neighborlt eval RUN", "neighborlt train RUN", "neighborlt retrieve RUN, then neighborlt filter RUN"):
+    for command in ("neighborlt eval RUN", "neighborlt train RUN", "neighborlt retrieve RUN, then neighborlt filter RUN",
+                    "neighborlt viz RUN"):
         assert html.escape(command) in page, command
     assert "invalid JSON" in page  # the malformed metrics file is named in its section
     assert _img_sources(page)  # the profile figure is still there
@@ -265,7 +275,7 @@ def test_report_renders_in_headless_chromium(report: Path, tmp_path: Path) -> No
     assert (n, broken) == (1, 1) and any("boom" in ln for ln in console)
 
     n, broken, console = _render_check(exe, tmp_path, report)
-    assert n == len(_img_sources(report.read_text(encoding="utf-8"))) == 11
+    assert n == len(_img_sources(report.read_text(encoding="utf-8"))) == 12
     assert broken == 0 and console == []
 
     shot = tmp_path / "report.png"

@@ -767,6 +767,27 @@ def _section_coverage(inp: _Inputs, cfg: ReportConfig) -> _Section:
     return sec
 
 
+def _section_viz(inp: _Inputs, cfg: ReportConfig) -> _Section:
+    """The figures ``neighborlt viz RUN`` drew (``RUN/viz/*.png``), each with its caption of what to look for."""
+    from .viz import viz_figures
+
+    sec = _Section("viz", "Why: feature views")
+    figures = viz_figures(inp.root)
+    if not figures:  # optional (UMAP takes minutes on a CPU): a pointer, not a missing input
+        sec.blocks.append(_Para("No figures yet: neighborlt viz RUN draws a UMAP of the most-confused head/tail "
+                                "pairs, PCA-RGB maps of ViT patch tokens and the samples per class, then neighborlt "
+                                "report RUN shows them here."))
+        return sec
+    for path, caption in figures:
+        try:
+            png = _png_of_file(path)
+        except (OSError, ValueError) as e:
+            sec.blocks.append(_Para(f"{path.name}: not a readable image ({type(e).__name__}); skipped.", "warn"))
+            continue
+        sec.blocks.append(_Figure(png, caption, f"viz_{_safe_stem(path.stem)}", path.stem.replace("_", " ")))
+    return sec
+
+
 def _curve_rows(path: Path) -> tuple[list[dict[str, Any]], int]:
     rows, bad = _read_jsonl(path)
     by_epoch: dict[int, dict[str, Any]] = {}
@@ -908,11 +929,13 @@ SECTIONS: tuple[tuple[str, Callable[[_Inputs, ReportConfig], _Section]], ...] = 
     ("coverage", _section_coverage),
     ("funnel", _section_funnel),
     ("curves", _section_curves),
+    ("viz", _section_viz),
     ("provenance", _section_provenance),
 )
 _TITLES = {"profile": "Class-frequency profile", "splits": "Accuracy by split: method against baseline",
            "per_class": "Per-class accuracy against training images", "where": "Where the target test images go",
            "funnel": "Acquisition funnel and contact sheets", "curves": "Training curves",
+           "coverage": "Coverage: auxiliary classes per target", "viz": "Why: feature views",
            "provenance": "Config and provenance"}
 
 
