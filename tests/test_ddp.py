@@ -69,13 +69,37 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         ddp.cleanup(info)
 
 
-def test_ddp_gradients_equal_single_process_on_concatenated_batch(tmp_path: Path) -> None:
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+def _both_worker(rank: int, world: int, ports: tuple[int, int], out_dir: str, aux, cfg_json: str) -> None:
+    """One spawn for both tests (each spawn re-imports torch in two processes): the gradient check, then the engine
+    run, each in its own process group."""
+    _ddp_worker(rank, world, ports[0], out_dir)
+    _engine_worker(rank, world, ports[1], str(Path(out_dir) / "ddp"), aux, cfg_json)
+
+
+CFG = {"model": "efficientnet_lite0", "init": "pretrained", "frozen": True, "head": "mlp", "head_hidden": 32,
+       "image_size": 32, "epochs": 2, "batch_size": 16, "lr": 0.05, "warmup_epochs": 0, "loss": "neighbor_silencing",
+       "device": "cpu", "aux_cap": 5}
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> tuple[Path, object]:
+    """Both DDP jobs of this file, run once by two gloo processes; returns their folder and the training data."""
+    from neighborlt.train.config import TrainConfig
+
+    out = tmp_path_factory.mktemp("ddp")
+    aux = _small_aux(data_dir)
+    mp.spawn(_both_worker, args=(2, (_free_port(), _free_port()), str(out), aux,
+                                 TrainConfig(**CFG).model_dump_json()), nprocs=2, join=True)
+    return out, aux
+
+
+def test_ddp_gradients_equal_single_process_on_concatenated_batch(spawned: tuple[Path, object]) -> None:
+    out, _ = spawned
     images, feats, labels = _batch()
     full = _grads(_models(), images, feats, labels)
     half = _grads(_models(), images[:4], feats[:4], labels[:4])
     for rank in range(2):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
+        got = torch.load(out / f"rank{rank}.pt")
         for model_name, grads in full.items():
             for k, g in grads.items():
                 torch.testing.assert_close(got[model_name][k], g, rtol=1e-5, atol=1e-6)
@@ -111,23 +135,18 @@ def _engine_worker(rank: int, world: int, port: int, run_dir: str, aux, cfg_json
 
 
 @pytest.mark.slow
-def test_ddp_engine_run_matches_single_process(tmp_path: Path, data_dir: Path) -> None:
+def test_ddp_engine_run_matches_single_process(spawned: tuple[Path, object], tmp_path: Path) -> None:
     from neighborlt.train.checkpoint import load_weights
     from neighborlt.train.config import TrainConfig
     from neighborlt.train.engine import run_train
 
-    cfg = TrainConfig(model="efficientnet_lite0", init="pretrained", frozen=True, head="mlp", head_hidden=32,
-                      image_size=32, epochs=2, batch_size=16, lr=0.05, warmup_epochs=0,
-                      loss="neighbor_silencing", device="cpu", aux_cap=5)
-    aux = _small_aux(data_dir)
-    single = run_train(cfg, tmp_path / "single", data=aux, progress=False)
-    mp.spawn(_engine_worker, args=(2, _free_port(), str(tmp_path / "ddp"), aux, cfg.model_dump_json()),
-             nprocs=2, join=True)
+    out, aux = spawned
+    single = run_train(TrainConfig(**CFG), tmp_path / "single", data=aux, progress=False)
     a = load_weights(tmp_path / "single" / "train" / "model.safetensors")
-    b = load_weights(tmp_path / "ddp" / "train" / "model.safetensors")
+    b = load_weights(out / "ddp" / "train" / "model.safetensors")
     assert single.world_size == 1
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
-    rows = [r for r in (tmp_path / "ddp" / "train" / "log.jsonl").read_text().splitlines()]
+    rows = [r for r in (out / "ddp" / "train" / "log.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and '"world_size": 2' in rows[-1]
