@@ -3,6 +3,7 @@ Balanced-CE baseline): the three figures, byte-identical when drawn again, and o
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -30,9 +31,15 @@ def _cli(args: list[str]) -> int:
 
 @pytest.fixture(scope="module")
 def vit_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
-    run = tmp_path_factory.mktemp("viz") / "run"
+    root = tmp_path_factory.mktemp("viz")
+    run = root / "run"
+    # neighbours from a file (what WordNet finds among the pool classes, without loading WordNet: not under test here)
+    mapping = root / "neighbours.json"
+    mapping.write_text(json.dumps({"cat": ["dog"], "automobile": ["truck"], "deer": ["horse"], "airplane": ["ship"],
+                                   "bird": ["frog"]}))
     cfg = PipelineConfig(data_dir=str(data_dir), protocol_overrides={"n_max": 40, "imbalance_ratio": 10}, train=TRAIN,
-                         aux_cap=8, max_test_per_class=10, filter=FILTER, report=False)
+                         aux_cap=8, max_test_per_class=10, filter=FILTER, report=False,
+                         neighbors={"backend": "file", "mapping_file": str(mapping)})
     run_pipeline(cfg, run, progress=False)
     return run
 
