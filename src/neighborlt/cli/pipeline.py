@@ -127,8 +127,12 @@ def demo_cmd(
 ) -> None:
     """The offline demo: CIFAR-10 split-neighbour protocol, WordNet neighbours, its captioned local pool (the
     protocol's sibling relation: CIFAR-10's generic pool names such as "ship" rarely equal WordNet's specific
-    neighbour names such as "brig"), the default filter, ResNet-8 from scratch."""
-    run_cmd(run_dir, data_dir=data_dir, retrieve='{"match": "wordnet"}')
+    neighbour names such as "brig"), the default filter on 32-px features, ResNet-8 from scratch."""
+    import json
+
+    from ..pipeline import DEMO_FILTER
+
+    run_cmd(run_dir, data_dir=data_dir, retrieve='{"match": "wordnet"}', filter_=json.dumps(DEMO_FILTER))
 
 
 def _ah(field: str, text: str) -> str:

@@ -216,7 +216,9 @@ def run_filter(cfg: FilterConfig, run_dir: RunDir | str | os.PathLike[str]) -> F
                 reject(i, "leak")
     if cfg.dedup and live:
         seen_sha: set[str] = set()
-        kept_by_class: dict[str, list[int]] = {}
+        # per class: the unit features of its kept images in a growing buffer, so each candidate costs one
+        # mat-vec against its class's kept images (no re-gathering or re-normalising of the kept set per candidate)
+        kept_unit: dict[str, list] = {}  # class -> [buffer [cap, D], number kept]
         pos = {i: n for n, i in enumerate(live)}
         for i in live:
             if decision[i]:
@@ -226,14 +228,17 @@ def run_filter(cfg: FilterConfig, run_dir: RunDir | str | os.PathLike[str]) -> F
                 reject(i, "dedup")
                 continue
             if feats is not None:
-                mates = kept_by_class.get(rows[i]["name"], [])
-                if mates:
-                    fc = feats["candidates"]
-                    v = _unit(fc[[pos[j] for j in mates]]) @ _unit(fc[pos[i]:pos[i] + 1])[0]
-                    if float(v.max()) >= cfg.dedup_threshold:
-                        reject(i, "dedup")
-                        continue
-                kept_by_class.setdefault(rows[i]["name"], []).append(i)
+                u = _unit(feats["candidates"][pos[i]:pos[i] + 1])[0]
+                slot = kept_unit.get(rows[i]["name"])
+                if slot is not None and float((slot[0][:slot[1]] @ u).max()) >= cfg.dedup_threshold:
+                    reject(i, "dedup")
+                    continue
+                if slot is None:
+                    slot = kept_unit[rows[i]["name"]] = [np.empty((16, u.shape[0]), np.float32), 0]
+                elif slot[1] == len(slot[0]):
+                    slot[0] = np.concatenate([slot[0], np.empty_like(slot[0])])
+                slot[0][slot[1]] = u
+                slot[1] += 1
             seen_sha.add(sha)
     if cfg.max_per_class is not None:
         by_class = {}
