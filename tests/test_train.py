@@ -289,3 +289,11 @@ def test_channels_last_is_execution_only(tmp_path: Path, small_aux) -> None:
     lb = predict_logits(tmp_path / "nhwc" / "train", small_aux.test)
     np.testing.assert_allclose(lb, la, rtol=1e-3, atol=1e-3)
     assert a.metrics["overall"] == pytest.approx(b.metrics["overall"], abs=100 / 50 + 1e-9)  # at most one image
+
+
+def test_a_mistyped_run_folder_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
+    """A run folder without stage 1 is named with the command that makes it, and no empty folder is left behind."""
+    missing = tmp_path / "typo"
+    with pytest.raises(ConfigError, match=r"typo/split\.json: not found; run `neighborlt classes"):
+        run_train(TrainConfig(model="resnet8_cifar", aux_manifest=None), missing)
+    assert not missing.exists()

@@ -314,6 +314,9 @@ def run_train(cfg: TrainConfig, run_dir: str | os.PathLike[str] | RunDir, *, res
         >>> cfg = TrainConfig(model="resnet8_cifar", epochs=2, aux_manifest=None)  # doctest: +SKIP
         >>> run_train(cfg, "runs/c10").metrics["few"]  # doctest: +SKIP
     """
+    if not isinstance(run_dir, RunDir) and data is None and not Path(run_dir, "split.json").is_file():
+        raise ConfigError(f"{Path(run_dir, 'split.json')}: not found; run `neighborlt classes {run_dir}` first")  # no
+        #   empty run folder left behind by a mistyped path
     rd = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
