@@ -94,6 +94,25 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + "\n")
 
 
+def append_jsonl(path: str | os.PathLike[str], row: dict[str, Any]) -> None:
+    """Append one JSON line (``row`` with a ``time`` stamp) to a log such as ``train/log.jsonl``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(to_jsonable({"time": time.time(), **row})) + "\n")
+
+
+def truncate_jsonl(path: str | os.PathLike[str], last_epoch: int) -> None:
+    """Drop the rows of a per-epoch log after ``last_epoch`` (epochs a resumed run trains again), atomically."""
+    path = Path(path)
+    if not path.exists():
+        return
+    rows = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    keep = [ln for ln in rows if json.loads(ln).get("epoch", 0) <= last_epoch]
+    if len(keep) != len(rows):
+        atomic_write_text(path, "".join(k + "\n" for k in keep))
+
+
 def read_json(path: str | os.PathLike[str]) -> Any:
     """Read a JSON file; a missing or malformed file is a one-line :class:`NeighborLTError`."""
     path = Path(path)
@@ -302,10 +321,7 @@ class RunDir:
 
     def log(self, stage: str, **event: Any) -> None:
         """Append one JSON line to ``logs/<stage>.jsonl``."""
-        p = self.path("logs", f"{stage}.jsonl")
-        p.parent.mkdir(parents=True, exist_ok=True)
-        with open(p, "a", encoding="utf-8") as f:
-            f.write(json.dumps(to_jsonable({"time": time.time(), **event})) + "\n")
+        append_jsonl(self.path("logs", f"{stage}.jsonl"), event)
 
     def read_log(self, stage: str) -> Iterator[dict[str, Any]]:
         p = self.path("logs", f"{stage}.jsonl")

@@ -35,7 +35,16 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import ConfigError, NeighborLTError
-from ..rundir import RunDir, atomic_write_bytes, atomic_write_json, config_hash, file_sha256, read_json
+from ..rundir import (
+    RunDir,
+    append_jsonl,
+    atomic_write_bytes,
+    atomic_write_json,
+    config_hash,
+    file_sha256,
+    read_json,
+    truncate_jsonl,
+)
 from ..train import checkpoint as ckpt
 from ..train import ddp
 from .config import PretrainConfig, PretrainResult
@@ -287,7 +296,7 @@ def _resume(s: _Setup) -> tuple[int, int, dict[str, Any] | None, tuple[float, in
                     s.info.world_size, epoch)
         step = 0
     if s.info.is_main:
-        _truncate_log(s.pdir / "log.jsonl", epoch)
+        truncate_jsonl(s.pdir / "log.jsonl", epoch)
     log.info("resuming pre-training at epoch %d, step %d", epoch, step)
     return epoch, step, rng, partial
 
@@ -344,7 +353,7 @@ def _loop(s: _Setup, start_epoch: int, start_step: int, rng: dict[str, Any] | No
                     return epoch, True, loss_mean
             loss_mean = ddp.mean_scalar(loss_sum / max(seen, 1), info)
             if info.is_main:
-                _append_log(s.pdir / "log.jsonl", {"epoch": epoch + 1, "loss": loss_mean,
+                append_jsonl(s.pdir / "log.jsonl", {"epoch": epoch + 1, "loss": loss_mean,
                                                    "lr": s.scheduler.get_last_lr()[0], "images": s.images,
                                                    "time_s": time.time() - t0})
                 log.info("pretrain epoch %d/%d: loss %.4f (%.1f s)", epoch + 1, cfg.epochs, loss_mean,
@@ -372,21 +381,3 @@ def _micro_step(s: _Setup, x: torch.Tensor, last_of_group: bool, epoch: int, i: 
     return float(loss.detach())
 
 
-def _append_log(path: Path, row: dict[str, Any]) -> None:
-    import json
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"time": time.time(), **row}) + "\n")
-
-
-def _truncate_log(path: Path, start_epoch: int) -> None:
-    """Drop log rows of epochs that will be trained again after a resume."""
-    import json
-
-    if not path.exists():
-        return
-    rows = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    keep = [ln for ln in rows if json.loads(ln).get("epoch", 0) <= start_epoch]
-    if len(keep) != len(rows):
-        atomic_write_bytes(path, ("\n".join(keep) + ("\n" if keep else "")).encode())

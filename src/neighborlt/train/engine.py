@@ -26,7 +26,6 @@ boundaries only.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -48,7 +47,15 @@ from torch import nn
 from ..defaults import SHOT_THRESHOLDS
 from ..errors import ConfigError, NeighborLTError
 from ..metrics import cap_per_class
-from ..rundir import RunDir, StageKey, atomic_write_json, config_hash, read_json, to_jsonable
+from ..rundir import (
+    RunDir,
+    StageKey,
+    append_jsonl,
+    atomic_write_json,
+    config_hash,
+    read_json,
+    truncate_jsonl,
+)
 from . import checkpoint as ckpt
 from . import ddp
 from .config import EXECUTION_FIELDS, TrainConfig, TrainResult
@@ -642,7 +649,7 @@ def _resume(s: _Setup) -> _Start:
                     len(per_rank_state), info.world_size, start.epoch)
         start.step = 0
     if info.is_main:
-        _truncate_log(s.tdir / "log.jsonl", start.epoch)
+        truncate_jsonl(s.tdir / "log.jsonl", start.epoch)
     log.info("resuming at epoch %d, step %d", start.epoch, start.step)
     return start
 
@@ -793,7 +800,7 @@ def _end_epoch(s: _Setup, epoch: int, t0: float, loss_sum: float, seen: int,
                "time_s": time.time() - t0, "world_size": info.world_size}
         if do_eval:
             row["test"] = metrics
-        _append_jsonl(s.tdir / "log.jsonl", row)
+        append_jsonl(s.tdir / "log.jsonl", row)
         log.info("epoch %d/%d loss %.4f%s", epoch + 1, cfg.epochs, train_loss,
                  " test " + format_metrics(metrics) if do_eval else "")
     _save(s, epoch + 1, 0)
@@ -855,24 +862,6 @@ def _worker_init(worker_id: int) -> None:
     s = torch.initial_seed() & 0xFFFFFFFF
     np.random.seed(s)
     random.seed(s)
-
-
-def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(to_jsonable({"time": time.time(), **row})) + "\n")
-
-
-def _truncate_log(path: Path, start_epoch: int) -> None:
-    """Drop log rows of epochs that will be trained again after a resume."""
-    if not path.exists():
-        return
-    rows = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-    keep = [ln for ln in rows if json.loads(ln).get("epoch", 0) <= start_epoch]
-    if len(keep) != len(rows):
-        from ..rundir import atomic_write_text
-
-        atomic_write_text(path, "".join(k + "\n" for k in keep))
 
 
 def _progress(enabled: bool) -> Any:

@@ -28,7 +28,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -41,7 +40,7 @@ from torch import nn
 from ..data.base import ImageSet
 from ..errors import ConfigError, DataError
 from ..paths import cache_dir
-from ..rundir import atomic_write_json
+from ..rundir import atomic_output, atomic_write_json
 from .data import build_transform, transform_key
 from .models import classifier_keys, create_model, model_normalization
 
@@ -156,15 +155,8 @@ def _spans(idx: Sequence[int]) -> str:
 
 
 def _atomic_save(path: Path, arr: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npy")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, arr, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, arr, allow_pickle=False)
 
 
 def _load_cached(path: Path, n: int) -> np.ndarray | None:
@@ -284,9 +276,7 @@ def _merge(folder: Path, ranges: list[tuple[int, int]], merged: Path, n: int, si
             if merged.is_file() and _load_cached(merged, n) is not None:
                 return False
             first = np.load(_chunk_path(folder, *ranges[0]), mmap_mode="r", allow_pickle=False)
-            fd, tmp = tempfile.mkstemp(dir=merged.parent, prefix=f".{merged.stem}.", suffix=".npy")
-            os.close(fd)
-            try:
+            with atomic_output(merged) as tmp:  # readers see no merged file or the whole of it
                 out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, first.shape[1]))
                 for a, b in ranges:
                     p = _chunk_path(folder, a, b)
@@ -296,11 +286,6 @@ def _merge(folder: Path, ranges: list[tuple[int, int]], merged: Path, n: int, si
                         raise DataError(f"{p}: unreadable feature chunk ({e}); delete it and re-run") from None
                 out.flush()
                 del out
-                os.replace(tmp, merged)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-                raise
             atomic_write_json(merged.with_suffix(".json"), {**sidecar, "shape": [n, int(first.shape[1])]})
             shutil.rmtree(folder, ignore_errors=True)
             return True
