@@ -172,8 +172,7 @@ def build_data(name: str, data_dir: str | None, max_train: int | None, max_test:
 def extract_frozen(data: Any, regime_cfg: dict[str, Any], device: str) -> dict[str, Any]:
     """Fill the feature cache for the train and test images before training; returns the extraction seconds
     (from the cache sidecar, so a cached extraction still reports the time it took when it ran)."""
-    from neighborlt.paths import cache_dir
-    from neighborlt.train.features import _safe, extract_features, feature_cache_key
+    from neighborlt.train.features import default_feature_folder, extract_features, feature_cache_key
     from neighborlt.train.models import create_model
 
     name, init, size = regime_cfg["model"], regime_cfg["init"], regime_cfg["image_size"]
@@ -185,7 +184,7 @@ def extract_frozen(data: Any, regime_cfg: dict[str, Any], device: str) -> dict[s
         feats = extract_features(name, init, images, size, batch_size=256, device=dev)
         took = time.time() - t0
         key = feature_cache_key(name, model, images, size)["key"]
-        side = cache_dir() / "features" / _safe(name) / f"{key}.json"
+        side = default_feature_folder(name) / f"{key}.json"
         rec = json.loads(side.read_text()) if side.exists() else {}
         out[split] = {"images": len(images), "dim": int(feats.shape[1]), "extract_s": rec.get("seconds"),
                       "extract_device": rec.get("device"), "this_call_s": round(took, 2)}

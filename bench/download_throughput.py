@@ -4,7 +4,7 @@ Setting: N (default 5000) real Tiny-ImageNet JPEGs (64x64, ~2 KB each; the first
 ``../shared/data/tiny-imagenet-200.tar.gz``, extracted with tarfile into a temp dir) are served by nginx on
 127.0.0.1 (a temporary config: own prefix, pid file, logs and temp paths under the temp dir, a free port,
 ``access_log off``, ``--nginx-workers`` worker processes). The same URL list (a Parquet written by the
-stage's ``_export_img2dataset``: url, caption, name, uid) is downloaded by
+stage's ``export_img2dataset``: url, caption, name, uid) is downloaded by
 
 * **ours**: :func:`neighborlt.retrieve.download.download` with every guard on (address guard with
   ``allow_hosts=["127.0.0.1"]`` only, byte/redirect caps, time-outs, X-Robots-Tag, image rules), ``max_side=64``,
@@ -264,7 +264,7 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(ROOT / "src"))
-    from neighborlt.retrieve.stage import _export_img2dataset
+    from neighborlt.retrieve.stage import export_img2dataset
 
     i2d = None if args.only == "ours" else ensure_img2dataset(args.img2dataset_venv.resolve())
     tmp = None if args.keep else tempfile.mkdtemp(prefix="neighborlt-dlbench-")
@@ -279,7 +279,7 @@ def main() -> None:
         try:
             rows = [{"uid": f"u{i:06d}", "url": f"http://127.0.0.1:{port}/{rel}", "name": wnid,
                      "caption": f"a photo of {wnid}", "location": "url"} for i, (rel, wnid) in enumerate(files)]
-            urls = _export_img2dataset(rows, work / "urls.parquet")
+            urls = export_img2dataset(rows, work / "urls.parquet")
             (work / "urls.txt").write_text("".join(r["url"] + "\n" for r in rows))
             with urllib.request.urlopen(rows[0]["url"], timeout=5) as r:
                 assert r.status == 200 and r.read()[:2] == b"\xff\xd8", "nginx does not serve the JPEGs"

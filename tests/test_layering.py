@@ -57,40 +57,20 @@ def test_no_library_module_imports_the_cli() -> None:
     assert not offenders, "library modules import the CLI: " + "; ".join(offenders)
 
 
-# Private imports still to make public, in modules other work is changing now (issue 21's list is done: _cap_test,
-# _summary, the bench's _Data / _spec / _summary); an entry that disappears must leave this list too.
-PENDING = {
-    ("src/neighborlt/data/base.py", "_shard_missing"),
-    ("bench/baselines.py", "_safe"),
-    # new since issue 21's list (pretrain, viz): training's helpers they share need a public home
-    ("src/neighborlt/cli/pretrain.py", "_pairs"),
-    *(("src/neighborlt/pretrain/stage.py", n) for n in ("_determinism", "_load_data", "_n_micro", "_seed_all",
-                                                        "_batches", "_catch_signals", "_derive_seed", "_iterate",
-                                                        "_StopFlag")),
-    ("src/neighborlt/viz.py", "_load_data"),
-    ("bench/download_throughput.py", "_export_img2dataset"),
-}
-
-
 def test_no_private_names_imported_across_modules() -> None:
     """``from neighborlt.x import _name`` in another module (bench scripts included): helpers shared between
     modules are public, so a rename in one module cannot silently break another."""
     offenders = []
-    seen = set()
     files = [*sorted(SRC.rglob("*.py")), *sorted((ROOT / "bench").glob("*.py"))]
     for path in files:
         package = _package(path) if SRC in path.parents else "bench"
         for line, module, names in _imports(path, package):
             if not module.startswith("neighborlt"):
                 continue
-            rel = path.relative_to(ROOT).as_posix()
             private = [n for n in names if n.startswith("_") and not n.startswith("__")]
-            seen |= {(rel, n) for n in private}
-            private = [n for n in private if (rel, n) not in PENDING]
             if private:
                 offenders.append(f"{path.relative_to(ROOT)}:{line} imports {', '.join(private)} from {module}")
     assert not offenders, "private names imported across modules: " + "; ".join(offenders)
-    assert PENDING <= seen, f"made public since: drop {sorted(PENDING - seen)} from PENDING"
 
 
 # ---- the CLI repeats no default of a config ------------------------------------------------------------------------

@@ -127,7 +127,7 @@ class _Context:
         """The run's training set as training loaded it (targets + auxiliary classes) and its target test set."""
         if self._data is None:
             from .train.config import TrainConfig
-            from .train.engine import _load_data
+            from .train.engine import load_training_data
 
             manifest = self.train_cfg.get("aux_manifest", "filter/aux_manifest.parquet")
             if manifest is not None and not (Path(manifest) if Path(manifest).is_absolute()
@@ -135,7 +135,7 @@ class _Context:
                 manifest = None
             tcfg = TrainConfig(data_dir=self.cfg.data_dir or self.train_cfg.get("data_dir"), aux_manifest=manifest,
                                loss="balanced_softmax")
-            aux, test, _ = _load_data(tcfg, self.rd)
+            aux, test, _ = load_training_data(tcfg, self.rd)
             self._data = (aux, test)
         return self._data
 

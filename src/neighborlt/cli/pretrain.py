@@ -84,7 +84,7 @@ def pretrain_cmd(
     import json
 
     from ..errors import ConfigError
-    from .train import _pairs
+    from ._common import parse_key_values
 
     given = {k: v for k, v in locals().items() if k in PretrainConfig.model_fields and v is not None}
     base: dict[str, Any] = {}
@@ -92,7 +92,7 @@ def pretrain_cmd(
         base = _read_fields(config)
     for k in ("world_size", "config_key", "resolved_lr"):  # written by the record next to the config fields
         base.pop(k, None)
-    fields = {**base, **given, **_pairs(set_, "--set")}
+    fields = {**base, **given, **parse_key_values(set_, "--set")}
     if fields.get("method", "mae") != "mae":
         raise ConfigError(f"--method {fields['method']!r}: unknown pre-training method; known: mae")
     cfg = build_config(PretrainConfig, **fields)

@@ -33,9 +33,9 @@ class ShardMember:
                 f.seek(self.offset)
                 data = f.read(self.size)
         except FileNotFoundError:
-            from .pixels import _shard_missing
+            from .pixels import shard_missing_error
 
-            raise _shard_missing(Path(self.shard)) from None
+            raise shard_missing_error(Path(self.shard)) from None
         if len(data) != self.size:
             raise DataError(f"{self.shard}: truncated at offset {self.offset}; re-run `neighborlt retrieve`")
         return data

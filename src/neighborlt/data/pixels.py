@@ -83,7 +83,8 @@ class ArrayRow:
         return f"{self.source.name}[{self.index}]"
 
 
-def _shard_missing(shard: Path) -> DataError:
+def shard_missing_error(shard: Path) -> DataError:
+    """The one-line error of a missing tar shard, naming the command that makes it."""
     run = shard.parent.parent.parent if shard.parent.name == "shards" and shard.parent.parent.name == "retrieve" \
         else None
     fix = f"`neighborlt retrieve {run}`" if run is not None else "`neighborlt retrieve RUN` (the run that wrote it)"
@@ -98,7 +99,7 @@ def read_ref_bytes(ref: Any) -> bytes:
         try:
             return ref.read_bytes()
         except FileNotFoundError:
-            raise _shard_missing(Path(ref.shard)) from None
+            raise shard_missing_error(Path(ref.shard)) from None
     return Path(ref).read_bytes()
 
 
@@ -252,10 +253,10 @@ def ref_fingerprint(ref: Any) -> str:
         st = os.stat(path)
     except FileNotFoundError:
         if isinstance(ref, ShardMember):
-            raise _shard_missing(Path(ref.shard)) from None
+            raise shard_missing_error(Path(ref.shard)) from None
         raise DataError(f"{path}: image file not found; re-create it or rebuild the set") from None
     return f"{ref}|{st.st_size}|{st.st_mtime_ns}"
 
 
 __all__ = ["DEFAULT_CROP_PCT", "POLICIES", "ArrayRow", "ArraySource", "decode", "open_ref", "read_ref_bytes",
-           "ref_fingerprint", "rrc_box"]
+           "ref_fingerprint", "rrc_box", "shard_missing_error"]

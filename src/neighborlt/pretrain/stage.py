@@ -80,7 +80,7 @@ def run_pretrain(cfg: PretrainConfig, run_dir: str | os.PathLike[str] | RunDir, 
         >>> run_pretrain(cfg, "runs/c10").encoder_path  # doctest: +SKIP
         'runs/c10/pretrain/encoder.safetensors'
     """
-    from ..train.engine import _determinism
+    from ..train.loop import determinism
 
     root = run_dir.root if isinstance(run_dir, RunDir) else Path(run_dir)
     if not root.is_dir():  # checked before RunDir, which would create it
@@ -91,7 +91,7 @@ def run_pretrain(cfg: PretrainConfig, run_dir: str | os.PathLike[str] | RunDir, 
     _model_or_error(cfg)  # a non-ViT is one line before any data is read
     info = ddp.setup(cfg.device)
     try:
-        with _determinism(cfg.deterministic):
+        with determinism(cfg.deterministic):
             return _run(cfg, rd, info, resume=resume, force=force, on_step=on_step)
     finally:
         ddp.cleanup(info)
@@ -210,13 +210,13 @@ def _unwrap(s: _Setup) -> Any:
 
 def _build(cfg: PretrainConfig, rd: RunDir, info: ddp.DistInfo, key: str) -> _Setup:
     """Data, MAE, sampler, optimiser and schedule, in the order that fixes the RNG streams of a seed."""
-    from ..train.engine import _load_data, _n_micro, _seed_all
+    from ..train.loop import micro_batches_per_epoch, seed_all
     from ..train.optim import build_optimizer, build_scheduler
     from ..train.samplers import build_sampler
     from .mae import MaskedAutoencoder
 
-    _seed_all(cfg.seed)
-    aux = _training_set(cfg, rd, _load_data)
+    seed_all(cfg.seed)
+    aux = _training_set(cfg, rd)
     train = aux.train
     L, C = int(aux.num_target), int(train.num_classes)
     encoder = _model_or_error(cfg)
@@ -228,7 +228,7 @@ def _build(cfg: PretrainConfig, rd: RunDir, info: ddp.DistInfo, key: str) -> _Se
                             aux_cap=cfg.aux_cap if C > L else None, seed=cfg.seed, rank=info.rank,
                             world_size=info.world_size)
     per_rank = cfg.batch_size // info.world_size
-    n_micro = _n_micro(len(sampler), per_rank, info)
+    n_micro = micro_batches_per_epoch(len(sampler), per_rank, info)
     if n_micro >= cfg.grad_accum:  # whole accumulation groups only, as training
         n_micro -= n_micro % cfg.grad_accum
     optimizer = build_optimizer(mae, "adamw", cfg.resolved_lr(), cfg.weight_decay, None, betas=cfg.betas)
@@ -243,13 +243,14 @@ def _build(cfg: PretrainConfig, rd: RunDir, info: ddp.DistInfo, key: str) -> _Se
                   amp=amp, images=images)
 
 
-def _training_set(cfg: PretrainConfig, rd: RunDir, load_data: Callable[..., Any]) -> Any:
+def _training_set(cfg: PretrainConfig, rd: RunDir) -> Any:
     """The run's training set exactly as ``neighborlt train`` loads it (targets, + auxiliary classes)."""
     from ..train.config import TrainConfig
+    from ..train.engine import load_training_data
 
     tcfg = TrainConfig(data_dir=cfg.data_dir, aux_manifest=cfg.aux_manifest, max_test_per_class=1)
     _manifest(cfg, rd)
-    aux, _test, _source = load_data(tcfg, rd)
+    aux, _test, _source = load_training_data(tcfg, rd)
     return aux
 
 
@@ -318,25 +319,25 @@ def _save(s: _Setup, epoch: int, step: int, partial: tuple[float, int] = (0.0, 0
 def _loop(s: _Setup, start_epoch: int, start_step: int, rng: dict[str, Any] | None, partial: tuple[float, int],
           on_step: Callable[[int, int], None] | None) -> tuple[int, bool, float | None]:
     """Epochs ``start_epoch..epochs-1``; returns (epochs done, stopped by a signal, last epoch's mean loss)."""
-    from ..train.engine import _batches, _catch_signals, _derive_seed, _iterate, _seed_all, _StopFlag
+    from ..train.loop import StopFlag, catch_signals, derive_seed, iterate_batches, seed_all, split_batches
 
     cfg, info = s.cfg, s.info
-    stop = _StopFlag()
+    stop = StopFlag()
     loss_mean: float | None = None
-    with _catch_signals(stop):
+    with catch_signals(stop):
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.time()
             first = start_step if epoch == start_epoch else 0
             if first and rng is not None:
                 ckpt.set_rng_state(rng)
             else:
-                _seed_all(_derive_seed(cfg.seed, epoch, info.rank))
+                seed_all(derive_seed(cfg.seed, epoch, info.rank))
             s.sampler.set_epoch(epoch)
-            batches = _batches(s.sampler.rank_indices(epoch), s.per_rank, s.n_micro)[first:]
+            batches = split_batches(s.sampler.rank_indices(epoch), s.per_rank, s.n_micro)[first:]
             loss_sum, seen = partial if first else (0.0, 0)
             s.mae.train()
-            inputs = _iterate(batches, s.dataset, None, np.zeros(len(s.dataset), np.int64), cfg, epoch, info,
-                              start=first * s.per_rank)
+            inputs = iterate_batches(batches, s.dataset, None, np.zeros(len(s.dataset), np.int64), seed=cfg.seed,
+                                     num_workers=cfg.num_workers, epoch=epoch, info=info, start=first * s.per_rank)
             for i, (x, _y) in enumerate(inputs, start=first):
                 last_of_group = (i + 1) % cfg.grad_accum == 0 or i == s.n_micro - 1
                 loss = _micro_step(s, x, last_of_group, epoch, i)

@@ -167,7 +167,7 @@ def run_retrieve(cfg: RetrieveConfig, run_dir: RunDir | str | os.PathLike[str]) 
     logger.info("retrieve (%s): %d candidates for %d names", cfg.source, len(rows), len(ctx.names))
 
     if cfg.export_img2dataset:
-        path = _export_img2dataset(rows, Path(cfg.export_img2dataset))
+        path = export_img2dataset(rows, Path(cfg.export_img2dataset))
         rd.log(STAGE, event="exported", path=str(path), rows=sum(r["location"] == "url" for r in rows))
         return RetrieveResult(manifest=None, candidates=len(rows), status={}, names=len(ctx.names),
                               names_with_images=0, exported=str(path))
@@ -309,7 +309,8 @@ IMG2DATASET_COMMAND = ("img2dataset --url_list {file} --input_format parquet --u
                        "--max_image_area 40000000 --encode_quality 90 --processes_count 16 --thread_count 64")
 
 
-def _export_img2dataset(rows: list[dict[str, Any]], path: Path) -> Path:
+def export_img2dataset(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Write the URL candidates of ``rows`` as the parquet list img2dataset reads (:data:`IMG2DATASET_COMMAND`)."""
     import pyarrow as pa
 
     url_rows = [r for r in rows if r["location"] == "url"]
@@ -385,4 +386,4 @@ def _import_img2dataset(folder: Path, names: list[AuxName], ctx: SourceContext) 
     return rows
 
 
-__all__ = ["IMG2DATASET_COMMAND", "RetrieveResult", "aux_names", "run_retrieve"]
+__all__ = ["IMG2DATASET_COMMAND", "RetrieveResult", "aux_names", "export_img2dataset", "run_retrieve"]

@@ -2,7 +2,8 @@
 torchrun), checkpoints every epoch, resumes exactly, saves and stops cleanly on SIGTERM, and writes the final
 weights and their description. Inference (``predict_logits``, ``load_trained_model``) lives in
 :mod:`neighborlt.train.inference`, the frozen-feature head in :mod:`neighborlt.train.heads`; both are re-exported
-here for older imports.
+here for older imports. Seeding, deterministic kernels, the SIGTERM stop and an epoch's batches live in
+:mod:`neighborlt.train.loop` (MAE pre-training shares them).
 
 A run, in order (one function each): the key and the checks (:func:`_run_key`, :func:`_check_existing`,
 :func:`_per_rank_batch`), the setup (:func:`_build`: data, model, sampler, loss, optimiser, schedule, Mixup), the
@@ -29,12 +30,9 @@ import contextlib
 import logging
 import math
 import os
-import random
 import shutil
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,74 +60,25 @@ from .config import EXECUTION_FIELDS, TrainConfig, TrainResult
 from .crt import run_crt
 from .heads import FeatureHead, WithFeatures
 from .inference import evaluate_model, load_trained_model, predict_logits
+from .loop import (
+    StopFlag,
+    catch_signals,
+    derive_seed,
+    determinism,
+    iterate_batches,
+    micro_batches_per_epoch,
+    seed_all,
+    split_batches,
+)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FeatureHead", "TrainConfig", "TrainResult", "load_trained_model", "manifest_path", "predict_logits",
-           "run_train"]
+__all__ = ["FeatureHead", "TrainConfig", "TrainResult", "load_trained_model", "load_training_data", "manifest_path",
+           "predict_logits", "run_train"]
 
 STAGE = "train"
 STAGE_VERSION = 2  # raised when the stage writes other outputs for the same inputs (2: the one key rule)
 MODEL_SCHEMA = 1
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Seeding, determinism, signals
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _derive_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed & 0xFFFFFFFF)
-    torch.manual_seed(seed)
-
-
-@contextlib.contextmanager
-def _determinism(enabled: bool) -> Iterator[None]:
-    """Deterministic kernels while training; the previous global setting is restored afterwards."""
-    prev = torch.are_deterministic_algorithms_enabled()
-    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    prev_cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
-    if enabled:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = prev_cudnn
-
-
-class _StopFlag:
-    """Set by SIGTERM (and SIGINT when asked); training stops after the current optimizer step."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-
-    def __bool__(self) -> bool:
-        return self.signum is not None
-
-
-@contextlib.contextmanager
-def _catch_signals(flag: _StopFlag) -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, _frame: Any) -> None:
-        flag.signum = signum
-        log.warning("received signal %d: saving a checkpoint after this step", signum)
-
-    old = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -150,7 +99,7 @@ def manifest_path(cfg: TrainConfig, rd: RunDir) -> Path | None:
     return p
 
 
-def _load_data(cfg: TrainConfig, rd: RunDir) -> Any:
+def load_training_data(cfg: TrainConfig, rd: RunDir) -> Any:
     """The run's targets (``split.json`` + ``targets.parquet`` of stage 1) plus the auxiliary classes of its filter
     manifest."""
     from ..data import load_targets
@@ -179,21 +128,6 @@ def _data_key(cfg: TrainConfig, data: Any) -> str:
 
     return config_hash([fingerprint(data.train), fingerprint(data.test), int(data.num_target),
                         np.asarray(data.pairs, dtype=np.int64).tolist()])
-
-
-def _batches(indices: np.ndarray, batch: int, n_micro: int) -> list[list[int]]:
-    out = [indices[i * batch:(i + 1) * batch].tolist() for i in range(n_micro)]
-    return [b for b in out if b]
-
-
-def _n_micro(n: int, batch: int, info: ddp.DistInfo) -> int:
-    """Micro-batches per epoch on every rank (full batches; one partial batch when there is less than one)."""
-    k = n // batch if n >= batch else 1
-    if info.distributed:
-        t = torch.tensor([k], dtype=torch.int64, device=info.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        k = int(t.item())
-    return k
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -329,7 +263,7 @@ def run_train(cfg: TrainConfig, run_dir: str | os.PathLike[str] | RunDir, *, res
         torch.set_num_threads(cfg.threads)
     info = ddp.setup(cfg.device)
     try:
-        with _determinism(cfg.deterministic):
+        with determinism(cfg.deterministic):
             return _run(cfg, rd, info, resume=resume, force=force, progress=progress, on_step=on_step, data=data)
     finally:
         ddp.cleanup(info)
@@ -502,14 +436,14 @@ def _build(cfg: TrainConfig, rd: RunDir, info: ddp.DistInfo, key: str, per_rank:
 
     dev = info.device
     amp = _use_amp(cfg, dev)
-    _seed_all(cfg.seed)
+    seed_all(cfg.seed)
     d = _prepare_data(cfg, rd, data)
     m = _build_model(cfg, d, info)
     sampler = build_sampler(cfg.sampler, d.labels, num_target_classes=d.L, aux_cap=cfg.aux_cap if d.C > d.L else None,
                             seed=cfg.seed, rank=info.rank, world_size=info.world_size)
     criterion = _build_loss(cfg, d, dev)
     optimizer, loss_params = _build_optimizer(cfg, m.model, criterion)
-    n_micro = _n_micro(len(sampler), per_rank, info)
+    n_micro = micro_batches_per_epoch(len(sampler), per_rank, info)
     if n_micro >= cfg.grad_accum:  # whole accumulation groups only: each step sees batch_size * grad_accum images
         n_micro -= n_micro % cfg.grad_accum
     steps_per_epoch = math.ceil(n_micro / cfg.grad_accum)
@@ -522,7 +456,7 @@ def _build(cfg: TrainConfig, rd: RunDir, info: ddp.DistInfo, key: str, per_rank:
 
 def _prepare_data(cfg: TrainConfig, rd: RunDir, data: Any | None) -> _Data:
     """The training set (the config's, or ``data``), the capped test set, labels, counts and shot thresholds."""
-    aux, test, relation = _load_data(cfg, rd) if data is None else _given_data(cfg, data)
+    aux, test, relation = load_training_data(cfg, rd) if data is None else _given_data(cfg, data)
     L, C = int(aux.num_target), int(aux.train.num_classes)
     return _Data(aux=aux, test=test, relation=relation, L=L, C=C,
                  labels=np.asarray(aux.train.labels, dtype=np.int64), train_counts=aux.train.counts()[:L],
@@ -533,7 +467,7 @@ def _build_model(cfg: TrainConfig, d: _Data, info: ddp.DistInfo) -> _Model:
     """An image model with its training transform, or (frozen protocol) cached features and a head; on the device."""
     if cfg.frozen:
         train_x, test_x = _frozen_features(cfg, d.aux.train, info), _frozen_features(cfg, d.test, info)
-        _seed_all(cfg.seed)
+        seed_all(cfg.seed)
         head = FeatureHead(train_x.shape[1], d.C, cfg.head, cfg.head_hidden)
         frozen_info = {"backbone": cfg.model, "init": cfg.init, "image_size": cfg.image_size,
                        "in_features": int(train_x.shape[1]), "head": cfg.head,
@@ -678,11 +612,11 @@ def _train(s: _Setup, start: _Start, progress: bool,
            on_step: Callable[[int, int], None] | None) -> tuple[int, bool, dict[str, float | None]]:
     """Train from ``start`` to ``cfg.epochs``; returns ``(epochs done, interrupted by a signal, last test metrics)``."""
     cfg, info = s.cfg, s.info
-    stop = _StopFlag()
+    stop = StopFlag()
     metrics: dict[str, float | None] = {}
     epochs_done = start.epoch
     bar = _progress(progress and info.is_main)
-    with _catch_signals(stop), bar:
+    with catch_signals(stop), bar:
         task = bar.add_task("train", total=(cfg.epochs - start.epoch) * s.n_micro - start.step)
         for epoch in range(start.epoch, cfg.epochs):
             t0 = time.time()
@@ -697,7 +631,7 @@ def _train(s: _Setup, start: _Start, progress: bool,
     return epochs_done, False, metrics
 
 
-def _train_epoch(s: _Setup, epoch: int, first: int, start: _Start, stop: _StopFlag, advance: Callable[[], None],
+def _train_epoch(s: _Setup, epoch: int, first: int, start: _Start, stop: StopFlag, advance: Callable[[], None],
                  on_step: Callable[[int, int], None] | None) -> tuple[float, int, bool]:
     """One epoch from micro-step ``first``; returns ``(loss sum, samples, stopped)``. A signal saves a mid-epoch
     checkpoint after the current optimizer step and stops (``stopped``)."""
@@ -705,15 +639,16 @@ def _train_epoch(s: _Setup, epoch: int, first: int, start: _Start, stop: _StopFl
     if first and start.rng is not None:
         ckpt.set_rng_state(start.rng)
     else:
-        _seed_all(_derive_seed(cfg.seed, epoch, info.rank))
+        seed_all(derive_seed(cfg.seed, epoch, info.rank))
     s.sampler.set_epoch(epoch)
     if hasattr(s.criterion, "epoch_start"):
         s.criterion.epoch_start(epoch)
-    batches = _batches(s.sampler.rank_indices(epoch), s.per_rank, s.n_micro)[first:]
+    batches = split_batches(s.sampler.rank_indices(epoch), s.per_rank, s.n_micro)[first:]
     s.model.train()
     loss_sum, seen = start.partial if first else (0.0, 0)
-    inputs = _iterate(batches, s.m.dataset, s.m.train_x if cfg.frozen else None, s.data.labels, cfg, epoch, info,
-                      start=first * s.per_rank)
+    inputs = iterate_batches(batches, s.m.dataset, s.m.train_x if cfg.frozen else None, s.data.labels,
+                             seed=cfg.seed, num_workers=cfg.num_workers, epoch=epoch, info=info,
+                             start=first * s.per_rank)
     for i, (x, y) in enumerate(inputs, start=first):
         last_of_group = (i + 1) % cfg.grad_accum == 0 or i == s.n_micro - 1
         loss, n = _micro_step(s, x, y, last_of_group, epoch, i)
@@ -827,41 +762,6 @@ def _write_outputs(s: _Setup, result: TrainResult, metrics: dict[str, float | No
         result.crt_model_path, result.crt_metrics = str(crt_path), crt_metrics
     s.rd.mark_done(STAGE, s.stage_key or s.key, metrics=metrics, crt_metrics=result.crt_metrics, epochs=cfg.epochs,
                    wall_s=wall, world_size=s.info.world_size, relation=d.relation, **_data_meta(cfg))
-
-
-def _iterate(batches: list[list[int]], dataset: Any, feats: torch.Tensor | None, labels: np.ndarray,
-             cfg: TrainConfig, epoch: int, info: ddp.DistInfo, start: int = 0,
-             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield ``(inputs, labels)`` for the given index batches (images through a DataLoader, or features); ``start``
-    is the position of the first sample in this rank's list (stream mode seeds each sample's augmentation with
-    it). Stream mode: one persistent loader per run, uint8 batches; cache mode: a loader per epoch, as always."""
-    if feats is not None:
-        lab = torch.from_numpy(labels)
-        for b in batches:
-            t = torch.as_tensor(b, dtype=torch.int64)
-            yield feats[t], lab[t]
-        return
-    from .data import resolve_workers
-
-    workers = resolve_workers(cfg.num_workers, dataset.mode, info.world_size)
-    if dataset.mode == "stream":
-        firsts = (start + np.cumsum([0] + [len(b) for b in batches[:-1]])).tolist()
-        yield from dataset.train_batches(batches, epoch, firsts, rank=info.rank, world_size=info.world_size,
-                                         num_workers=workers, pin_memory=info.device.type == "cuda")
-        return
-    g = torch.Generator()
-    g.manual_seed(_derive_seed(cfg.seed, epoch, info.rank, 1))
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
-                                         generator=g, worker_init_fn=_worker_init,
-                                         persistent_workers=False, pin_memory=info.device.type == "cuda")
-    for x, y in loader:
-        yield x, torch.as_tensor(y, dtype=torch.int64)
-
-
-def _worker_init(worker_id: int) -> None:
-    s = torch.initial_seed() & 0xFFFFFFFF
-    np.random.seed(s)
-    random.seed(s)
 
 
 def _progress(enabled: bool) -> Any:

@@ -98,6 +98,12 @@ def _safe(name: str) -> str:
     return s[:80]
 
 
+def default_feature_folder(model_name: str) -> Path:
+    """Where a model's features are cached by default: ``cache_dir()/features/<model>`` (the ``<key>.npy`` and
+    ``<key>.json`` sidecar of :func:`extract_model_features`)."""
+    return cache_dir() / "features" / _safe(model_name)
+
+
 def default_workers(device: torch.device, data_mode: str) -> int:
     """DataLoader workers for extraction: in stream mode the cores this rank may use (``LOCAL_WORLD_SIZE`` ranks
     share the machine; :func:`~neighborlt.train.data.cores_per_rank`), at most 16, and on the CPU half of them,
@@ -339,7 +345,7 @@ def extract_model_features(model: nn.Module, model_name: str, image_set: ImageSe
     use_bf16 = dev.type == "cuda" if bf16 is None else bool(bf16)
     mode = resolve_data_mode(data_mode, image_size)
     parts = feature_cache_key(model_name, model, image_set, image_size, "bf16" if use_bf16 else "fp32", mode)
-    root = Path(folder) if folder is not None else cache_dir() / "features" / _safe(model_name)
+    root = Path(folder) if folder is not None else default_feature_folder(model_name)
     root.mkdir(parents=True, exist_ok=True)
     merged = root / f"{parts['key']}.npy"
     if merged.is_file():
