@@ -4,6 +4,7 @@ writes ``RUN/filter/aux_manifest.parquet``, the one file training reads auxiliar
 from __future__ import annotations
 
 from .config import FilterConfig
-from .stage import FUNNEL, FilterResult, run_filter, sheet_stem
+from .sheets import sheet_stem
+from .stage import FUNNEL, FilterResult, run_filter
 
 __all__ = ["FUNNEL", "FilterConfig", "FilterResult", "run_filter", "sheet_stem"]

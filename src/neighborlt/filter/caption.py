@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from ..retrieve.sources import NameMatcher
 from ..rundir import read_json
@@ -30,12 +29,4 @@ def caption_names_class(names: Sequence[str], captions: Sequence[str], forms: di
     return [n in matcher.match(c or "") for n, c in zip(names, captions)]
 
 
-def apply_caption_rule(rows: Sequence[dict[str, Any]], live: Sequence[bool], root: Path) -> list[int]:
-    """Indices of the rows still in (``live``) whose caption does not name their class."""
-    idx = [i for i, ok in enumerate(live) if ok]
-    keep = caption_names_class([rows[i]["name"] for i in idx], [rows[i].get("caption") or "" for i in idx],
-                               name_forms(root))
-    return [i for i, k in zip(idx, keep) if not k]
-
-
-__all__ = ["apply_caption_rule", "caption_names_class", "name_forms"]
+__all__ = ["caption_names_class", "name_forms"]
