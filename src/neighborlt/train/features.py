@@ -133,6 +133,12 @@ def rank_and_world(distributed: bool) -> tuple[int, int]:
     return rank, max(1, world)
 
 
+def default_chunk_rows(n: int, world: int) -> int:
+    """Rows per chunk when the caller names none: :data:`CHUNK_ROWS`, and under ``world`` > 1 ranks at most
+    ``ceil(n / world)``, so that every rank has a chunk to compute even when the set is small."""
+    return CHUNK_ROWS if world <= 1 else max(1, min(CHUNK_ROWS, -(-n // world)))
+
+
 def chunk_ranges(n: int, chunk_rows: int) -> list[tuple[int, int]]:
     """Consecutive ``[start, stop)`` row ranges of ``chunk_rows`` rows covering ``0..n``."""
     return [(s, min(n, s + chunk_rows)) for s in range(0, n, chunk_rows)]
@@ -302,7 +308,7 @@ def _merge(folder: Path, ranges: list[tuple[int, int]], merged: Path, n: int, si
 def extract_model_features(model: nn.Module, model_name: str, image_set: ImageSet, image_size: int, *,
                            init: str = "", folder: str | os.PathLike[str] | None = None, batch_size: int = 256,
                            device: str = "cpu", bf16: bool | None = None, num_workers: int | None = None,
-                           chunk_rows: int = CHUNK_ROWS, distributed: bool = False,
+                           chunk_rows: int | None = None, distributed: bool = False,
                            data_mode: str = "auto") -> np.ndarray:
     """Pooled ``forward_features`` of every image of ``image_set`` under ``model``, in resumable chunks, cached.
 
@@ -317,7 +323,8 @@ def extract_model_features(model: nn.Module, model_name: str, image_set: ImageSe
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``; ``cuda`` is ``cuda:LOCAL_RANK`` when ``distributed``.
         bf16: bf16 autocast (default: on for CUDA devices, off on CPU); part of the cache key.
         num_workers: DataLoader workers (default :func:`default_workers`).
-        chunk_rows: rows per chunk file (an interrupted extraction resumes with the chunk size it started with).
+        chunk_rows: rows per chunk file (default :func:`default_chunk_rows`; an interrupted extraction resumes with
+            the chunk size it started with).
         distributed: every rank of a torchrun job calls this; each computes chunks ``i % WORLD_SIZE == RANK``.
         data_mode: the evaluation view (:func:`~neighborlt.train.data.resolve_data_mode`; ``auto``: cache at
             <= 64 px, else stream): ``cache`` squashes to S x S through the decoded-array cache and the eval
@@ -335,7 +342,7 @@ def extract_model_features(model: nn.Module, model_name: str, image_set: ImageSe
 
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    if chunk_rows < 1:
+    if chunk_rows is not None and chunk_rows < 1:
         raise ConfigError(f"chunk_rows must be >= 1, got {chunk_rows}")
     n = len(image_set)
     if n == 0:
@@ -354,7 +361,7 @@ def extract_model_features(model: nn.Module, model_name: str, image_set: ImageSe
             logger.info("features of %d images from cache %s", n, merged)
             return cached
     chunks = root / f"{parts['key']}.chunks"
-    rows = _plan(chunks, n, chunk_rows)
+    rows = _plan(chunks, n, default_chunk_rows(n, world) if chunk_rows is None else chunk_rows)
     ranges = chunk_ranges(n, rows)
     own = rank_chunks(len(ranges), rank, world)
     todo = [i for i in own if not _chunk_ok(_chunk_path(chunks, *ranges[i]), ranges[i][1] - ranges[i][0])]
@@ -404,7 +411,7 @@ def _quiet_classifier_messages() -> Iterator[None]:
 
 def extract_features(model_name: str, init: str, image_set: ImageSet, image_size: int, batch_size: int = 256,
                      device: str = "cpu", bf16: bool | None = None, *, num_workers: int | None = None,
-                     chunk_rows: int = CHUNK_ROWS, distributed: bool = False, data_mode: str = "auto") -> np.ndarray:
+                     chunk_rows: int | None = None, distributed: bool = False, data_mode: str = "auto") -> np.ndarray:
     """Pooled backbone features of every image, computed once (in resumable chunks) and then read from the cache.
 
     The images go through :class:`~neighborlt.train.data.ImageSetDataset` (the evaluation view of ``data_mode``,
