@@ -401,64 +401,65 @@ def answer_synsets(rec: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {name_key(k) or "": v for k, v in raw.items() if isinstance(v, dict) and isinstance(v.get("lemmas"), list)}
 
 
+# ---- the funnel: answers -> neighbors.json --------------------------------------------------------------------------
+
+
+@dataclass
+class _Tally:
+    """What the funnel left out, each name under its reason (``stats.dropped``), and what the parser repaired."""
+
+    dropped: Counter = field(default_factory=Counter)
+    repaired: Counter = field(default_factory=Counter)
+    generic_cap: int = 0  # 0: the generic guard is off
+    generic_names: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _Relation:
+    """The target rows of ``neighbors.json``, its auxiliary entries by name key, the unmatched targets and the
+    usable names beyond the number asked for (``surplus``: offline backends return a few spare ones)."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    aux: dict[str, dict[str, Any]] = field(default_factory=dict)
+    unmatched: list[dict[str, Any]] = field(default_factory=list)
+    surplus: int = 0
+
+    @property
+    def targets_without_neighbours(self) -> int:
+        return sum(1 for r in self.rows if r["asked"] > 0 and not r["found"])
+
+
 def _assemble(targets: list[TargetClass], cfg: NeighborsConfig, backend: NeighborBackend, per_shot: dict[str, int],
               job_of: dict[int, str], answers: dict[str, dict[str, Any]], stats: _Stats) -> dict[str, Any]:
-    """``neighbors.json`` from the answers, as a funnel: parse every answer, drop target names and copied example
-    names (:func:`_guarded_candidates`), names unrelated to their target (:func:`_drop_irrelevant`), names proposed
-    for many targets (:func:`_drop_generic`), then keep the first ``asked`` names of each target and build the
-    many-to-many relation (:func:`_relation`). Every name left out is counted in ``stats.dropped`` by its reason."""
-    dropped: Counter = Counter()
-    repaired: Counter = Counter()
-    cands = _guarded_candidates(targets, cfg, backend, job_of, answers, dropped, repaired)
+    """``neighbors.json`` from the answers, as a funnel; every name left out is counted under its reason:
+
+    1. parse each answer (:func:`parse_record`: normalised, deduplicated, unsafe / cut-off / prose items dropped by
+       the parser) and drop target names and copied example names (:func:`_guarded_candidates`);
+    2. drop names unrelated to their target (:func:`_drop_irrelevant`, with ``relevance_threshold``);
+    3. drop names proposed for many targets (:func:`_drop_generic`, the ``openai`` backend);
+    4. keep the first ``asked`` names of each target and build the many-to-many relation (:func:`_relation`);
+    5. write it down with every counter (:func:`_document`).
+    """
+    tally = _Tally()
+    cands = _guarded_candidates(targets, cfg, backend, job_of, answers, tally)
     if cfg.relevance_threshold is not None:
-        _drop_irrelevant(cands, targets, cfg, dropped)
-    cap = generic_cap(cfg, len(targets)) if backend.name == "openai" else 0
-    generic = _drop_generic(cands, cap, dropped) if cap else set()
-    rows, aux, unmatched, surplus = _relation(targets, per_shot, job_of, answers, cands, backend.name)
-    empty = sum(1 for r in rows if r["asked"] > 0 and not r["found"])
-    if empty:
-        logger.warning("%d of %d target classes got no usable neighbour (%d unmatched); see neighbors.json",
-                       empty, len(rows), len(unmatched))
-    guards = {k: dropped[k] for k in ("example_copy", "irrelevant", "generic") if dropped[k]}
-    if guards:
-        logger.info("answer-quality guards dropped %s", ", ".join(f"{v} {k}" for k, v in guards.items()))
-    return {
-        "schema": SCHEMA,
-        "backend": backend.name,
-        "model": backend.model if backend.name == "openai" else None,
-        "source": backend.model,
-        "split_ratio": cfg.split_ratio,
-        "per_class": cfg.per_class,
-        "max_per_class": cfg.max_per_class,
-        "per_shot": per_shot,
-        "relation": "many-to-many",  # an auxiliary class may have several parent targets
-        "targets": rows,
-        "auxiliary": sorted(aux.values(), key=lambda a: a["name"]),
-        "unmatched": unmatched,
-        "stats": {
-            "requests": stats.requests, "cached": stats.cached, "retries": stats.retries, "failed": stats.failed,
-            "prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
-            "errors": dict(stats.errors), "dropped": dict(dropped), "repaired": dict(repaired), "surplus": surplus,
-            "retried_empty": stats.retried_empty, "strict_retries": stats.strict_retries,
-            "strict_recovered": stats.strict_recovered, "generic_cap": cap, "generic_names": sorted(generic),
-            "targets_without_neighbours": empty, "auxiliary_classes": len(aux),
-            "many_parent_auxiliary": sum(1 for a in aux.values() if len(a["parents"]) > 1),
-        },
-    }
+        _drop_irrelevant(cands, targets, cfg, tally.dropped)
+    tally.generic_cap = generic_cap(cfg, len(targets)) if backend.name == "openai" else 0
+    if tally.generic_cap:
+        tally.generic_names = _drop_generic(cands, tally.generic_cap, tally.dropped)
+    rel = _relation(targets, per_shot, job_of, answers, cands, backend.name)
+    _log_outcome(rel, tally)
+    return _document(cfg, backend, per_shot, rel, tally, stats)
 
 
 def _guarded_candidates(targets: list[TargetClass], cfg: NeighborsConfig, backend: NeighborBackend,
-                        job_of: dict[int, str], answers: dict[str, dict[str, Any]], dropped: Counter,
-                        repaired: Counter) -> dict[int, list[str]]:
-    """Target index -> the names its answer proposes, parsed (:func:`parse_record`), without target classes and
-    their synonyms (``target_class``) and without the prompt's example names copied into it (``example_copy``:
-    ``example_copy_min`` or more of one example class's names, plus their mangled copies)."""
-    leak: dict[str, str] = {}
-    for t in targets:
-        for s in (t.name, *t.synonyms):
-            k = name_key(s)
-            if k:
-                leak.setdefault(k, t.name)
+                        job_of: dict[int, str], answers: dict[str, dict[str, Any]],
+                        tally: _Tally) -> dict[int, list[str]]:
+    """Target index -> the names its answer proposes, parsed once per answer (:func:`parse_record`; the parser's
+    drops and repairs counted once per target that asked), without target classes and their synonyms
+    (``target_class``) and without the prompt's example names copied into it (``example_copy``,
+    :func:`_example_copies`)."""
+    targets_by_key = _target_name_keys(targets)
     examples: dict[str, frozenset[str]] = getattr(backend, "example_names", None) or {}
     parsed_of: dict[str, ParseResult] = {}
     cands: dict[int, list[str]] = {}
@@ -469,30 +470,59 @@ def _guarded_candidates(targets: list[TargetClass], cfg: NeighborsConfig, backen
         if key not in parsed_of:
             parsed_of[key] = parse_record(answers[key])
         parsed = parsed_of[key]
-        dropped.update(parsed.dropped)
-        repaired.update(parsed.repaired)
-        own = {k for k in (name_key(x) for x in (t.name, *t.synonyms)) if k}
-        copied: set[str] = set()
-        if cfg.example_copy_min > 0:
-            got = {nm.replace("-", " ") for nm in parsed.names}
-            for cls, names in examples.items():
-                if cls in own:
-                    continue
-                hit = got & names
-                if len(hit) >= cfg.example_copy_min:
-                    # the copied names and their mangled copies in the same answer ("shiba inuus", "inuya")
-                    copied |= hit | {k for k in got - names if _near_copy(k, names)}
-        out: list[str] = []
-        for nm in parsed.names:
-            k = nm.replace("-", " ")
-            if k in leak:
-                dropped["target_class"] += 1
-            elif k in copied:
-                dropped["example_copy"] += 1
-            else:
-                out.append(nm)
-        cands[t.index] = out
+        tally.dropped.update(parsed.dropped)
+        tally.repaired.update(parsed.repaired)
+        copied = _example_copies(parsed.names, _own_keys(t), examples, cfg.example_copy_min)
+        cands[t.index] = _drop_guarded(parsed.names, targets_by_key, copied, tally.dropped)
     return cands
+
+
+def _own_keys(t: TargetClass) -> set[str]:
+    """The name keys of a target class and its synonyms."""
+    return {k for k in (name_key(x) for x in (t.name, *t.synonyms)) if k}
+
+
+def _target_name_keys(targets: list[TargetClass]) -> dict[str, str]:
+    """Name key of every target class and synonym -> the target it names (the first one, when shared)."""
+    leak: dict[str, str] = {}
+    for t in targets:
+        for s in (t.name, *t.synonyms):
+            k = name_key(s)
+            if k:
+                leak.setdefault(k, t.name)
+    return leak
+
+
+def _example_copies(names: list[str], own: set[str], examples: dict[str, frozenset[str]], min_hits: int) -> set[str]:
+    """The names of one answer copied from the prompt's in-context examples: ``min_hits`` or more names of one
+    example class (other than the answer's own target), plus their mangled copies in the same answer ("shiba
+    inuus", "inuya"); none when ``min_hits`` is 0."""
+    copied: set[str] = set()
+    if min_hits <= 0:
+        return copied
+    got = {nm.replace("-", " ") for nm in names}
+    for cls, example in examples.items():
+        if cls in own:
+            continue
+        hit = got & example
+        if len(hit) >= min_hits:
+            copied |= hit | {k for k in got - example if _near_copy(k, example)}
+    return copied
+
+
+def _drop_guarded(names: list[str], targets_by_key: dict[str, str], copied: set[str], dropped: Counter) -> list[str]:
+    """``names`` without target names (``target_class``) and copied example names (``example_copy``), each name
+    counted under the first reason that holds."""
+    out: list[str] = []
+    for nm in names:
+        k = nm.replace("-", " ")
+        if k in targets_by_key:
+            dropped["target_class"] += 1
+        elif k in copied:
+            dropped["example_copy"] += 1
+        else:
+            out.append(nm)
+    return out
 
 
 def _drop_irrelevant(cands: dict[int, list[str]], targets: list[TargetClass], cfg: NeighborsConfig,
@@ -524,46 +554,92 @@ def _drop_generic(cands: dict[int, list[str]], cap: int, dropped: Counter) -> se
 
 
 def _relation(targets: list[TargetClass], per_shot: dict[str, int], job_of: dict[int, str],
-              answers: dict[str, dict[str, Any]], cands: dict[int, list[str]],
-              backend_name: str) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]], list[dict[str, Any]], int]:
-    """The first ``asked`` names of every target and the many-to-many relation: ``(target rows, auxiliary entries
-    by name key, unmatched targets, surplus names beyond the number asked for)``."""
-    surplus = 0  # usable names beyond the number asked for (offline backends return a few spare ones)
-    aux: dict[str, dict[str, Any]] = {}
-    rows: list[dict[str, Any]] = []
-    unmatched: list[dict[str, Any]] = []
+              answers: dict[str, dict[str, Any]], cands: dict[int, list[str]], backend_name: str) -> _Relation:
+    """The first ``asked`` names of every target (the rest counted as ``surplus``) and the many-to-many relation:
+    one auxiliary entry per name key, with every target that proposed it as a parent."""
+    rel = _Relation()
     for t in targets:
         key = job_of.get(t.index)
-        n = per_shot.get(t.shot, 0)
-        row: dict[str, Any] = {"index": t.index, "name": t.name, "shot": t.shot, "asked": n, "found": [],
-                               "answer_ids": [key] if key else []}
-        rows.append(row)
+        row: dict[str, Any] = {"index": t.index, "name": t.name, "shot": t.shot, "asked": per_shot.get(t.shot, 0),
+                               "found": [], "answer_ids": [key] if key else []}
+        rel.rows.append(row)
         if key is None:
             continue
         rec = answers[key]
-        row["status"] = rec.get("status", "ok")
-        if rec.get("note"):
-            row["note"] = rec["note"]
-        if row["status"] == "unmatched":
-            unmatched.append({"index": t.index, "name": t.name, "reason": rec.get("note")})
-        for nm in cands[t.index]:
-            if len(row["found"]) >= n:
-                surplus += 1
-                continue
-            row["found"].append(nm)
-            entry = aux.setdefault(nm.replace("-", " "), {"name": nm, "parents": [], "backend": backend_name,
-                                                          "answer_ids": []})
-            prov = answer_synsets(rec).get(name_key(nm) or "")
-            if prov and "synset" not in entry:  # WordNet: the synset the name came from and its other lemmas
-                entry["synset"] = prov["synset"]
-                entry["synonyms"] = [x for x in prov["lemmas"] if name_key(x) != name_key(nm)]
-            if t.name not in entry["parents"]:
-                entry["parents"].append(t.name)
-            if key not in entry["answer_ids"]:
-                entry["answer_ids"].append(key)
+        _record_status(row, rec, t, rel.unmatched)
+        names = cands[t.index]
+        row["found"] = names[:row["asked"]]
+        rel.surplus += len(names) - len(row["found"])
+        synsets = answer_synsets(rec)
+        for nm in row["found"]:
+            _add_parent(rel.aux, nm, t.name, key, synsets.get(name_key(nm) or ""), backend_name)
         if row["status"] == "ok" and not row["found"]:
             logger.debug("class %r: no usable neighbour in the answer", t.name)
-    return rows, aux, unmatched, surplus
+    return rel
+
+
+def _record_status(row: dict[str, Any], rec: dict[str, Any], t: TargetClass, unmatched: list[dict[str, Any]]) -> None:
+    """The answer's status (and note) on the target's row; an ``unmatched`` answer (offline backends: the target
+    is not in their taxonomy) joins ``unmatched``."""
+    row["status"] = rec.get("status", "ok")
+    if rec.get("note"):
+        row["note"] = rec["note"]
+    if row["status"] == "unmatched":
+        unmatched.append({"index": t.index, "name": t.name, "reason": rec.get("note")})
+
+
+def _add_parent(aux: dict[str, dict[str, Any]], nm: str, parent: str, answer_id: str,
+                synset: dict[str, Any] | None, backend_name: str) -> None:
+    """Add ``parent`` (and the answer that proposed ``nm``) to the auxiliary entry of ``nm``, made on first use;
+    WordNet's answers also give the synset the name came from and its other lemmas."""
+    entry = aux.setdefault(nm.replace("-", " "), {"name": nm, "parents": [], "backend": backend_name,
+                                                  "answer_ids": []})
+    if synset and "synset" not in entry:
+        entry["synset"] = synset["synset"]
+        entry["synonyms"] = [x for x in synset["lemmas"] if name_key(x) != name_key(nm)]
+    if parent not in entry["parents"]:
+        entry["parents"].append(parent)
+    if answer_id not in entry["answer_ids"]:
+        entry["answer_ids"].append(answer_id)
+
+
+def _log_outcome(rel: _Relation, tally: _Tally) -> None:
+    empty = rel.targets_without_neighbours
+    if empty:
+        logger.warning("%d of %d target classes got no usable neighbour (%d unmatched); see neighbors.json",
+                       empty, len(rel.rows), len(rel.unmatched))
+    guards = {k: tally.dropped[k] for k in ("example_copy", "irrelevant", "generic") if tally.dropped[k]}
+    if guards:
+        logger.info("answer-quality guards dropped %s", ", ".join(f"{v} {k}" for k, v in guards.items()))
+
+
+def _document(cfg: NeighborsConfig, backend: NeighborBackend, per_shot: dict[str, int], rel: _Relation,
+              tally: _Tally, stats: _Stats) -> dict[str, Any]:
+    """The ``neighbors.json`` document (docs/architecture.md): the relation and every counter of the search."""
+    return {
+        "schema": SCHEMA,
+        "backend": backend.name,
+        "model": backend.model if backend.name == "openai" else None,
+        "source": backend.model,
+        "split_ratio": cfg.split_ratio,
+        "per_class": cfg.per_class,
+        "max_per_class": cfg.max_per_class,
+        "per_shot": per_shot,
+        "relation": "many-to-many",  # an auxiliary class may have several parent targets
+        "targets": rel.rows,
+        "auxiliary": sorted(rel.aux.values(), key=lambda a: a["name"]),
+        "unmatched": rel.unmatched,
+        "stats": {
+            "requests": stats.requests, "cached": stats.cached, "retries": stats.retries, "failed": stats.failed,
+            "prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.completion_tokens,
+            "errors": dict(stats.errors), "dropped": dict(tally.dropped), "repaired": dict(tally.repaired),
+            "surplus": rel.surplus, "retried_empty": stats.retried_empty, "strict_retries": stats.strict_retries,
+            "strict_recovered": stats.strict_recovered, "generic_cap": tally.generic_cap,
+            "generic_names": sorted(tally.generic_names), "targets_without_neighbours": rel.targets_without_neighbours,
+            "auxiliary_classes": len(rel.aux),
+            "many_parent_auxiliary": sum(1 for a in rel.aux.values() if len(a["parents"]) > 1),
+        },
+    }
 
 
 @dataclass
