@@ -251,7 +251,7 @@ def test_model_json_records_the_losss_effective_parameters(tmp_path: Path, small
 
 # module (or package) -> the commands whose runs print its errors; training's errors are checked in test_options
 PRINTED_BY = {"classes.py": ["classes"], "neighbors": ["neighbors"], "retrieve": ["retrieve"], "filter": ["filter"],
-              "evaluate.py": ["eval"], "export.py": ["export", "predict"], "report.py": ["report"],
+              "evaluate.py": ["eval"], "export.py": ["export", "predict"], "report": ["report"],
               "pipeline.py": ["run", "demo"], "ablate.py": ["ablate"], "pilot.py": ["pilot"], "rundir.py": ["run"]}
 OTHER_TOOLS = {"--output", "--save"}  # img2dataset's own flags, in the command line retrieve prints for it
 
