@@ -7,7 +7,13 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
+import re
 import shutil
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +114,65 @@ def test_dedup_cap_min_and_funnel(planted: dict) -> None:
             assert im.size[0] > 100
     # a re-run with the same options is skipped; another option re-runs
     assert run_filter(FilterConfig(caption=False, band=False, max_per_class=20, min_per_class=4, sheets=2), rd).skipped
+
+
+# rank 1 of a two-rank job (RANK=1 WORLD_SIZE=2, no process group): runs the filter and writes its result as JSON
+_RANK1 = """
+import logging, sys
+from neighborlt.filter import FilterConfig, run_filter
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
+res = run_filter(FilterConfig.model_validate_json(sys.argv[2]), sys.argv[1])
+open(sys.argv[3], "w").write(res.model_dump_json())
+"""
+
+
+def test_two_ranks_rank_0_alone_applies_the_rules_and_writes(planted: dict, tmp_path: Path, data_dir: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """Under torchrun's RANK / WORLD_SIZE both ranks take their share of the features, then rank 1 leaves the rules
+    and the outputs to rank 0 and returns rank 0's result. Rank 0 starts only once rank 1 is in its features (past
+    the skip check), so a rank 1 that ran the rules itself would log them and add a second "done" event."""
+    rd = planted["rd"]
+    cfg = FilterConfig(caption=False, band=False, leak=False, max_per_class=18, min_per_class=4, sheets=1,
+                       data_dir=str(data_dir))
+    events = sum(e.get("event") == "done" for e in rd.read_log("filter"))
+    script, out1 = tmp_path / "rank1.py", tmp_path / "rank1.json"
+    script.write_text(_RANK1)
+    child = subprocess.Popen([sys.executable, str(script), str(rd.root), cfg.model_dump_json(), str(out1)],
+                             env={**os.environ, "RANK": "1", "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"},
+                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    lines: list[str] = []
+    in_features = threading.Event()
+
+    def read() -> None:
+        assert child.stderr is not None
+        for line in child.stderr:
+            lines.append(line)
+            if line.startswith("neighborlt.train.features:"):
+                in_features.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 120
+    while not in_features.wait(0.1) and child.poll() is None and time.monotonic() < deadline:
+        pass
+    assert in_features.is_set(), "rank 1 never reached its features: " + "".join(lines)[-1000:]
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with caplog.at_level(logging.INFO, logger="neighborlt"):
+        res0 = run_filter(cfg, rd)
+    outputs = {p: p.stat().st_mtime_ns for p in rd.path("filter").rglob("*") if p.is_file()}
+    child.wait(timeout=120)
+    reader.join(timeout=10)
+    err = "".join(lines)
+    assert child.returncode == 0, err[-2000:]
+    assert "filter: rank 1/2 leaves the rules and the outputs to rank 0" in err, err[-2000:]
+    assert not re.search(r"filter: candidates \d+ ->", err), err[-2000:]  # rank 1 applied no rule
+    assert re.search(r"filter: candidates 44 -> .* kept 18", caplog.text), caplog.text
+    assert sum(e.get("event") == "done" for e in rd.read_log("filter")) == events + 1  # written once, by rank 0
+    assert {p: p.stat().st_mtime_ns for p in rd.path("filter").rglob("*") if p.is_file()} == outputs
+    res1 = type(res0).model_validate_json(out1.read_text())
+    assert res1 == res0 and not res0.skipped and res0.funnel["kept"] == 18 and res0.dropped_classes == ["truck"]
 
 
 def test_caption_rule_and_band(planted: dict, tmp_path: Path) -> None:

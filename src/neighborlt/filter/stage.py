@@ -17,12 +17,18 @@ off, :class:`~neighborlt.filter.config.FilterConfig`):
 Writes ``RUN/filter/aux_manifest.parquet`` (the kept images: what training reads), ``decisions.parquet`` (every
 candidate with the rule that rejected it), ``funnel.json`` (counts per rule, overall and per class) and contact
 sheets ``sheets/<class>_kept.png`` / ``_rejected.png`` (:mod:`neighborlt.filter.sheets`).
+
+Under ``torchrun`` (``RANK`` / ``WORLD_SIZE``, or an initialised process group) every rank computes its share of the
+features (:func:`neighborlt.train.features.extract_features`, one merge); rank 0 alone then applies the feature
+rules and writes the outputs, while the other ranks wait for its done record (``records/filter.done.json`` with this
+run's key, polled: no collective, as for the features) and return the same :class:`FilterResult`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +61,7 @@ STAGE = "filter"
 STAGE_VERSION = 2  # raised when the stage writes other outputs for the same inputs (2: the one key rule)
 FUNNEL = ("candidates", "downloaded", "caption", "band", "leak", "dedup", "cap", "kept")
 OUTPUTS = ("filter/aux_manifest.parquet", "filter/funnel.json")  # what a finished stage must still have
+_WAIT_LOG_S = 60.0  # a rank waiting for rank 0's outputs says so this often
 
 
 class FilterResult(BaseModel):
@@ -90,14 +97,21 @@ def run_filter(cfg: FilterConfig, run_dir: RunDir | str | os.PathLike[str]) -> F
     if not cfg.force and rd.is_done(STAGE, key, *OUTPUTS):
         logger.info("filter: finished with the same options and manifest in %s; skipping", rd.path(STAGE))
         return _finished(rd, skipped=True)
-    logger.debug("filter: running (%s)", "--force" if cfg.force else rd.stale_reason(STAGE, key))
-    rd.record(STAGE, cfg)
+    from ..train.features import rank_and_world  # (torch: imported when the stage runs)
+
+    rank, world = rank_and_world(True)
+    if rank == 0:
+        logger.debug("filter: running (%s)", "--force" if cfg.force else rd.stale_reason(STAGE, key))
+        rd.clear_done(STAGE)  # no marker next to half-new outputs; the other ranks wait for this run's marker
+        rd.record(STAGE, cfg)
     c = Candidates.read(rd.path("retrieve", "manifest.parquet"))
-    downloaded_rule(c)
+    downloaded_rule(c)  # the two rules without features run on every rank: they choose the rows to featurise
     if cfg.caption:
         caption_rule(c, rd.root)
     protocol = _load_targets(cfg, rd) if cfg.needs_features and c.live() else None
-    feats = compute_features(cfg, c, protocol, rd.root) if protocol is not None else None
+    feats = compute_features(cfg, c, protocol, rd.root) if protocol is not None else None  # every rank its chunks
+    if rank != 0:
+        return _wait_for_rank0(rd, key, rank, world)
     if cfg.band and feats is not None:
         band_rule(c, feats, protocol.target_train, cfg)
     if cfg.leak and feats is not None:
@@ -129,6 +143,21 @@ def _finished(rd: RunDir, *, skipped: bool) -> FilterResult:
     doc = read_json(rd.path(STAGE, "funnel.json"))
     return FilterResult(aux_manifest=str(rd.path(STAGE, "aux_manifest.parquet")), funnel=doc["total"],
                         classes=doc["classes"], dropped_classes=doc["dropped_classes"], skipped=skipped)
+
+
+def _wait_for_rank0(rd: RunDir, key: StageKey, rank: int, world: int) -> FilterResult:
+    """Block until rank 0 has written the outputs and the done record of ``key``, then return its result (read from
+    ``funnel.json``, as rank 0 returned it). No collective is used (as for the features' merge), so the rules may
+    take longer than a barrier's time-out; a rank 0 that dies leaves the others waiting until torchrun stops the job."""
+    logger.info("filter: rank %d/%d leaves the rules and the outputs to rank 0; waiting for %s", rank, world,
+                rd.path("records", f"{STAGE}.done.json"))
+    last = time.monotonic()
+    while not rd.is_done(STAGE, key, *OUTPUTS):
+        if time.monotonic() - last >= _WAIT_LOG_S:
+            logger.info("filter: rank %d/%d still waiting for rank 0's outputs in %s", rank, world, rd.path(STAGE))
+            last = time.monotonic()
+        time.sleep(0.2)
+    return _finished(rd, skipped=False)
 
 
 def _load_targets(cfg: FilterConfig, rd: RunDir) -> Any:
