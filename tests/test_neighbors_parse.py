@@ -18,7 +18,7 @@ from neighborlt.neighbors import (
     normalise_name,
     parse_answer,
 )
-from neighborlt.neighbors.parse import split_enumeration, split_remark
+from neighborlt.neighbors.parse import is_instruction, split_enumeration, split_remark
 from neighborlt.neighbors.plan import resolve_ratio
 
 
@@ -86,6 +86,8 @@ _names = st.lists(st.lists(_words, min_size=1, max_size=3).map(" ".join), min_si
 def _expected(names: list[str]) -> list[str]:
     out: list[str] = []
     for n in names:
+        if is_instruction(n):  # "aaa json aaa", "note aaa aaa": three words that restate a prompt are dropped
+            continue
         nm = normalise_name(n)
         if nm is not None and nm.replace("-", " ") not in {o.replace("-", " ") for o in out}:
             out.append(nm)

@@ -4,6 +4,7 @@ small CIFAR-10 split-neighbour protocol."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,28 @@ def test_pipeline_end_to_end(tmp_path: Path, data_dir: Path) -> None:
     again = run_pipeline(cfg, tmp_path, progress=False)
     assert (tmp_path / "train" / "model.safetensors").stat().st_mtime_ns == mtime
     assert again["method"]["overall"] == out["method"]["overall"]
+
+
+def test_method_and_baseline_train_at_once_with_the_same_weights(tmp_path: Path, data_dir: Path, caplog) -> None:
+    """threads=1 on a multi-core CPU: the baseline trains in a second process beside the method (auto rule), and
+    both models are byte-identical to the ones trained one after the other."""
+    from neighborlt.pipeline import parallel_trainings, stage_configs
+
+    cfg = PipelineConfig(data_dir=str(data_dir), protocol_overrides=SMALL, train={**TRAIN, "epochs": 1},
+                         retrieve={"match": "wordnet"}, filter=KEEP_ALL, aux_cap=8, max_test_per_class=10,
+                         report=False)
+    st = stage_configs(cfg)
+    assert parallel_trainings(st["train"], st["baseline"]) == (len(os.sched_getaffinity(0)) >= 2)
+    assert not parallel_trainings(st["train"], st["baseline"].model_copy(update={"threads": 0}))
+    with caplog.at_level("INFO", logger="neighborlt.pipeline"):
+        run_pipeline(cfg.model_copy(update={"parallel_baseline": True}), tmp_path / "at_once", progress=False,
+                     until_stage="train")
+    assert "training the baseline in process" in caplog.text
+    run_pipeline(cfg.model_copy(update={"parallel_baseline": False}), tmp_path / "in_turn", progress=False,
+                 until_stage="train")
+    for sub in ("train", "baseline/train"):
+        a, b = (tmp_path / d / sub / "model.safetensors" for d in ("at_once", "in_turn"))
+        assert a.read_bytes() == b.read_bytes(), sub
 
 
 def test_table6_grid_shares_runs_and_reports_paired_deltas(tmp_path: Path, data_dir: Path) -> None:

@@ -81,6 +81,9 @@ class PipelineConfig(BaseModel):
     lambda_s: float | None = Field(None, ge=0.0)  # shorthand for train.lambda_s (default defaults.LAMBDA_S)
     aux_cap: AuxCap | None = None  # shorthand for train.aux_cap, M (default defaults.AUX_CAP; "all": every image)
     baseline: bool = True  # also train Balanced-CE without auxiliary data (RUN/baseline) and compare
+    parallel_baseline: bool | None = None  # train the method and the baseline at once, in two processes; None
+    #   (auto): when both run on the CPU, outside torchrun, with intra-op threads that together fit this process's
+    #   cores (the demo's threads=1 on 2 cores); the weights are the same either way
     max_test_per_class: int | None = Field(None, ge=1)  # evaluate on at most N test images per class (quick runs)
 
     def method(self) -> dict[str, Any]:
@@ -267,6 +270,58 @@ def _train(run: Path, tcfg: Any, progress: bool) -> None:
         raise NeighborLTError(f"{run}: training was interrupted; re-run the same command to resume")
 
 
+def _train_child(run: Path, tcfg: Any, conn: Any) -> None:
+    """The baseline's training in its own process (:func:`_train_both`): sends back None or the error."""
+    try:
+        _train(run, tcfg, False)
+        conn.send(None)
+    except BaseException as e:  # noqa: BLE001 - the parent re-raises it (KeyboardInterrupt included)
+        try:
+            conn.send(e)
+        except Exception:  # noqa: BLE001 - an exception that does not pickle: its text
+            conn.send(RuntimeError(f"{type(e).__name__}: {e}"))
+
+
+def parallel_trainings(method: Any, baseline: Any) -> bool:
+    """The ``parallel_baseline`` auto rule: both TrainConfigs on the CPU (``device`` cpu, or auto without CUDA),
+    outside torchrun, with ``threads`` set and together within the cores this process may use."""
+    import torch
+
+    from .train.ddp import env_world_size
+
+    def on_cpu(tcfg: Any) -> bool:
+        return tcfg.device == "cpu" or (tcfg.device == "auto" and not torch.cuda.is_available())
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return (env_world_size() == 1 and on_cpu(method) and on_cpu(baseline) and method.threads > 0
+            and baseline.threads > 0 and method.threads + baseline.threads <= cores)
+
+
+def _train_both(root: Path, method: Any, bdir: Path, baseline: Any, progress: bool) -> None:
+    """Train the method here and the baseline in a spawned process at the same time. An interrupted method run
+    stops the baseline too (SIGTERM: it saves its checkpoint), and the baseline's error is raised here."""
+    import multiprocessing as mp
+    import signal
+
+    ctx = mp.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_train_child, args=(bdir, baseline, send), name="neighborlt-baseline")
+    child.start()
+    send.close()
+    logger.info("pipeline: training the baseline in process %d beside the method", child.pid)
+    try:
+        _train(root, method, progress)
+    except BaseException:
+        if child.is_alive():
+            os.kill(child.pid, signal.SIGTERM)  # the training's handler saves a checkpoint and returns
+        child.join()
+        raise
+    child.join()
+    err = recv.recv() if recv.poll() else RuntimeError(f"the baseline's process ended with code {child.exitcode}")
+    if err is not None:
+        raise err
+
+
 def _maybe_json(path: Path) -> Any:
     return read_json(path) if path.is_file() else None
 
@@ -302,6 +357,9 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | os.PathLike[str] | None = N
 
     stages = stage_configs(cfg)
     selected = stage_range(from_stage, until_stage)
+    if cfg.parallel_baseline and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("parallel_baseline: true cannot run under torchrun (the ranks train each model "
+                          "together); set it to false or leave it unset")
     if run_dir is None:
         if cfg.run_dir is None:
             raise ConfigError("no run directory: set run_dir in the config or pass RUN")
@@ -342,7 +400,6 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | os.PathLike[str] | None = N
         elif stage == "filter":
             fres = run_filter(stages["filter"], rd)
         elif stage == "train":
-            _train(root, stages["train"], progress)
             if cfg.baseline:
                 bdir.mkdir(exist_ok=True)
                 # atomic and only when changed: under torchrun every rank runs this
@@ -350,7 +407,16 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | os.PathLike[str] | None = N
                     data = rd.path(name).read_bytes()
                     if not (bdir / name).is_file() or (bdir / name).read_bytes() != data:
                         atomic_write_bytes(bdir / name, data)
-                _train(bdir, stages["baseline"], progress)
+                parallel = cfg.parallel_baseline
+                if parallel is None:
+                    parallel = parallel_trainings(stages["train"], stages["baseline"])
+                if parallel:
+                    _train_both(root, stages["train"], bdir, stages["baseline"], progress)
+                else:
+                    _train(root, stages["train"], progress)
+                    _train(bdir, stages["baseline"], progress)
+            else:
+                _train(root, stages["train"], progress)
         elif stage == "export":
             export_direct(root)
             if cfg.baseline:

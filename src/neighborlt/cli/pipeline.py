@@ -63,6 +63,10 @@ def run_cmd(
     baseline: Annotated[bool | None, typer.Option(
         "--baseline/--no-baseline", help="Also train Balanced-CE without auxiliary data (default on).",
         show_default=False)] = None,
+    parallel_baseline: Annotated[bool | None, typer.Option(
+        "--parallel-baseline/--no-parallel-baseline",
+        help="Train the baseline in a second process beside the method (default: when both run on the CPU with "
+             "threads that fit the cores).", show_default=False)] = None,
     report: Annotated[bool | None, typer.Option(
         "--report/--no-report", help="Write RUN/report/index.html at the end (default on).", show_default=False)]
     = None,
@@ -83,7 +87,8 @@ def run_cmd(
         raw = read_config_file(config)
         source = str(config)
     flags = {"protocol": protocol, "data_dir": str(data_dir) if data_dir else None, "seed": seed, "loss": loss,
-             "lambda_s": lambda_s, "aux_cap": aux_cap, "baseline": baseline, "report": report}
+             "lambda_s": lambda_s, "aux_cap": aux_cap, "baseline": baseline, "parallel_baseline": parallel_baseline,
+             "report": report}
     raw.update({k: v for k, v in flags.items() if v is not None})
     sections = {"neighbors": (neighbors, {"backend": "wordnet"}), "train": (train, DEMO_TRAIN),
                 "retrieve": (retrieve, {}), "filter": (filter_, {})}
