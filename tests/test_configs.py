@@ -7,7 +7,6 @@ import importlib.util
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -93,7 +92,6 @@ def test_own_dataset_example_end_to_end(tmp_path: Path, data_dir: Path, capsys: 
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """make_example.py + config.yaml as the README runs them, shrunk to seconds: the WordNet neighbours of the
     targets find pool captions, the method and the baseline are trained and compared, a re-run does nothing."""
-    t0 = time.time()
     info = _example_module().build(tmp_path / "data", data_dir=str(data_dir), n_max=40, ratio=10, test=8,
                                    pool_per_class=12)
     raw = read_config_file(ROOT / "examples" / "own_dataset" / "config.yaml")
@@ -129,7 +127,6 @@ def test_own_dataset_example_end_to_end(tmp_path: Path, data_dir: Path, capsys: 
     out = run_pipeline(load_config(run / "config.yaml"), progress=False)
     assert (run / "train" / "model.safetensors").stat().st_mtime_ns == mtime
     assert out["method"]["overall"] == json.loads((run / "eval" / "metrics.json").read_text())["overall"]
-    assert time.time() - t0 < 120
 
 
 @pytest.mark.parametrize("text, message", [
