@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/neighborlt demo --run-dir runs/demo
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n auto --dist loadfile --durations=25
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder --durations=25
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
