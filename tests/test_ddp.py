@@ -1,8 +1,12 @@
-"""DDP on CPU (gloo, 2 processes): gradients equal one process on the concatenated batch, and a whole DDP
-training run through the engine ends with the same weights as a single-process run of the same global batch."""
+"""DDP on CPU (gloo, 2 processes): gradients equal one process on the concatenated batch, a whole DDP
+training run through the engine ends with the same weights as a single-process run of the same global batch, and
+frozen-feature training under DDP has every rank extract its share of the feature chunks (chunk i on rank i % 2),
+one merge follows, and the merged features equal one process's extraction. The two processes are spawned once for
+all three checks (each spawn re-imports torch in two processes)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from pathlib import Path
@@ -11,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from cifar_helpers import read_cifar_test_images
+from safetensors.torch import save_file
 
 from neighborlt.losses import LOSSES
 from neighborlt.train import ddp
@@ -69,11 +75,13 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         ddp.cleanup(info)
 
 
-def _both_worker(rank: int, world: int, ports: tuple[int, int], out_dir: str, aux, cfg_json: str) -> None:
-    """One spawn for both tests (each spawn re-imports torch in two processes): the gradient check, then the engine
-    run, each in its own process group."""
+def _all_worker(rank: int, world: int, ports: tuple[int, int, int], out_dir: str, aux, cfg_json: str, frozen_aux,
+                frozen_json: str) -> None:
+    """One spawn for the three checks: the gradient check, the engine run, then the frozen-feature run, each in its
+    own process group."""
     _ddp_worker(rank, world, ports[0], out_dir)
     _engine_worker(rank, world, ports[1], str(Path(out_dir) / "ddp"), aux, cfg_json)
+    _frozen_worker(rank, world, ports[2], str(Path(out_dir) / "frozen"), frozen_aux, frozen_json)
 
 
 CFG = {"model": "efficientnet_lite0", "init": "pretrained", "frozen": True, "head": "mlp", "head_hidden": 32,
@@ -81,20 +89,45 @@ CFG = {"model": "efficientnet_lite0", "init": "pretrained", "frozen": True, "hea
        "device": "cpu", "aux_cap": 5}
 
 
+FROZEN_CLASSES = ["airplane", "cat", "ship", "truck"]
+
+
+def _frozen_job(data_dir: Path, folder: Path) -> tuple[object, Path, object]:
+    """The frozen-feature job: 4 CIFAR-10 classes (8 training and 4 test images each), a seeded resnet8 checkpoint
+    as the frozen backbone, 1 epoch."""
+    from neighborlt.data.auxiliary import AuxTrainingSet
+    from neighborlt.train.config import TrainConfig
+
+    images = read_cifar_test_images(data_dir / "cifar10.tar.gz", FROZEN_CLASSES, 12)
+    idx = np.arange(len(images)) % 12
+    aux = AuxTrainingSet(train=images.subset(np.flatnonzero(idx < 8)), test=images.subset(np.flatnonzero(idx >= 8)),
+                         num_target=len(FROZEN_CLASSES), pairs=np.zeros((0, 2), dtype=np.int64))
+    folder.mkdir(parents=True)
+    torch.manual_seed(3)
+    ckpt = folder / "resnet8.safetensors"
+    save_file(create_model("resnet8_cifar", 1).state_dict(), str(ckpt))
+    cfg = TrainConfig(model="resnet8_cifar", init=str(ckpt), frozen=True, image_size=32, epochs=1, batch_size=8,
+                      eval_batch_size=4, lr=0.05, warmup_epochs=0, loss="balanced_softmax", device="cpu")
+    return aux, ckpt, cfg
+
+
 @pytest.fixture(scope="module")
-def spawned(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> tuple[Path, object]:
-    """Both DDP jobs of this file, run once by two gloo processes; returns their folder and the training data."""
+def spawned(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> tuple[Path, object, object, Path]:
+    """The three DDP jobs of this file, run once by two gloo processes; returns their folder, the training data,
+    and the frozen job's data and checkpoint."""
     from neighborlt.train.config import TrainConfig
 
     out = tmp_path_factory.mktemp("ddp")
     aux = _small_aux(data_dir)
-    mp.spawn(_both_worker, args=(2, (_free_port(), _free_port()), str(out), aux,
-                                 TrainConfig(**CFG).model_dump_json()), nprocs=2, join=True)
-    return out, aux
+    frozen_aux, ckpt, frozen_cfg = _frozen_job(data_dir, out / "frozen")
+    mp.spawn(_all_worker, args=(2, (_free_port(), _free_port(), _free_port()), str(out), aux,
+                                TrainConfig(**CFG).model_dump_json(), frozen_aux, frozen_cfg.model_dump_json()),
+             nprocs=2, join=True)
+    return out, aux, frozen_aux, ckpt
 
 
-def test_ddp_gradients_equal_single_process_on_concatenated_batch(spawned: tuple[Path, object]) -> None:
-    out, _ = spawned
+def test_ddp_gradients_equal_single_process_on_concatenated_batch(spawned: tuple[Path, object, object, Path]) -> None:
+    out = spawned[0]
     images, feats, labels = _batch()
     full = _grads(_models(), images, feats, labels)
     half = _grads(_models(), images[:4], feats[:4], labels[:4])
@@ -135,12 +168,12 @@ def _engine_worker(rank: int, world: int, port: int, run_dir: str, aux, cfg_json
 
 
 @pytest.mark.slow
-def test_ddp_engine_run_matches_single_process(spawned: tuple[Path, object], tmp_path: Path) -> None:
+def test_ddp_engine_run_matches_single_process(spawned: tuple[Path, object, object, Path], tmp_path: Path) -> None:
     from neighborlt.train.checkpoint import load_weights
     from neighborlt.train.config import TrainConfig
     from neighborlt.train.engine import run_train
 
-    out, aux = spawned
+    out, aux = spawned[:2]
     single = run_train(TrainConfig(**CFG), tmp_path / "single", data=aux, progress=False)
     a = load_weights(tmp_path / "single" / "train" / "model.safetensors")
     b = load_weights(out / "ddp" / "train" / "model.safetensors")
@@ -150,3 +183,34 @@ def test_ddp_engine_run_matches_single_process(spawned: tuple[Path, object], tmp
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
     rows = [r for r in (out / "ddp" / "train" / "log.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and '"world_size": 2' in rows[-1]
+
+
+def _frozen_worker(rank: int, world: int, port: int, out: str, aux, cfg_json: str) -> None:
+    from neighborlt.train.config import TrainConfig
+    from neighborlt.train.engine import run_train
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), NEIGHBORLT_CACHE=str(Path(out) / "cache"))
+    torch.set_num_threads(1)
+    log = logging.getLogger("neighborlt.train.features")
+    log.setLevel(logging.INFO)
+    log.addHandler(logging.FileHandler(Path(out) / f"rank{rank}.log"))
+    run_train(TrainConfig.model_validate_json(cfg_json), Path(out) / "run", data=aux, progress=False)
+
+
+def test_every_rank_extracts_its_chunks_of_the_frozen_features(spawned: tuple[Path, object, object, Path]) -> None:
+    from neighborlt.train.features import extract_features
+
+    out, _, aux, ckpt = spawned
+    out = out / "frozen"
+    logs = [(out / f"rank{r}.log").read_text() for r in range(2)]
+    for r in range(2):  # 32 training and 16 test images: two chunks each, one per rank, none read from the cache
+        assert logs[r].count(f"rank {r}/2 computes chunks {r} (0 of its 1 on disk)") == 2, logs[r]
+        assert "from cache" not in logs[r], logs[r]
+    assert "".join(logs).count("extracted resnet8_cifar features") == 2  # one merge per set
+    assert (out / "run" / "train" / "model.safetensors").is_file()
+    merged = {len(a): a for a in (np.load(p) for p in (out / "cache" / "features").rglob("*.npy"))}
+    assert sorted(merged) == [16, 32] and not list((out / "cache" / "features").rglob("*.chunks"))
+    for part in (aux.train, aux.test):  # the ranks' chunks equal one process's extraction
+        single = extract_features("resnet8_cifar", str(ckpt), part, 32, batch_size=4)
+        np.testing.assert_allclose(merged[len(part)], single, rtol=1e-5, atol=1e-6)
