@@ -124,7 +124,8 @@ class _Context:
 
     @property
     def data(self) -> Any:
-        """The run's training set as training loaded it (targets + auxiliary classes) and its target test set."""
+        """The run's training set as training loaded it (targets + auxiliary classes) and its target test set as its
+        evaluation capped it (``max_test_per_class`` in ``eval/metrics.json``)."""
         if self._data is None:
             from .train.config import TrainConfig
             from .train.engine import load_training_data
@@ -133,8 +134,10 @@ class _Context:
             if manifest is not None and not (Path(manifest) if Path(manifest).is_absolute()
                                              else self.rd.root / manifest).is_file():
                 manifest = None
+            # the test images the run's evaluation saw (a quick run's cap), not the whole test split
+            cap = read_json(self.rd.path("eval", "metrics.json")).get("max_test_per_class")
             tcfg = TrainConfig(data_dir=self.cfg.data_dir or self.train_cfg.get("data_dir"), aux_manifest=manifest,
-                               loss="balanced_softmax")
+                               loss="balanced_softmax", max_test_per_class=cap)
             aux, test, _ = load_training_data(tcfg, self.rd)
             self._data = (aux, test)
         return self._data
