@@ -82,11 +82,15 @@ def test_visual_pairs_on_cifar10_from_pretrained_features(data_dir: Path) -> Non
     assert got["cat"] == "dog" and got["automobile"] == "truck" and got["airplane"] == "ship"
 
 
+POOL = ["dog", "truck"]  # two pool classes (cat's and automobile's WordNet neighbours): 10,000 pool images, not 25,000
+
+
 def test_pairs_grid(tmp_path: Path, data_dir: Path) -> None:
     train = {**DEMO_TRAIN, "image_size": 16, "epochs": 1, "batch_size": 16, "warmup_epochs": 0,
              "max_test_per_class": 10, "crt_epochs": 1}
     cfg = AblationConfig(grids=["pairs"], protocol="cifar10-neighbours",
-                         protocol_overrides={"n_max": 40, "imbalance_ratio": 10}, data_dir=str(data_dir), seeds=[0],
+                         protocol_overrides={"n_max": 40, "imbalance_ratio": 10, "pool": POOL}, data_dir=str(data_dir),
+                         seeds=[0],
                          relation="wordnet", aux_cap=8, pairings=["random"], train=train)
     rows = grid_rows(cfg, "pairs")
     assert [r.label for r in rows] == ["† (λs = 1), direct classifier", "NS, wordnet pairs, direct classifier",
@@ -98,9 +102,10 @@ def test_pairs_grid(tmp_path: Path, data_dir: Path) -> None:
     assert [r["run"] for r in res.rows] == ["balce_aux_crt", "ns0.1_aux_crt", "ns0.1_aux_crt_random"] * 2
     assert [r["classifier"] for r in res.rows] == ["metrics"] * 3 + ["crt_metrics"] * 3
     record = json.loads((tmp_path / "pairs" / "random_k5_rauto.json").read_text())
-    assert record["pairs"] == record["relation_pairs"] == 5 and len(record["pair_names"]) == 5
-    assert {t for t, _ in record["pair_names"]} == {"cat", "automobile", "deer", "airplane", "bird"}
+    assert record["pairs"] == record["relation_pairs"] == 2 and len(record["pair_names"]) == 2
+    assert {t for t, _ in record["pair_names"]} == {"cat", "automobile"}  # the relation's degrees: one pair each
+    assert record["shared_with_relation"] < 2  # other pairs than WordNet's cat - dog, automobile - truck
     model = json.loads((tmp_path / "runs" / "ns0.1_aux_crt_random" / "seed0" / "train" / "model.json").read_text())
-    assert model["num_classes"] == 10
+    assert model["num_classes"] == 5 + len(POOL)
     md = (tmp_path / "pairs.md").read_text()
     assert md.count("\n| ") == 7 and "* NS, random pairs, cRT classifier: overall" in md
