@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -23,19 +24,40 @@ from neighborlt.report import write_ablation_page
 
 # one pool class: the filter stage reads every pool image (5,000 here, not 25,000); the claims need one auxiliary class
 SMALL = {"n_max": 40, "imbalance_ratio": 10, "pool": ["dog"]}
-TRAIN = {**DEMO_TRAIN, "image_size": 16, "epochs": 1, "batch_size": 16, "warmup_epochs": 0, "max_test_per_class": 10,
+TRAIN = {**DEMO_TRAIN, "image_size": 16, "epochs": 1, "batch_size": 16, "warmup_epochs": 0, "max_test_per_class": 5,
          "crt_epochs": 1, "threads": 1}
 RUNS = ("balce", "balce_aux_crt", "ns0.1_aux_crt")  # the distinct runs of table6
 
 
 def _ablate_args(out: Path, data_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "neighborlt", "ablate", str(out), "--grid", "table6", "--seeds", "0",
+    return ["ablate", str(out), "--grid", "table6", "--seeds", "0",
             "--protocol", "cifar10-neighbours", "--relation", "wordnet", "--aux-cap", "8", "--quiet",
             "--data-dir", str(data_dir), "--protocol-overrides", json.dumps(SMALL), "--train", json.dumps(TRAIN)]
 
 
 def _run(args: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, check=False, capture_output=True, text=True, timeout=600, **kw)  # type: ignore
+
+
+def _cli(args: list[str]) -> subprocess.CompletedProcess[str]:
+    """`neighborlt ARGS` through the console entry point, in-process (no second torch import): its exit status,
+    stdout and stderr as a subprocess would give them."""
+    from neighborlt.cli import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            main(args)
+        except SystemExit as e:
+            code = int(e.code or 0)
+    return subprocess.CompletedProcess(["neighborlt", *args], code, stdout.getvalue(), stderr.getvalue())
+
+
+def _cfg(data_dir: Path) -> AblationConfig:
+    """What the CLI options of `_ablate_args` resolve to."""
+    return AblationConfig(grids=["table6"], protocol_overrides=SMALL, data_dir=str(data_dir), seeds=[0],
+                          relation="wordnet", aux_cap=8, train=TRAIN)
 
 
 def _state(out: Path) -> dict[str, int]:
@@ -47,10 +69,12 @@ def _state(out: Path) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict[str, object]:
-    """table6 (1 seed): its commands printed, run by two parallel workers, then `ablate` over the finished runs."""
+    """table6 (1 seed): its commands printed, run as shell commands by two parallel workers (separate processes),
+    then `ablate` over the finished runs. The two `ablate` calls run in-process: a separate process proves nothing
+    there (the printed commands are the ones that must work from a shell)."""
     out = tmp_path_factory.mktemp("grid")
     exe = f"{shlex.quote(sys.executable)} -m neighborlt"
-    printed = _run([*_ablate_args(out, data_dir), "--print-commands", "--executable", exe])
+    printed = _cli([*_ablate_args(out, data_dir), "--print-commands", "--executable", exe])
     assert printed.returncode == 0, printed.stderr[-3000:]
     commands = printed.stdout.splitlines()
     listed = (out / "commands.txt").read_text().splitlines()
@@ -65,11 +89,9 @@ def grid(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict[str, 
     for c, d in zip(commands, done):
         assert d.returncode == 0, (c, d.stdout[-2000:], d.stderr[-3000:])
     before = _state(out)
-    tables = _run(_ablate_args(out, data_dir))
+    tables = _cli(_ablate_args(out, data_dir))
     assert tables.returncode == 0, tables.stderr[-3000:]
-    cfg = AblationConfig(grids=["table6"], protocol_overrides=SMALL, data_dir=str(data_dir), seeds=[0],
-                         relation="wordnet", aux_cap=8, train=TRAIN)  # what the CLI options above resolve to
-    again = prepare_runs(cfg, out, executable=exe)
+    again = prepare_runs(_cfg(data_dir), out, executable=exe)
     return {"out": out, "commands": commands, "listed": listed, "printed": printed, "tables": tables, "before": before,
             "after": _state(out), "again": again}
 
@@ -80,8 +102,7 @@ def test_print_commands_prepares_folders_and_prints_one_command_per_run(grid: di
     commands: list[str] = grid["commands"]  # type: ignore[assignment]
     assert len(commands) == len(RUNS)  # stdout holds the commands only (the logs went to stderr)
     assert grid["listed"] == commands  # OUT/commands.txt: for `parallel < OUT/commands.txt` or a SLURM array
-    cfg = AblationConfig(grids=["table6"], protocol_overrides=SMALL, data_dir=str(data_dir), seeds=[0],
-                         relation="wordnet", aux_cap=8, train=TRAIN)
+    cfg = _cfg(data_dir)
     specs = {r.run.name: r.run for r in grid_rows(cfg, "table6")}
     for name, command in zip(RUNS, commands):
         run = (out / "runs" / name / "seed0").resolve()
@@ -89,7 +110,7 @@ def test_print_commands_prepares_folders_and_prints_one_command_per_run(grid: di
         assert f" && {shlex.quote(sys.executable)} -m neighborlt train {run} --config {run / 'train.json'} --resume" \
             in command
         assert f"-m neighborlt export {run} && " in command and command.endswith(
-            f"-m neighborlt eval {run} --max-test-per-class 10")
+            f"-m neighborlt eval {run} --max-test-per-class 5")
         # the folder is a complete run directory with the resolved TrainConfig that `ablate` itself would train
         for f in ("classes.json", "split.json"):
             assert (run / f).read_bytes() == (out / f).read_bytes()
