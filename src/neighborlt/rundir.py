@@ -4,6 +4,7 @@ JSONL logs and stage completion markers so every stage is resumable and idempote
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -139,8 +140,10 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit() -> str | None:
-    """The git commit of the neighborlt checkout (``+dirty`` when modified), or None."""
+    """The git commit of the neighborlt checkout (``+dirty`` when modified), or None. Asked once per process (two
+    git subprocesses; a pipeline records a dozen stages): the code a process runs is the code it imported."""
     src = Path(__file__).resolve().parent
     try:
         sha = subprocess.run(
@@ -156,13 +159,17 @@ def git_commit() -> str | None:
 
 
 def package_versions(extra: tuple[str, ...] = ()) -> dict[str, str | None]:
-    out: dict[str, str | None] = {}
-    for name in RECORDED_PACKAGES + tuple(extra):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+    return {name: _package_version(name) for name in RECORDED_PACKAGES + tuple(extra)}
+
+
+@functools.cache
+def _package_version(name: str) -> str | None:
+    """One package's installed version (None: not installed), looked up once per process (each lookup scans the
+    installed distributions)."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def environment_record(seed: int | None = None) -> dict[str, Any]:
