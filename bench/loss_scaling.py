@@ -12,7 +12,8 @@ medians between runs (Balanced Softmax at C = 1,000: 1.1 to 1.5 ms on an idle ma
 re-runs the script with ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` raised so that freed buffers are
 reused (the steady state of a long training loop), which times the arithmetic alone. Peak memory: on CPU
 the rise of the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) over one step, in a
-fresh subprocess per (C, loss) with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed buffers leave the resident set;
+fresh process per (C, loss) (a child forked, before any step ran, from one subprocess per C that imported torch)
+with ``MALLOC_MMAP_THRESHOLD_=65536`` so freed buffers leave the resident set;
 on CUDA ``torch.cuda.max_memory_allocated`` over one step. Both count the step's own buffers above the inputs.
 
 Usage::
@@ -34,6 +35,21 @@ import sys
 import time
 from collections.abc import Callable
 
+# glibc malloc tunables: buffers up to 1 GiB come from the heap and the heap is never trimmed below 4 GiB
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
+
+
+def _reexec_steady(args: list[str]) -> None:
+    """Replace this process by the script run again with :data:`STEADY_MALLOC` in its environment (glibc reads the
+    tunables at start-up); a no-op once they are set."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != STEADY_MALLOC["MALLOC_MMAP_THRESHOLD_"]:
+        script = os.path.abspath(__file__)
+        os.execve(sys.executable, [sys.executable, script, *args], {**os.environ, **STEADY_MALLOC})
+
+
+if __name__ == "__main__" and ("--malloc=steady" in sys.argv or "--malloc steady" in " ".join(sys.argv)):
+    _reexec_steady(sys.argv[1:])  # before torch is imported: the re-executed script would import it again (seconds)
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -41,8 +57,6 @@ import torch.nn.functional as F
 from neighborlt.losses import BalancedSoftmaxCE, NeighborSilencingCE
 
 LOSS_NAMES = ("balanced_softmax", "neighbor_silencing", "naive")
-# glibc malloc tunables: buffers up to 1 GiB come from the heap and the heap is never trimmed below 4 GiB
-STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**30), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
 
 
 def problem(c: int, per_target: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -161,16 +175,43 @@ def peak_memory_here(name: str, b: int, c: int, lambda_s: float, device: str) ->
     return (hwm - rss0) / 1024
 
 
-def peak_memory(name: str, b: int, c: int, lambda_s: float, device: str, threads: int) -> float:
-    """Run :func:`peak_memory_here` in a fresh subprocess (CPU) so earlier steps leave no resident buffers."""
+def peak_memory_forked(names: list[str], b: int, c: int, lambda_s: float) -> dict[str, float]:
+    """:func:`peak_memory_here` (CPU) of each loss in its own child forked from this process: every child starts
+    from the state after the imports, so no earlier step leaves resident buffers (one torch import for all)."""
+    out: dict[str, float] = {}
+    for name in names:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: measure, report through the pipe, exit without running the parent's code
+            code = 1
+            try:
+                os.close(r)
+                os.write(w, repr(peak_memory_here(name, b, c, lambda_s, "cpu")).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        with os.fdopen(r) as f:
+            text = f.read()
+        _, status = os.waitpid(pid, 0)
+        if status != 0 or not text:
+            raise SystemExit(f"C={c}: the peak-memory child of {name} failed (wait status {status})")
+        out[name] = float(text)
+    return out
+
+
+def peak_memory(names: list[str], b: int, c: int, lambda_s: float, device: str, threads: int) -> dict[str, float]:
+    """Peak extra memory (MiB) of one step per loss: on CPU each in a fresh process (:func:`peak_memory_forked`, in
+    a subprocess that has run no step) so earlier steps leave no resident buffers."""
     if device.startswith("cuda"):
-        return peak_memory_here(name, b, c, lambda_s, device)
+        return {n: peak_memory_here(n, b, c, lambda_s, device) for n in names}
     env = {k: v for k, v in os.environ.items() if k not in STEADY_MALLOC}
     env.update(MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(threads))
-    code = (f"import torch, sys; torch.set_num_threads({threads}); sys.path.insert(0, {os.path.dirname(__file__)!r});"
-            f"import loss_scaling as m; print(m.peak_memory_here({name!r}, {b}, {c}, {lambda_s}, 'cpu'))")
+    code = (f"import torch, sys, json; torch.set_num_threads({threads}); "
+            f"sys.path.insert(0, {os.path.dirname(__file__)!r}); import loss_scaling as m; "
+            f"print(json.dumps(m.peak_memory_forked({list(names)!r}, {b}, {c}, {lambda_s})))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    return {k: float(v) for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -187,10 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--malloc", choices=["default", "steady"], default="default",
                     help="steady: re-run with glibc malloc thresholds raised so freed buffers are reused (see above)")
     args = ap.parse_args(argv)
-    if args.malloc == "steady" and os.environ.get("MALLOC_MMAP_THRESHOLD_") != STEADY_MALLOC["MALLOC_MMAP_THRESHOLD_"]:
-        script = os.path.abspath(__file__)
-        os.execve(sys.executable, [sys.executable, script, *(sys.argv[1:] if argv is None else argv)],
-                  {**os.environ, **STEADY_MALLOC})
+    if args.malloc == "steady":  # run as a script, this happened above before torch's import (any spelling aside)
+        _reexec_steady(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(args.threads)
     devices = ["cpu", "cuda"] if args.device == "auto" else [args.device]
     if "cuda" in devices and not torch.cuda.is_available():
@@ -215,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
             med = {n: statistics.median(t) * 1e3 for n, t in wall.items()}
             cmed = {n: statistics.median(t) * 1e3 for n, t in cpu.items()}
             mins = {n: min(t) * 1e3 for n, t in wall.items()}
-            mem = {n: peak_memory(n, args.batch, c, args.lambda_s, device, args.threads) for n in LOSS_NAMES}
+            mem = peak_memory(list(LOSS_NAMES), args.batch, c, args.lambda_s, device, args.threads)
             row = {"device": dev_name, "C": c, "B": args.batch, "median_ms": med, "min_ms": mins,
                    "cpu_median_ms": cmed, "peak_mib": mem,
                    "ratio_ns": med["neighbor_silencing"] / med["balanced_softmax"],

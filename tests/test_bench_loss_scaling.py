@@ -21,7 +21,7 @@ def test_loss_scaling_smoke(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "malloc steady" in proc.stdout and "min-of-steps wall ratios" in proc.stdout
     rows = json.loads(out.read_text())
-    assert [r["C"] for r in rows] == [60]  # one size: each C costs 3 peak-memory processes
+    assert [r["C"] for r in rows] == [60]  # one size: each C costs a peak-memory subprocess (3 forked children)
     for r in rows:
         assert set(r["median_ms"]) == {"balanced_softmax", "neighbor_silencing", "naive"}
         assert all(v > 0 for v in r["median_ms"].values()) and r["ratio_ns"] > 0
