@@ -16,27 +16,49 @@ from neighborlt.ablate import AblationConfig, grid_rows, run_ablation
 from neighborlt.pipeline import DEMO_TRAIN, PipelineConfig, run_pipeline
 
 SMALL = {"n_max": 40, "imbalance_ratio": 10}  # 40/22/12/7/4 target images
+POOL2 = {**SMALL, "pool": ["dog", "truck"]}  # two pool classes (10,000 images): the siblings of cat and automobile
 TRAIN = {**DEMO_TRAIN, "image_size": 16, "epochs": 2, "batch_size": 16, "warmup_epochs": 0}
 KEEP_ALL = {"caption": False, "band": False, "leak": False, "dedup": False}  # no feature extraction: seconds
 
 
-def test_pipeline_end_to_end(tmp_path: Path, data_dir: Path) -> None:
-    cfg = PipelineConfig(data_dir=str(data_dir), protocol_overrides=SMALL, train=TRAIN, retrieve={"match": "wordnet"},
-                         filter=KEEP_ALL, aux_cap=8, max_test_per_class=20, report=False)
-    out = run_pipeline(cfg, tmp_path, progress=False)
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> tuple[PipelineConfig, Path, dict, str]:
+    """One whole pipeline run (the method and the baseline trained at once, in two processes), shared by the tests
+    that read it; with the INFO log of neighborlt.pipeline."""
+    import io
+    import logging
+
+    root = tmp_path_factory.mktemp("pipeline")
+    cfg = PipelineConfig(data_dir=str(data_dir), protocol_overrides=POOL2, train=TRAIN, retrieve={"match": "wordnet"},
+                         filter=KEEP_ALL, aux_cap=8, max_test_per_class=20, report=False, parallel_baseline=True)
+    log = io.StringIO()
+    logger = logging.getLogger("neighborlt.pipeline")
+    handler, level = logging.StreamHandler(log), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        out = run_pipeline(cfg, root, progress=False)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return cfg, root, out, log.getvalue()
+
+
+def test_pipeline_end_to_end(pipeline_run: tuple[PipelineConfig, Path, dict, str]) -> None:
+    cfg, tmp_path, out, _ = pipeline_run
     for name in ("classes.json", "split.json", "neighbors.json", "retrieve/manifest.parquet",
                  "filter/aux_manifest.parquet", "filter/funnel.json", "summary.md", "summary.json",
                  "export/model.safetensors", "eval/metrics.json", "baseline/eval/metrics.json"):
         assert (tmp_path / name).is_file(), name
     export = json.loads((tmp_path / "export" / "model.json").read_text())
-    assert export["num_classes"] == 5 and len(export["direct_classifier"]["dropped_classes"]) == 5
-    assert json.loads((tmp_path / "train" / "model.json").read_text())["num_classes"] == 10  # 5 target + 5 pool
+    assert export["num_classes"] == 5 and len(export["direct_classifier"]["dropped_classes"]) == 2
+    assert json.loads((tmp_path / "train" / "model.json").read_text())["num_classes"] == 7  # 5 target + 2 pool
     for key in ("method", "baseline"):
         m = out[key]
         assert 0.0 <= m["overall"] <= 100.0 and sum(m["split_test_samples"].values()) == 100
     summary = (tmp_path / "summary.md").read_text()
     assert "Balanced-CE, no auxiliary data" in summary and "neighbor_silencing" in summary
-    assert "| candidates | downloaded |" in summary and out["funnel"]["kept"] == 25000  # 5 pool classes of 5000
+    assert "| candidates | downloaded |" in summary and out["funnel"]["kept"] == 10000  # 2 pool classes of 5000
     # idempotent: a second call trains nothing (weights untouched)
     mtime = (tmp_path / "train" / "model.safetensors").stat().st_mtime_ns
     again = run_pipeline(cfg, tmp_path, progress=False)
@@ -44,30 +66,34 @@ def test_pipeline_end_to_end(tmp_path: Path, data_dir: Path) -> None:
     assert again["method"]["overall"] == out["method"]["overall"]
 
 
-def test_method_and_baseline_train_at_once_with_the_same_weights(tmp_path: Path, data_dir: Path, caplog) -> None:
+def test_method_and_baseline_train_at_once_with_the_same_weights(
+        tmp_path: Path, pipeline_run: tuple[PipelineConfig, Path, dict, str], caplog: pytest.LogCaptureFixture) -> None:
     """threads=1 on a multi-core CPU: the baseline trains in a second process beside the method (auto rule), and
     both models are byte-identical to the ones trained one after the other."""
+    import shutil
+
     from neighborlt.pipeline import parallel_trainings, stage_configs
 
-    cfg = PipelineConfig(data_dir=str(data_dir), protocol_overrides=SMALL, train={**TRAIN, "epochs": 1},
-                         retrieve={"match": "wordnet"}, filter=KEEP_ALL, aux_cap=8, max_test_per_class=10,
-                         report=False)
-    st = stage_configs(cfg)
+    cfg, at_once, _, log = pipeline_run
+    st = stage_configs(cfg.model_copy(update={"parallel_baseline": None}))
     assert parallel_trainings(st["train"], st["baseline"]) == (len(os.sched_getaffinity(0)) >= 2)
     assert not parallel_trainings(st["train"], st["baseline"].model_copy(update={"threads": 0}))
+    assert "training the baseline in process" in log
+    # the same run up to the filter, then both trainings one after the other
+    in_turn = tmp_path / "in_turn"
+    shutil.copytree(at_once, in_turn, ignore=lambda d, names: [n for n in names if Path(d) == at_once and n in (
+        "train", "baseline", "export", "eval", "summary.md", "summary.json")])
     with caplog.at_level("INFO", logger="neighborlt.pipeline"):
-        run_pipeline(cfg.model_copy(update={"parallel_baseline": True}), tmp_path / "at_once", progress=False,
-                     until_stage="train")
-    assert "training the baseline in process" in caplog.text
-    run_pipeline(cfg.model_copy(update={"parallel_baseline": False}), tmp_path / "in_turn", progress=False,
-                 until_stage="train")
+        out = run_pipeline(cfg.model_copy(update={"parallel_baseline": False}), in_turn, progress=False,
+                           until_stage="train")
+    assert out["stages"][-1] == "train" and "training the baseline in process" not in caplog.text
     for sub in ("train", "baseline/train"):
-        a, b = (tmp_path / d / sub / "model.safetensors" for d in ("at_once", "in_turn"))
+        a, b = (d / sub / "model.safetensors" for d in (at_once, in_turn))
         assert a.read_bytes() == b.read_bytes(), sub
 
 
 def test_table6_grid_shares_runs_and_reports_paired_deltas(tmp_path: Path, data_dir: Path) -> None:
-    cfg = AblationConfig(grids=["table6"], protocol="cifar10-neighbours", protocol_overrides=SMALL,
+    cfg = AblationConfig(grids=["table6"], protocol="cifar10-neighbours", protocol_overrides=POOL2,
                          data_dir=str(data_dir), seeds=[0, 1], relation="wordnet", aux_cap=8,
                          train={**TRAIN, "epochs": 1, "max_test_per_class": 10, "crt_epochs": 1})
     rows = grid_rows(cfg, "table6")
@@ -128,13 +154,27 @@ def test_grid_definitions() -> None:
     (["run", "OUT", "--from", "train"], "--from train: stage classes has not finished"),
     (["run", "OUT.yaml"], "out.yaml: config file not found"),
 ])
-def test_cli_errors_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+def test_cli_errors_are_one_line(tmp_path: Path, args: list[str], message: str,
+                                 capsys: pytest.CaptureFixture) -> None:
+    from neighborlt.cli import main
+
     args = [a.replace("OUT", str(tmp_path / "out")) for a in args]
-    proc = subprocess.run([sys.executable, "-m", "neighborlt", *args], capture_output=True, text=True, timeout=120,
-                          check=False)
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    stderr = capsys.readouterr().err
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
+
+
+def test_cli_error_is_one_line_from_a_process(tmp_path: Path) -> None:
+    """The same in a real `python -m neighborlt` process: nothing else on its stderr (no import-time noise)."""
+    proc = subprocess.run([sys.executable, "-m", "neighborlt", "run", str(tmp_path / "out"), "--from", "train"],
+                          capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "stage classes has not finished" in lines[0], \
+        proc.stderr
 
 
 def test_pool_vocabulary_limits_neighbours_to_pool_classes(tmp_path: Path, data_dir: Path) -> None:
@@ -142,9 +182,11 @@ def test_pool_vocabulary_limits_neighbours_to_pool_classes(tmp_path: Path, data_
     training (nothing unmatched) and K / the split ratio change the neighbour pairs."""
     from neighborlt.ablate import GridData
 
-    cfg = AblationConfig(grids=["k", "ratio"], protocol="cifar10-neighbours",
-                         data_dir=str(data_dir), relation="neighbors", neighbors_backend="embedding",
-                         neighbors_vocabulary="pool")
+    # two pool classes (10,000 images, not 25,000): enough for K = 3 to ask more than K = 1 holds; the settings
+    # that prove something: K = 1 vs 3 and the ratios with and without head neighbours
+    cfg = AblationConfig(grids=["k", "ratio"], protocol="cifar10-neighbours", ks=[1, 3], ratios=["1:1:3", "0:1:3"],
+                         protocol_overrides={"pool": ["dog", "truck"]}, data_dir=str(data_dir),
+                         relation="neighbors", neighbors_backend="embedding", neighbors_vocabulary="pool")
     data = GridData(cfg, tmp_path)
     pool = set(data.protocol.pool.class_names)
     sets = {row.label: data.training_set(row.run) for g in ("k", "ratio") for row in grid_rows(cfg, g)}
@@ -160,12 +202,13 @@ def test_pool_vocabulary_limits_neighbours_to_pool_classes(tmp_path: Path, data_
     assert head not in set(sets["ratio 0:1:3"].pairs[:, 0].tolist())
     assert head in set(sets["ratio 1:1:3"].pairs[:, 0].tolist())
     with pytest.raises(Exception, match="no auxiliary pool"):
-        GridData(cfg.model_copy(update={"protocol": "cifar10-lt"}), tmp_path / "lt")._pool_vocabulary()
+        GridData(cfg.model_copy(update={"protocol": "cifar10-lt", "protocol_overrides": SMALL}),
+                 tmp_path / "lt")._pool_vocabulary()
 
 
 def test_grid_rows_with_the_same_auxiliary_set_train_once(tmp_path: Path, data_dir: Path) -> None:
-    """K = 5 and K = 7 both use all 5 pool classes and the same pairs on this small protocol: one run, two rows."""
-    cfg = AblationConfig(grids=["k"], ks=[5, 7], protocol="cifar10-neighbours", protocol_overrides=SMALL,
+    """K = 5 and K = 7 both use all (2) pool classes and the same pairs on this small protocol: one run, two rows."""
+    cfg = AblationConfig(grids=["k"], ks=[5, 7], protocol="cifar10-neighbours", protocol_overrides=POOL2,
                          data_dir=str(data_dir), seeds=[0], relation="neighbors", neighbors_backend="embedding",
                          neighbors_vocabulary="pool", aux_cap=8,
                          train={**TRAIN, "epochs": 1, "max_test_per_class": 10})
@@ -183,7 +226,7 @@ def test_parallel_ablate_processes_share_one_folder(tmp_path: Path, data_dir: Pa
     train = json.dumps({**TRAIN, "epochs": 1, "max_test_per_class": 10, "crt_epochs": 1, "threads": 1})
     args = [sys.executable, "-m", "neighborlt", "ablate", str(tmp_path), "--grid", "table6", "--seeds", "0,1",
             "--protocol", "cifar10-neighbours", "--relation", "wordnet", "--aux-cap", "8", "--quiet",
-            "--data-dir", str(data_dir), "--protocol-overrides", json.dumps(SMALL), "--train", train]
+            "--data-dir", str(data_dir), "--protocol-overrides", json.dumps(POOL2), "--train", train]
     procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
@@ -199,7 +242,7 @@ def test_parallel_ablate_processes_share_one_folder(tmp_path: Path, data_dir: Pa
 
 
 def test_until_and_from_run_a_range_of_stages(tmp_path: Path, data_dir: Path) -> None:
-    cfg = PipelineConfig(data_dir=str(data_dir), protocol_overrides=SMALL, train=TRAIN, retrieve={"match": "wordnet"},
+    cfg = PipelineConfig(data_dir=str(data_dir), protocol_overrides=POOL2, train=TRAIN, retrieve={"match": "wordnet"},
                          filter=KEEP_ALL, report=False)
     out = run_pipeline(cfg, tmp_path, progress=False, until_stage="classes")
     assert out["stages"] == ["classes"] and out["method"] is None and out["summary"] is None
