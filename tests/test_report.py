@@ -60,8 +60,13 @@ def report_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path
     """A finished tiny pipeline run (method + baseline, training curves with test accuracy, where.json) with a
     synthetic funnel, and a hostile target class name in classes.json / per_class.csv."""
     run = tmp_path_factory.mktemp("report_run")
+    # neighbours from a file (what WordNet finds among the pool classes, without loading WordNet: not under test here)
+    mapping = tmp_path_factory.mktemp("report_neighbours") / "neighbours.json"
+    mapping.write_text(json.dumps({"cat": ["dog"], "automobile": ["truck"], "deer": ["horse"], "airplane": ["ship"],
+                                   "bird": ["frog"]}))
     cfg = PipelineConfig(data_dir=str(data_dir), protocol_overrides=SMALL, train=TRAIN, aux_cap=8,
-                         max_test_per_class=10, filter=FILTER)
+                         max_test_per_class=10, filter=FILTER,
+                         neighbors={"backend": "file", "mapping_file": str(mapping)})
     run_pipeline(cfg, run, progress=False)
     shutil.copytree(run / "report", run / "pipeline_report")  # the page run_pipeline wrote, on the real funnel
     from neighborlt.viz import VizConfig, run_viz
@@ -203,7 +208,7 @@ def test_missing_and_malformed_inputs_name_their_commands(report_run: Path, tmp_
         run_report(ReportConfig(), tmp_path / "nope")
 
 
-def test_cli_report(report_run: Path, tmp_path: Path) -> None:
+def test_cli_report(report_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import typer
     from typer.testing import CliRunner
 
@@ -220,10 +225,15 @@ def test_cli_report(report_run: Path, tmp_path: Path) -> None:
     assert "more contact sheets are in RUN/filter/sheets/" in (out / "index.html").read_text(encoding="utf-8")
     bad = CliRunner().invoke(app, ["report", str(report_run), "--max-sheets", "-1"])
     assert bad.exit_code != 0 and "--max-sheets" in str(bad.exception or bad.output)
-    if "report" in _AREAS:  # mounted on the console script: the installed command works too
-        proc = subprocess.run([sys.executable, "-m", "neighborlt", "report", str(report_run), "--out", str(out)],
-                              check=False, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0 and str(out / "index.html") in proc.stdout, proc.stderr
+    if "report" in _AREAS:  # mounted on the console script (neighborlt.cli:main, in-process): the command works too
+        from neighborlt.cli import main
+
+        capsys.readouterr()
+        try:
+            main(["report", str(report_run), "--out", str(out)])
+        except SystemExit as e:
+            assert not e.code, capsys.readouterr().err
+        assert str(out / "index.html") in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------------------------- headless Chromium
