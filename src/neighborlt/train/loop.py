@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -47,6 +48,17 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _use_deterministic_algorithms(mode: bool, warn_only: bool) -> None:
+    """``torch.use_deterministic_algorithms``, without the import of ``torch._inductor.config`` that its first call
+    makes (about 2 s of CPU per process) while inductor is not loaded: neighborlt never compiles a model, so only
+    the eager flag matters; once inductor is loaded (by the user's code) its flag is kept in step too."""
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if setter is None or "torch._inductor.config" in sys.modules:
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+    else:
+        setter(mode, warn_only=warn_only)
+
+
 @contextlib.contextmanager
 def determinism(enabled: bool) -> Iterator[None]:
     """Deterministic kernels while training; the previous global setting is restored afterwards."""
@@ -55,12 +67,12 @@ def determinism(enabled: bool) -> Iterator[None]:
     prev_cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     if enabled:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        _use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+        _use_deterministic_algorithms(prev, warn_only=prev_warn)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = prev_cudnn
 
 
