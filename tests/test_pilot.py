@@ -130,12 +130,13 @@ def test_pilot_cli_errors(tmp_path: Path, tiny: Path, capsys: pytest.CaptureFixt
 
 
 def test_pilot_workers_share_the_runs(tmp_path: Path, tiny: Path) -> None:
-    """``workers=2``: two spawned processes train the runs (each once, under its run lock)."""
-    cfg = PilotConfig(dataset=str(tiny), num_classes=4, superclasses=[2], ratios=[1, 3], n_max=6, seeds=[0, 1],
+    """``workers=2``: two spawned processes train the runs (each once, under its run lock); one seed (two runs, one
+    per worker) proves it (seeds are the end-to-end test's)."""
+    cfg = PilotConfig(dataset=str(tiny), num_classes=4, superclasses=[2], ratios=[1, 3], n_max=6, seeds=[0],
                       partition_groups=2, train=TRAIN)
     doc = run_pilot(cfg, tmp_path / "p", workers=2, progress=False)
     assert len(doc["rows"]) == 2
     for log in sorted((tmp_path / "p" / "runs").glob("*/seed*/train/log.jsonl")):
         epochs = [json.loads(x)["epoch"] for x in log.read_text().splitlines() if '"epoch"' in x]
         assert epochs == [1], log  # trained once, not twice over each other
-    assert len(list((tmp_path / "p" / "runs").glob("*/seed*/eval/metrics.json"))) == 4
+    assert len(list((tmp_path / "p" / "runs").glob("*/seed*/eval/metrics.json"))) == 2
