@@ -99,8 +99,11 @@ def test_own_dataset_example_end_to_end(tmp_path: Path, data_dir: Path, capsys: 
     raw["classes"]["dataset"] = info["dataset"]
     raw["retrieve"]["pool"] = info["pool"]
     raw["train"].update(epochs=2, image_size=16, batch_size=32, warmup_epochs=0)
-    raw["filter"] = {"sheets": 1, "feature_image_size": 32}
+    raw["filter"] = {"sheets": 0, "feature_image_size": 16}  # the rules on, at the smallest feature input
     raw["report"] = False
+    # the baseline trains after the method in this process: a spawned one would import torch again (~8 s of CPU);
+    # training both at once is test_pipeline's test_method_and_baseline_train_at_once
+    raw["parallel_baseline"] = False
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(tmp_path)
