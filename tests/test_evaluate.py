@@ -337,7 +337,8 @@ def test_eval_model_on_cifar10_protocol(data_dir, tmp_path, capsys) -> None:
 
     torch.manual_seed(0)
     run = tmp_path / "run"
-    run_classes(ClassesConfig(protocol="cifar10-neighbours", data_dir=str(data_dir)), run)
+    # the two auxiliary outputs' classes as the pool (not 5: 10,000 pool rows, not 25,000, that eval never reads)
+    run_classes(ClassesConfig(protocol="cifar10-neighbours", pool=["dog", "truck"], data_dir=str(data_dir)), run)
     names = [r["name"] for r in json.loads((run / "classes.json").read_text())["classes"]]
     model = create_model("resnet8_cifar", num_classes=len(names) + 2)
     w, b = classifier_keys(model)
