@@ -6,9 +6,11 @@ Each pipeline area has its own module here exposing ``register(app)``; this file
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import sys
+from typing import Any
 
 import typer
 from pydantic import ValidationError
@@ -55,11 +57,18 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
 _mount()
 
 
+@functools.lru_cache(maxsize=1)
+def _command(typer_app: typer.Typer) -> Any:
+    """The click command typer builds from ``typer_app`` (every sub-command's signature and annotations read),
+    built once per process, so that repeated :func:`main` calls in one process (the API, tests) do not rebuild it."""
+    return typer.main.get_command(typer_app)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors (bad option or value, bad config, missing file) end in one line on stderr and
     a non-zero exit status, never a traceback."""
     try:
-        rv = app(args=argv, standalone_mode=False)
+        rv = _command(app)(args=argv, standalone_mode=False)
     except NeighborLTError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
