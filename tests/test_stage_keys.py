@@ -23,6 +23,8 @@ from neighborlt.rundir import RunDir, atomic_write_text, change_reason, file_sha
 from neighborlt.train import TrainConfig, run_train
 
 SMALL = {"n_max": 20, "imbalance_ratio": 10}
+# the runs below read no protocol pool image (retrieve reads tiny_pool): one pool class, 5,000 image rows not 25,000
+RUN_SPLIT = {**SMALL, "pool": ["dog"]}
 KEEP_ALL = {"caption": False, "band": False, "leak": False, "dedup": False}  # no feature extraction: seconds
 TINY = {**DEMO_TRAIN, "image_size": 16, "epochs": 1, "batch_size": 16, "warmup_epochs": 0, "max_test_per_class": 2}
 OUTPUTS = ("train/model.safetensors", "train/model.json", "records/train.done.json")
@@ -103,13 +105,13 @@ def test_atomic_writes_follow_the_umask(tmp_path: Path) -> None:
 
 def test_classes_force_with_new_options_retrains(tmp_path: Path, data_dir: Path) -> None:
     rd = RunDir(tmp_path / "run")
-    run_classes(ClassesConfig(protocol="cifar10-neighbours", data_dir=str(data_dir), **SMALL), rd)
+    run_classes(ClassesConfig(protocol="cifar10-neighbours", data_dir=str(data_dir), **RUN_SPLIT), rd)
     cfg = TrainConfig(**TINY, aux_manifest=None, data_dir=str(data_dir))
     assert not run_train(cfg, rd, progress=False).skipped
     first = mtimes(rd.root, *OUTPUTS)
     assert run_train(cfg, rd, progress=False).skipped and mtimes(rd.root, *OUTPUTS) == first
     # the split changes (another seed, hence other images): the same train command must not keep the old model
-    run_classes(ClassesConfig(protocol="cifar10-neighbours", data_dir=str(data_dir), seed=5, force=True, **SMALL), rd)
+    run_classes(ClassesConfig(protocol="cifar10-neighbours", data_dir=str(data_dir), seed=5, force=True, **RUN_SPLIT), rd)
     res = run_train(cfg, rd, progress=False)
     assert not res.skipped
     now = mtimes(rd.root, *OUTPUTS)
@@ -121,7 +123,7 @@ def test_classes_force_with_new_options_retrains(tmp_path: Path, data_dir: Path)
 
 def test_wrong_dataset_path_in_an_existing_run_is_a_missing_path(tmp_path: Path, data_dir: Path) -> None:
     rd = RunDir(tmp_path / "run")
-    run_classes(ClassesConfig(protocol="cifar10-neighbours", data_dir=str(data_dir), **SMALL), rd)
+    run_classes(ClassesConfig(protocol="cifar10-neighbours", data_dir=str(data_dir), **RUN_SPLIT), rd)
     with pytest.raises(DataError, match="no such file or folder") as e:
         run_classes(ClassesConfig(dataset=str(tmp_path / "typo"), data_dir=str(data_dir)), rd)
     assert "different" not in str(e.value)
@@ -133,7 +135,7 @@ def test_edited_neighbors_json_reruns_retrieve_filter_and_train(tmp_path: Path, 
     rd = RunDir(tmp_path / "run")
     mapping = tmp_path / "mapping.json"
     mapping.write_text(tiny_pool["mapping"].read_text())
-    run_classes(ClassesConfig(protocol="cifar10-neighbours", data_dir=str(data_dir), **SMALL), rd)
+    run_classes(ClassesConfig(protocol="cifar10-neighbours", data_dir=str(data_dir), **RUN_SPLIT), rd)
     ncfg = NeighborsConfig(backend="file", mapping_file=str(mapping))
     rcfg = RetrieveConfig(pool=str(tiny_pool["pool"]), data_dir=str(data_dir))
     fcfg = FilterConfig(**KEEP_ALL, min_per_class=1)
@@ -166,10 +168,11 @@ def test_edited_neighbors_json_reruns_retrieve_filter_and_train(tmp_path: Path, 
 def test_run_after_an_edit_reruns_what_changed_and_says_why(tmp_path: Path, data_dir: Path, tiny_pool: dict[str, Path],
                                                             capsys: pytest.CaptureFixture) -> None:
     config = tmp_path / "exp.yaml"
-    doc = {"run_dir": str(tmp_path / "runs" / "x"), "data_dir": str(data_dir), "protocol_overrides": SMALL,
+    doc = {"run_dir": str(tmp_path / "runs" / "x"), "data_dir": str(data_dir), "protocol_overrides": RUN_SPLIT,
            "neighbors": {"backend": "file", "mapping_file": str(tiny_pool["mapping"])},
            "retrieve": {"pool": str(tiny_pool["pool"])}, "filter": {**KEEP_ALL, "min_per_class": 1}, "train": TINY,
-           "aux_cap": 4, "max_test_per_class": 2, "report": False}
+           "aux_cap": 4, "max_test_per_class": 2, "report": False,
+           "parallel_baseline": False}  # one process: no spawned baseline trainer importing torch for each run
     config.write_text(yaml.safe_dump(doc))
     code, out, err = _cli(["run", str(config)], capsys)
     assert code == 0, err
