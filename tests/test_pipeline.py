@@ -44,7 +44,8 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> tu
     return cfg, root, out, log.getvalue()
 
 
-def test_pipeline_end_to_end(pipeline_run: tuple[PipelineConfig, Path, dict, str]) -> None:
+def test_pipeline_end_to_end(pipeline_run: tuple[PipelineConfig, Path, dict, str],
+                             caplog: pytest.LogCaptureFixture) -> None:
     cfg, tmp_path, out, _ = pipeline_run
     for name in ("classes.json", "split.json", "neighbors.json", "retrieve/manifest.parquet",
                  "filter/aux_manifest.parquet", "filter/funnel.json", "summary.md", "summary.json",
@@ -61,7 +62,9 @@ def test_pipeline_end_to_end(pipeline_run: tuple[PipelineConfig, Path, dict, str
     assert "| candidates | downloaded |" in summary and out["funnel"]["kept"] == 10000  # 2 pool classes of 5000
     # idempotent: a second call trains nothing (weights untouched)
     mtime = (tmp_path / "train" / "model.safetensors").stat().st_mtime_ns
-    again = run_pipeline(cfg, tmp_path, progress=False)
+    with caplog.at_level("INFO", logger="neighborlt.pipeline"):
+        again = run_pipeline(cfg, tmp_path, progress=False)
+    assert "training the baseline in process" not in caplog.text  # both up to date: no second process started
     assert (tmp_path / "train" / "model.safetensors").stat().st_mtime_ns == mtime
     assert again["method"]["overall"] == out["method"]["overall"]
 

@@ -297,6 +297,13 @@ def parallel_trainings(method: Any, baseline: Any) -> bool:
             and baseline.threads > 0 and method.threads + baseline.threads <= cores)
 
 
+def _either_trained(root: Path, method: Any, bdir: Path, baseline: Any) -> bool:
+    """One of the two trainings is up to date: nothing to run side by side (a re-run starts no second process)."""
+    from .train.engine import is_trained
+
+    return is_trained(method, root) or is_trained(baseline, bdir)
+
+
 def _train_both(root: Path, method: Any, bdir: Path, baseline: Any, progress: bool) -> None:
     """Train the method here and the baseline in a spawned process at the same time. An interrupted method run
     stops the baseline too (SIGTERM: it saves its checkpoint), and the baseline's error is raised here."""
@@ -410,7 +417,7 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | os.PathLike[str] | None = N
                 parallel = cfg.parallel_baseline
                 if parallel is None:
                     parallel = parallel_trainings(stages["train"], stages["baseline"])
-                if parallel:
+                if parallel and not _either_trained(root, stages["train"], bdir, stages["baseline"]):
                     _train_both(root, stages["train"], bdir, stages["baseline"], progress)
                 else:
                     _train(root, stages["train"], progress)

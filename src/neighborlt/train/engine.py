@@ -73,8 +73,8 @@ from .loop import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FeatureHead", "TrainConfig", "TrainResult", "load_trained_model", "load_training_data", "manifest_path",
-           "predict_logits", "run_train"]
+__all__ = ["FeatureHead", "TrainConfig", "TrainResult", "is_trained", "load_trained_model", "load_training_data",
+           "manifest_path", "predict_logits", "run_train"]
 
 STAGE = "train"
 STAGE_VERSION = 2  # raised when the stage writes other outputs for the same inputs (2: the one key rule)
@@ -267,6 +267,16 @@ def run_train(cfg: TrainConfig, run_dir: str | os.PathLike[str] | RunDir, *, res
             return _run(cfg, rd, info, resume=resume, force=force, progress=progress, on_step=on_step, data=data)
     finally:
         ddp.cleanup(info)
+
+
+def is_trained(cfg: TrainConfig, run_dir: RunDir | str | os.PathLike[str]) -> bool:
+    """True when :func:`run_train` (without ``force``) would find this run finished with the same key and train
+    nothing (its options, ``split.json``, ``targets.parquet`` and auxiliary manifest unchanged)."""
+    root = run_dir.root if isinstance(run_dir, RunDir) else Path(run_dir)
+    if not (root / "split.json").is_file():  # checked before RunDir(), which would make a mistyped folder
+        return False
+    rd = run_dir if isinstance(run_dir, RunDir) else RunDir(root)
+    return rd.is_done(STAGE, _run_key(cfg, rd, None), "train/model.json", "train/model.safetensors")
 
 
 # ----------------------------------------------------------------------------------------------------------
