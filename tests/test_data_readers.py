@@ -146,7 +146,32 @@ def test_archive_rejects_hostile_paths(tmp_path: Path, bad: str, match: str) -> 
     with pytest.raises(DataError, match=match):
         extract_archive(arc, tmp_path / "cache")
     assert not (tmp_path / "evil.txt").exists()
-    assert not any((tmp_path / "cache").iterdir())  # the partial extraction was removed
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.suffix != ".lock"]  # the partial extraction was removed
+
+
+def test_concurrent_extractions_write_one_copy(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Two extractions of one archive at once (test workers or ranks sharing the cache): one extracts, the other
+    waits for its copy instead of writing a second one."""
+    import logging
+    import threading
+
+    arc = _tar_with(tmp_path / "c.tar.gz", {f"d/{i}.bin": os.urandom(2000) for i in range(300)})
+    start = threading.Barrier(2)
+    out: list[Path] = []
+
+    def extract() -> None:
+        start.wait()
+        out.append(extract_archive(arc, tmp_path / "cache"))
+
+    with caplog.at_level(logging.INFO, logger="neighborlt.data.archives"):
+        threads = [threading.Thread(target=extract) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(out) == 2 and out[0] == out[1] and len(list((out[0] / "d").iterdir())) == 300
+    assert caplog.text.count("extracting ") == 1, caplog.text
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.endswith(".partial")]
 
 
 def test_archive_rejects_links(tmp_path: Path) -> None:
