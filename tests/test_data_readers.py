@@ -192,6 +192,32 @@ def test_truncated_archive(tmp_path: Path) -> None:
         extract_archive(arc, tmp_path / "cache")
 
 
+def test_concurrent_decodes_write_one_array(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Two decodes of one image set at once into the shared decoded-array cache: one decodes, the other waits and
+    loads its array."""
+    import logging
+    import threading
+
+    from neighborlt.data import as_array
+
+    images = read_image_folder(image_folder(tmp_path / "f", {"a": 150, "b": 150}))
+    start = threading.Barrier(2)
+    out: list[np.ndarray] = []
+
+    def decode() -> None:
+        start.wait()
+        out.append(as_array(images, 8, workers=1))
+
+    with caplog.at_level(logging.INFO, logger="neighborlt.data.arrays"):
+        threads = [threading.Thread(target=decode) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert len(out) == 2 and out[0].shape == (300, 8, 8, 3) and np.array_equal(out[0], out[1])
+    assert caplog.text.count("decoded 300 images") == 1, caplog.text
+
+
 # ------------------------------------------------------------------------------------------ bad input
 def test_label_out_of_range_names_file_and_line(tmp_path: Path) -> None:
     f = split_file(tmp_path, [0, 1, 0], ["cat", "dog"])

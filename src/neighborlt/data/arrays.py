@@ -70,7 +70,24 @@ def as_array(image_set: ImageSet, size: int, *, workers: int | None = None) -> n
     root = cache_dir() / "arrays"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{key}.npy"
-    if final.is_file():
+    if not final.is_file():
+        # processes sharing the cache (test workers, ranks) decode one set one at a time: the second waits for the
+        # first's array (flock, released by the kernel if the holder dies) instead of decoding it again
+        import fcntl
+
+        with open(root / f".lock.{key}", "a+b") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                return _load_or_decode(image_set, size, key, root, final, workers)
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+    return _load_or_decode(image_set, size, key, root, final, workers)
+
+
+def _load_or_decode(image_set: ImageSet, size: int, key: str, root: os.PathLike[str] | str, final: os.PathLike[str],
+                    workers: int | None) -> np.ndarray:
+    """The cached array ``final`` when it is readable and of the right shape, else decode it (atomically)."""
+    if os.path.isfile(final):
         try:
             arr = np.load(final, mmap_mode="r")
             if arr.shape == (len(image_set), size, size, 3) and arr.dtype == np.uint8:
