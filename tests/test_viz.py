@@ -35,9 +35,10 @@ def vit_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
     run = root / "run"
     # neighbours from a file (what WordNet finds among the pool classes, without loading WordNet: not under test here)
     mapping = root / "neighbours.json"
-    mapping.write_text(json.dumps({"cat": ["dog"], "automobile": ["truck"], "deer": ["horse"], "airplane": ["ship"],
-                                   "bird": ["frog"]}))
-    cfg = PipelineConfig(data_dir=str(data_dir), protocol_overrides={"n_max": 40, "imbalance_ratio": 10}, train=TRAIN,
+    mapping.write_text(json.dumps({"cat": ["dog"], "automobile": ["truck"], "deer": ["horse"]}))
+    # three pool classes (15,000 pool rows, not 25,000: every stage lists the pool), each some target's neighbour
+    cfg = PipelineConfig(data_dir=str(data_dir), protocol_overrides={"n_max": 40, "imbalance_ratio": 10,
+                                                                     "pool": ["dog", "horse", "truck"]}, train=TRAIN,
                          aux_cap=8, max_test_per_class=10, filter=FILTER, report=False,
                          neighbors={"backend": "file", "mapping_file": str(mapping)})
     run_pipeline(cfg, run, progress=False)
