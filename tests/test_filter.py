@@ -28,8 +28,9 @@ from neighborlt.filter import FilterConfig, run_filter
 from neighborlt.retrieve import RetrieveConfig, run_retrieve
 from neighborlt.rundir import RunDir, read_json
 
-# two targets (the parents of dog and truck): the leak rule embeds every target test image (2,000 here, not 5,000)
-SMALL = {"n_max": 20, "imbalance_ratio": 10, "targets": ["cat", "automobile"]}
+# two targets (the parents of dog and truck): the leak rule embeds every target test image (2,000 here, not 5,000);
+# the two pool classes the run uses (10,000 pool rows, not 25,000: every stage that loads the split lists them)
+SMALL = {"n_max": 20, "imbalance_ratio": 10, "targets": ["cat", "automobile"], "pool": ["dog", "truck"]}
 
 
 @pytest.fixture(scope="module")
