@@ -274,6 +274,11 @@ def test_local_folder_and_table_pools(tmp_path: Path) -> None:
                                                               ("wolf", "ok")]
     assert all(r["location"] == "file" and Path(r["path"]).is_file() for r in rows)  # referenced, not copied
     assert read_json(rd.path("retrieve", "stats.json"))["source"]["unmatched_names"] == ["fox"]
+    # pool_per_class: at most N candidates per auxiliary class, the first in pool order; a new key reruns the stage
+    run_retrieve(RetrieveConfig(source="local", pool=str(pool), pool_per_class=1), rd)
+    capped = _manifest(rd)
+    assert sorted(r["name"] for r in capped) == ["lynx", "wolf"]
+    assert [r["path"] for r in capped if r["name"] == "wolf"] == [next(r["path"] for r in rows if r["name"] == "wolf")]
 
     table = tmp_path / "pool.csv"
     with open(table, "w", newline="") as f:

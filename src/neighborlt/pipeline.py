@@ -43,6 +43,11 @@ DEMO_TRAIN: dict[str, Any] = {
 #: the pool's 25,000 images; the demo's auxiliary images and its few-shot lift are in the README).
 DEMO_FILTER: dict[str, Any] = {"feature_image_size": 32}
 
+#: Retrieve options of the offline demo: the protocol's WordNet sibling relation, 2,000 of each pool class's 5,000
+#: images (an epoch draws M = 50 per auxiliary class, 1,500 over the 30 epochs; the filter featurises 10,000 pool
+#: images instead of 25,000).
+DEMO_RETRIEVE: dict[str, Any] = {"match": "wordnet", "pool_per_class": 2000}
+
 #: The stages of ``neighborlt run`` in order (``--from`` / ``--until`` take these names). ``train``, ``export`` and
 #: ``eval`` also do the baseline (RUN/baseline) when ``baseline`` is on; ``eval`` writes RUN/summary.md.
 STAGES = ("classes", "neighbors", "retrieve", "filter", "train", "export", "eval", "report")

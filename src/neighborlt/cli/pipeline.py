@@ -135,9 +135,9 @@ def demo_cmd(
     neighbour names such as "brig"), the default filter on 32-px features, ResNet-8 from scratch."""
     import json
 
-    from ..pipeline import DEMO_FILTER
+    from ..pipeline import DEMO_FILTER, DEMO_RETRIEVE
 
-    run_cmd(run_dir, data_dir=data_dir, retrieve='{"match": "wordnet"}', filter_=json.dumps(DEMO_FILTER))
+    run_cmd(run_dir, data_dir=data_dir, retrieve=json.dumps(DEMO_RETRIEVE), filter_=json.dumps(DEMO_FILTER))
 
 
 def _ah(field: str, text: str) -> str:

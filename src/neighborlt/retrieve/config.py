@@ -31,6 +31,8 @@ class RetrieveConfig(BaseModel):
     #   protocol's WordNet sibling relation (names then come from split.json, neighbors.json is not needed)
     pool: str | None = None  # local source: a folder tree <class name>/*.jpg or a CSV/Parquet of path,caption;
     #   None: the auxiliary pool of the run's split-neighbour protocol
+    pool_per_class: int | None = Field(None, ge=1)  # local source: at most N candidates per auxiliary class (the
+    #   first N in pool order); None: every image of the class
     urls_file: str | None = None  # urls source: CSV / Parquet with columns name,url,caption
     per_name: int = Field(100, ge=1)  # web / knn: candidates asked per auxiliary name
     query_suffix: str = ""  # web / knn: appended to every query (e.g. "photo")

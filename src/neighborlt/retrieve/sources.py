@@ -192,17 +192,27 @@ def caption_mentions(caption: str, keys: set[str]) -> bool:
 
 @SOURCES.register("local", downloads=False)
 def local_source(cfg: Any, ctx: SourceContext) -> Iterator[dict[str, Any]]:
-    """Candidates from a local pool (the protocol's pool, a folder tree or a ``path,caption`` table)."""
+    """Candidates from a local pool (the protocol's pool, a folder tree or a ``path,caption`` table); at most
+    ``cfg.pool_per_class`` per auxiliary class, the first ones in pool order."""
     if cfg.pool is None:
-        yield from _protocol_pool(cfg, ctx)
+        rows = _protocol_pool(cfg, ctx)
     else:
         path = Path(cfg.pool)
         if path.is_dir():
-            yield from _folder_pool(path, ctx)
+            rows = _folder_pool(path, ctx)
         elif path.is_file() and path.suffix.lower() in (".csv", ".parquet"):
-            yield from _table_pool(path, ctx)
+            rows = _table_pool(path, ctx)
         else:
             raise ConfigError(f"--pool {path}: not found, or not a folder / .csv / .parquet file")
+    cap = cfg.pool_per_class
+    if cap is None:
+        yield from rows
+        return
+    taken: dict[str, int] = {}
+    for r in rows:
+        taken[r["name"]] = taken.get(r["name"], 0) + 1
+        if taken[r["name"]] <= cap:
+            yield r
 
 
 def _protocol_pool(cfg: Any, ctx: SourceContext) -> Iterator[dict[str, Any]]:
