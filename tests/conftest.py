@@ -19,10 +19,10 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
 #: first and the two workers end together instead of one running a long file alone at the end. A file not listed
 #: runs after these, in its usual order.
 HEAVY_FIRST = (
-    "test_pipeline.py", "test_ablate_extras.py", "test_viz.py", "test_configs.py", "test_stage_keys.py",
-    "test_data_readers.py", "test_report.py", "test_silencing_grid.py", "test_resume.py", "test_ddp.py",
-    "test_evaluate.py", "test_filter.py", "test_pilot.py", "test_bench_loss_scaling.py", "test_pairings.py",
-    "test_options.py", "test_pretrain.py", "test_features.py", "test_train.py",
+    "test_pipeline.py", "test_ablate_extras.py", "test_viz.py", "test_report.py", "test_filter.py", "test_pretrain.py",
+    "test_data_protocol.py", "test_configs.py", "test_features.py", "test_ddp.py", "test_pilot.py", "test_resume.py",
+    "test_silencing_grid.py", "test_stage_keys.py", "test_train.py", "test_coverage.py", "test_data_readers.py",
+    "test_evaluate.py", "test_options.py", "test_pairings.py", "test_bench_loss_scaling.py",
 )
 
 
