@@ -14,7 +14,7 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     # OpenMP threads spinning on an oversubscribed CPU slow small convolutions several times over
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-#: Test files, heaviest first (CPU seconds of `make test --durations=0`, summed per file, on 2 cores). xdist hands
+#: Test files, heaviest first (from the `--durations` a clean-clone `make test` printed, on 2 cores). xdist hands
 #: whole files to its workers in collection order (`--dist loadfile --no-loadscope-reorder`), so the long files start
 #: first and the two workers end together instead of one running a long file alone at the end. A file not listed
 #: runs after these, in its usual order.

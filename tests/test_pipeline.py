@@ -272,3 +272,18 @@ def test_run_config_sections_and_shorthands() -> None:
     demo = stage_configs(PipelineConfig())
     assert demo["classes"].protocol == "cifar10-neighbours" and demo["train"].model == DEMO_TRAIN["model"]
     assert demo["report"] is not None and stage_configs(PipelineConfig(report=False))["report"] is None
+
+
+def test_the_baseline_process_sends_back_its_error(tmp_path: Path) -> None:
+    """The baseline's process (parallel_baseline) sends its one-line error back through the pipe, where the method's
+    process raises it; the process itself never prints a traceback."""
+    import multiprocessing as mp
+
+    from neighborlt.errors import ConfigError
+    from neighborlt.pipeline import _train_child
+    from neighborlt.train import TrainConfig
+
+    recv, send = mp.Pipe(duplex=False)
+    _train_child(tmp_path / "baseline", TrainConfig(**TRAIN), send)  # no split.json there
+    err = recv.recv()
+    assert isinstance(err, ConfigError) and "split.json: not found; run `neighborlt classes" in str(err)

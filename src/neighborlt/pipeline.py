@@ -329,7 +329,12 @@ def _train_both(root: Path, method: Any, bdir: Path, baseline: Any, progress: bo
         child.join()
         raise
     child.join()
-    err = recv.recv() if recv.poll() else RuntimeError(f"the baseline's process ended with code {child.exitcode}")
+    if not recv.poll():  # killed (out of memory, a signal) before it could say how it ended
+        from .errors import NeighborLTError
+
+        raise NeighborLTError(f"{bdir}: the baseline's training process ended with code {child.exitcode}; re-run "
+                              "to resume it, or pass --no-parallel-baseline to train it in this process")
+    err = recv.recv()
     if err is not None:
         raise err
 
