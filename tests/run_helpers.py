@@ -15,3 +15,14 @@ def train_mtimes(out: Path) -> dict[str, int]:
 def mtimes(root: Path, *names: str) -> dict[str, int]:
     """mtimes of ``names`` (paths relative to ``root``) that exist."""
     return {n: (root / n).stat().st_mtime_ns for n in names if (root / n).is_file()}
+
+
+def run_cli(args: list[str]) -> int:
+    """``neighborlt ARGS`` in this process (no second torch import): its exit status."""
+    from neighborlt.cli import main
+
+    try:
+        main(args)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0

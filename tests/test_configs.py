@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from run_helpers import run_cli
 
 from neighborlt.pipeline import load_config, read_config_file, run_pipeline, stage_configs
 
@@ -78,16 +79,6 @@ def _example_module() -> object:
     return mod
 
 
-def _cli(args: list[str]) -> int:
-    from neighborlt.cli import main
-
-    try:
-        main(args)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
-
-
 def test_own_dataset_example_end_to_end(tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """make_example.py + config.yaml as the README runs them, shrunk to seconds: the WordNet neighbours of the
@@ -107,7 +98,7 @@ def test_own_dataset_example_end_to_end(tmp_path: Path, data_dir: Path, capsys: 
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(tmp_path)
-    assert _cli(["run", str(config)]) == 0, capsys.readouterr().err[-3000:]  # the CLI in-process (no 2nd torch import)
+    assert run_cli(["run", str(config)]) == 0, capsys.readouterr().err[-3000:]  # the CLI in-process (no 2nd torch import)
     run = tmp_path / "run"
     split = json.loads((run / "split.json").read_text())
     counts = {t["name"]: t["train_count"] for t in split["targets"]}  # ImageFolder: classes in folder order
@@ -148,7 +139,7 @@ def test_bad_configs_are_one_line(tmp_path: Path, text: str, message: str, capsy
     monkeypatch.chdir(tmp_path)
     config = tmp_path / "config.yaml"
     config.write_text(text)
-    code = _cli(["run", str(config)])
+    code = run_cli(["run", str(config)])
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1, err

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from run_helpers import run_cli
 
 from neighborlt.pretrain.config import PretrainConfig
 from neighborlt.pretrain.mae import MaskedAutoencoder, sincos_2d
@@ -27,21 +28,11 @@ TINY = {"model": "vit_pico_patch4_32", "image_size": 32, "epochs": 2, "warmup_ep
         "decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2, "blr": 1.5e-2, "threads": 1}
 
 
-def _cli(args: list[str]) -> int:
-    from neighborlt.cli import main
-
-    try:
-        main(args)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
-
-
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
     """Stage 1 of the CIFAR-10 protocol shrunk to 5 long-tailed targets (20..2 images, 42 in all)."""
     run = tmp_path_factory.mktemp("pretrain") / "stage1"
-    assert _cli(["classes", str(run), "--protocol", "cifar10-neighbours", "--n-max", "20", "--imbalance-ratio", "10",
+    assert run_cli(["classes", str(run), "--protocol", "cifar10-neighbours", "--n-max", "20", "--imbalance-ratio", "10",
                  "--data-dir", str(data_dir)]) == 0
     return run
 
@@ -82,7 +73,7 @@ def test_pretrain_then_train_init_end_to_end(stage1: Path, tmp_path: Path, capsy
     args = ["pretrain", str(run), "--method", "mae", "--model", "vit_pico_patch4_32", "--image-size", "32",
             "--epochs", "2", "--warmup-epochs", "0", "--batch-size", "16", "--decoder-dim", "32", "--decoder-depth",
             "1", "--decoder-heads", "2", "--blr", "0.015", "--threads", "1"]
-    assert _cli(args) == 0
+    assert run_cli(args) == 0
     assert "fine-tune with: neighborlt train" in capsys.readouterr().out
     p = run / "pretrain"
     meta = read_json(p / "encoder.json")
@@ -97,8 +88,8 @@ def test_pretrain_then_train_init_end_to_end(stage1: Path, tmp_path: Path, capsy
     assert {"timm_model." + k for k in enc} == {k for k in own if not k.startswith("timm_model.head.")}
     assert torch.equal(enc["pos_embed"][0], torch.from_numpy(sincos_2d(64, 8)).float())  # MAE's, not a random one
     # a re-run is skipped; train --init fine-tunes exactly these weights (lr ~ 0: the backbone stays put)
-    assert _cli(args) == 0 and "skipped" in capsys.readouterr().out
-    assert _cli(["train", str(run), "--model", "vit_pico_patch4_32", "--image-size", "32", "--init",
+    assert run_cli(args) == 0 and "skipped" in capsys.readouterr().out
+    assert run_cli(["train", str(run), "--model", "vit_pico_patch4_32", "--image-size", "32", "--init",
                  str(p / "encoder.safetensors"), "--no-aux", "--epochs", "1", "--batch-size", "16", "--warmup-epochs",
                  "0", "--optimizer", "adamw", "--lr", "1e-12", "--weight-decay", "0", "--threads", "1",
                  "--max-test-per-class", "5", "--no-progress"]) == 0
@@ -107,7 +98,7 @@ def test_pretrain_then_train_init_end_to_end(stage1: Path, tmp_path: Path, capsy
         assert torch.allclose(tuned["timm_model." + k], enc[k], atol=1e-6), k
     assert read_json(run / "train" / "model.json")["init"] == str(p / "encoder.safetensors")
     # a changed option is a new run (the old encoder is replaced)
-    assert _cli([*args[:-2], "--mask-ratio", "0.5", "--threads", "1"]) == 0
+    assert run_cli([*args[:-2], "--mask-ratio", "0.5", "--threads", "1"]) == 0
     assert "skipped" not in capsys.readouterr().out and read_json(p / "encoder.json")["mask_ratio"] == 0.5
 
 
@@ -168,12 +159,12 @@ def test_pretrain_under_ddp(stage1: Path, tmp_path: Path) -> None:
 def test_bad_input_is_one_line(stage1: Path, tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str],
                                message: str) -> None:
     run = _copy_stage1(stage1, tmp_path / "bad")
-    assert _cli(["pretrain", str(run), "--image-size", "32", *args]) == 2
+    assert run_cli(["pretrain", str(run), "--image-size", "32", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and "Traceback" not in err
 
 
 def test_missing_run_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert _cli(["pretrain", str(tmp_path / "nope"), "--model", "vit_pico_patch4_32", "--image-size", "32"]) == 2
+    assert run_cli(["pretrain", str(tmp_path / "nope"), "--model", "vit_pico_patch4_32", "--image-size", "32"]) == 2
     err = capsys.readouterr().err.strip()
     assert "no such run directory" in err and "\n" not in err

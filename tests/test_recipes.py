@@ -7,21 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
+from run_helpers import run_cli
 
 from neighborlt.errors import ConfigError
 from neighborlt.rundir import read_json
 from neighborlt.train.config import TrainConfig
 from neighborlt.train.recipes import RECIPE_NAMES
-
-
-def _cli(args: list[str]) -> int:
-    from neighborlt.cli import main
-
-    try:
-        main(args)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 @pytest.mark.parametrize(("recipe", "model", "init", "lr"), [
@@ -85,11 +76,11 @@ def test_scratch_mae_takes_the_encoder_path() -> None:
 def test_cli_recipe_flags(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     args = ["train", str(tmp_path / "run"), "--recipe", "dinov2", "--recipe-dataset", "places-lt", "--lr", "0.0001",
             "--print-config"]
-    assert _cli(args) == 0
+    assert run_cli(args) == 0
     cfg = json.loads(capsys.readouterr().out)
     assert (cfg["recipe"], cfg["lr"], cfg["epochs"], cfg["warmup_epochs"]) == ("dinov2", 1e-4, 30, 5)
     assert cfg["model"] == "vit_base_patch14_dinov2.lvd142m" and cfg["layer_decay"] == 0.75
-    assert _cli(["train", str(tmp_path / "run"), "--recipe", "nope", "--print-config"]) == 2
+    assert run_cli(["train", str(tmp_path / "run"), "--recipe", "nope", "--print-config"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "error: unknown recipe 'nope'; known recipes: none, scratch-mae, clip, dinov2"
 
@@ -98,12 +89,12 @@ def test_a_training_run_records_what_the_recipe_filled(tmp_path: Path, data_dir:
     """A real (1 epoch, 32 px, ResNet-8) run under the CLIP recipe with the architecture overridden: the resolved
     values reach the records and model.json lists the filled ones."""
     run = tmp_path / "run"
-    assert _cli(["classes", str(run), "--protocol", "cifar10-neighbours", "--n-max", "20", "--imbalance-ratio", "10",
+    assert run_cli(["classes", str(run), "--protocol", "cifar10-neighbours", "--n-max", "20", "--imbalance-ratio", "10",
                  "--data-dir", str(data_dir)]) == 0
     args = ["train", str(run), "--max-test-per-class", "5", "--no-aux", "--data-dir",
             str(data_dir), "--no-progress", "--recipe", "clip", "--model", "resnet8_cifar", "--init", "random",
             "--image-size", "32", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "16", "--threads", "1"]
-    assert _cli(args) == 0
+    assert run_cli(args) == 0
     rec = read_json(run / "records" / "train.config.json")
     assert (rec["recipe"], rec["optimizer"], rec["lr"], rec["mixup"], rec["layer_decay"]) == ("clip", "adamw", 1e-5,
                                                                                                0.8, 0.75)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from run_helpers import run_cli
 
 from neighborlt.errors import ConfigError
 from neighborlt.train.checkpoint import load_checkpoint, load_weights
@@ -95,16 +96,6 @@ def test_resume_guards(tmp_path: Path, small_aux) -> None:
     assert res.epochs_done == 1 and not res.interrupted
 
 
-def _cli(args: list[str]) -> int:
-    from neighborlt.cli import main
-
-    try:
-        main(args)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
-
-
 @pytest.mark.slow
 def test_sigterm_cli_saves_and_exits_cleanly(tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture) -> None:
     """The signal goes to a real ``python -m neighborlt train`` process; the resume runs in-process (the CLI's
@@ -132,7 +123,7 @@ def test_sigterm_cli_saves_and_exits_cleanly(tmp_path: Path, data_dir: Path, cap
     assert 0 < state["epoch"] < 15
     assert not (run / "train" / "model.safetensors").exists()
     capsys.readouterr()
-    assert _cli([*args, "--resume"]) == 0, capsys.readouterr().err[-2000:]
+    assert run_cli([*args, "--resume"]) == 0, capsys.readouterr().err[-2000:]
     rows = [json.loads(x) for x in log.read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(1, 16))
     assert (run / "train" / "model.safetensors").is_file()

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from run_helpers import run_cli
 
 from neighborlt.errors import ConfigError
 from neighborlt.rundir import read_json
@@ -38,22 +39,12 @@ def small_aux(data_dir: Path):
     return sibling_aux_set(proto)
 
 
-def _cli(args: list[str]) -> int:
-    from neighborlt.cli import main
-
-    try:
-        main(args)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
-
-
 def test_cli_train_resnet8_writes_run_files(tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture) -> None:
     run = tmp_path / "run"
-    assert _cli(["classes", str(run), *CLASSES, "--data-dir", str(data_dir)]) == 0
+    assert run_cli(["classes", str(run), *CLASSES, "--data-dir", str(data_dir)]) == 0
     args = ["train", str(run), *TINY, "--model", "resnet8_cifar", "--epochs", "2", "--no-aux",
             "--data-dir", str(data_dir), "--seed", "3"]
-    assert _cli(args) == 0
+    assert run_cli(args) == 0
     t = run / "train"
     meta = read_json(t / "model.json")
     assert meta["architecture"] == "resnet8_cifar" and meta["num_classes"] == meta["num_target_classes"] == 5
@@ -79,9 +70,9 @@ def test_cli_train_resnet8_writes_run_files(tmp_path: Path, data_dir: Path, caps
     assert (logits.argmax(1) == test.labels).mean() * 100 == pytest.approx(rows[-1]["test"]["overall"])
     # the same command again is skipped; a changed one trains again (the one key rule), replacing the model
     capsys.readouterr()
-    assert _cli(args) == 0 and "skipped" in capsys.readouterr().out
+    assert run_cli(args) == 0 and "skipped" in capsys.readouterr().out
     before = (t / "model.safetensors").stat().st_mtime_ns
-    assert _cli([*args, "--lr", "0.01", "--epochs", "1"]) == 0
+    assert run_cli([*args, "--lr", "0.01", "--epochs", "1"]) == 0
     assert "skipped" not in capsys.readouterr().out and (t / "model.safetensors").stat().st_mtime_ns != before
     assert read_json(run / "records" / "train.config.json")["lr"] == 0.01
     assert [json.loads(x)["epoch"] for x in (t / "log.jsonl").read_text().splitlines()] == [1]  # no old rows
@@ -138,9 +129,9 @@ def test_config_errors(tmp_path: Path, small_aux, capsys: pytest.CaptureFixture)
                   progress=False)
     with pytest.raises(ConfigError, match="split.json"):
         run_train(TrainConfig(model="resnet8_cifar", epochs=1), tmp_path / "empty", progress=False)
-    assert _cli(["train", str(tmp_path / "y"), "--lr", "-1"]) == 2
+    assert run_cli(["train", str(tmp_path / "y"), "--lr", "-1"]) == 2
     assert "error: --lr" in capsys.readouterr().err
-    assert _cli(["train", str(tmp_path / "y"), "--loss-param", "tau"]) == 2
+    assert run_cli(["train", str(tmp_path / "y"), "--loss-param", "tau"]) == 2
     assert "key=value" in capsys.readouterr().err
 
 
@@ -159,19 +150,19 @@ def test_grad_accumulation_matches_larger_batch(tmp_path: Path, small_aux) -> No
 
 def test_cli_trains_from_split_json_and_config_file(tmp_path: Path, data_dir: Path) -> None:
     run = tmp_path / "run"
-    assert _cli(["classes", str(run), "--protocol", "cifar10-neighbours", "--n-max", "20", "--imbalance-ratio", "10",
+    assert run_cli(["classes", str(run), "--protocol", "cifar10-neighbours", "--n-max", "20", "--imbalance-ratio", "10",
                  "--data-dir", str(data_dir)]) == 0
     common = ["--data-dir", str(data_dir), "--max-test-per-class", "5", "--no-progress"]
-    assert _cli(["train", str(run), "--model", "resnet8_cifar", "--epochs", "1", "--batch-size", "16",
+    assert run_cli(["train", str(run), "--model", "resnet8_cifar", "--epochs", "1", "--batch-size", "16",
                  "--no-aux", "--loss", "logit_adjusted", "--loss-param", "tau=1.0", *common]) == 0
     cfg = read_json(run / "records" / "train.config.json")
     assert "protocol" not in cfg and cfg["loss_params"] == {"tau": 1.0} and cfg["world_size"] == 1
     assert read_json(run / "train" / "model.json")["num_classes"] == 5
     # the recorded config re-creates the same run (skipped), and overrides on top of it start a new one
     other = tmp_path / "other"
-    assert _cli(["classes", str(other), "--protocol", "cifar10-neighbours", "--n-max", "20", "--imbalance-ratio",
+    assert run_cli(["classes", str(other), "--protocol", "cifar10-neighbours", "--n-max", "20", "--imbalance-ratio",
                  "10", "--data-dir", str(data_dir)]) == 0
-    assert _cli(["train", str(other), "--config", str(run / "records" / "train.config.json"), "--seed", "5",
+    assert run_cli(["train", str(other), "--config", str(run / "records" / "train.config.json"), "--seed", "5",
                  "--no-progress"]) == 0
     again = read_json(other / "records" / "train.config.json")
     assert again["seed"] == 5 and {k: v for k, v in again.items() if k not in ("seed", "config_key")} == \

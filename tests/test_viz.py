@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from run_helpers import run_cli
 
 from neighborlt.pipeline import PipelineConfig, run_pipeline
 from neighborlt.viz import CAPTIONS, FIGURES, VizConfig, run_viz, viz_figures
@@ -17,16 +18,6 @@ from neighborlt.viz import CAPTIONS, FIGURES, VizConfig, run_viz, viz_figures
 FILTER = {"caption": False, "band": False, "leak": False, "dedup": False, "sheets": 0}
 TRAIN = {"model": "vit_pico_patch4_32", "image_size": 32, "epochs": 1, "batch_size": 16, "warmup_epochs": 0,
          "optimizer": "adamw", "lr": 1e-3, "eval_every": 0, "threads": 1}
-
-
-def _cli(args: list[str]) -> int:
-    from neighborlt.cli import main
-
-    try:
-        main(args)
-    except SystemExit as e:
-        return int(e.code or 0)
-    return 0
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +38,7 @@ def vit_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
 
 @pytest.mark.slow  # the tiny pipeline (~1 min) and UMAP's first numba compilation (~30 s unloaded)
 def test_viz_draws_the_three_figures_deterministically(vit_run: Path, capsys: pytest.CaptureFixture) -> None:
-    assert _cli(["viz", str(vit_run), "--per-class", "12"]) == 0
+    assert run_cli(["viz", str(vit_run), "--per-class", "12"]) == 0
     out = capsys.readouterr().out
     paths = [vit_run / "viz" / f"{name}.png" for name in FIGURES]
     for p in paths:
@@ -82,16 +73,16 @@ def test_pca_rgb_needs_patch_tokens() -> None:
 
 
 def test_bad_runs_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert _cli(["viz", str(tmp_path / "nope")]) == 2
+    assert run_cli(["viz", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip()
     assert "no such run directory" in err and "\n" not in err
     run = tmp_path / "run"
     (run / "train").mkdir(parents=True)
     (run / "train" / "model.json").write_text("{}")
-    assert _cli(["viz", str(run)]) == 2
+    assert run_cli(["viz", str(run)]) == 2
     err = capsys.readouterr().err.strip()
     assert "eval/metrics.json: not found" in err and f"neighborlt eval {run}" in err and "\n" not in err
-    assert _cli(["viz", str(run), "--figure", "tsne"]) == 2
+    assert run_cli(["viz", str(run), "--figure", "tsne"]) == 2
     assert "--figure 'tsne'" in capsys.readouterr().err
 
 
@@ -100,5 +91,5 @@ def test_viz_without_eval_of_a_real_run(vit_run: Path, tmp_path: Path, capsys: p
     run = tmp_path / "copy"
     shutil.copytree(vit_run, run)
     (run / "eval" / "metrics.json").unlink()
-    assert _cli(["viz", str(run)]) == 2
+    assert run_cli(["viz", str(run)]) == 2
     assert "neighborlt eval" in capsys.readouterr().err

@@ -91,6 +91,12 @@ class Section:
     available: bool = True
     blocks: list[Block] = field(default_factory=list)
 
+    def missing(self, what: str, command: str) -> Section:
+        """Mark the section unavailable with the :class:`Missing` note (the file and the command that makes it)."""
+        self.available = False
+        self.blocks.append(Missing(what, command))
+        return self
+
 
 # --------------------------------------------------------------------------------------------- formatting
 

@@ -73,9 +73,7 @@ def _section_profile(inp: RunInputs, cfg: ReportConfig) -> Section:
     sec = Section("profile", "Class-frequency profile")
     doc = inp.classes
     if doc is None:
-        sec.available = False
-        sec.blocks.append(Missing("RUN/classes.json", "neighborlt classes RUN --protocol NAME (or --dataset PATH)"))
-        return sec
+        return sec.missing("RUN/classes.json", "neighborlt classes RUN --protocol NAME (or --dataset PATH)")
     rows = sorted(doc["classes"], key=lambda r: (-int(r["train_count"]), int(r["index"])))
     th = doc.get("thresholds") or {"many": MANY_SHOT, "few": FEW_SHOT}
     counts = [int(r["train_count"]) for r in rows]
@@ -106,9 +104,7 @@ def _section_splits(inp: RunInputs, cfg: ReportConfig) -> Section:
     sec = Section("splits", "Accuracy by split: method against baseline")
     m = inp.metrics
     if m is None:
-        sec.available = False
-        sec.blocks.append(Missing("RUN/eval/metrics.json", "neighborlt eval RUN"))
-        return sec
+        return sec.missing("RUN/eval/metrics.json", "neighborlt eval RUN")
     b = inp.baseline_metrics
     mlabel = _method_label(try_read(lambda: inp.model), bool(inp.num_aux()))
     blabel = _baseline_label(inp.baseline_train_cfg, try_read(lambda: inp.json("train/model.json", inp.baseline)))
@@ -146,9 +142,7 @@ def _section_per_class(inp: RunInputs, cfg: ReportConfig) -> Section:
     sec = Section("per_class", "Per-class accuracy against training images")
     path = inp.root / "eval" / "per_class.csv"
     if not path.is_file():
-        sec.available = False
-        sec.blocks.append(Missing("RUN/eval/per_class.csv", "neighborlt eval RUN"))
-        return sec
+        return sec.missing("RUN/eval/per_class.csv", "neighborlt eval RUN")
     rows = read_per_class_csv(path)
     bpath = inp.baseline / "eval" / "per_class.csv"
     base = {r["index"]: r for r in read_per_class_csv(bpath)} if bpath.is_file() else {}
@@ -268,10 +262,8 @@ def _section_funnel(inp: RunInputs, cfg: ReportConfig) -> Section:
     doc = inp.funnel
     sheets = _sheet_files(inp.root)
     if doc is None and not sheets:
-        sec.available = False
-        sec.blocks.append(Missing("RUN/filter/funnel.json and RUN/filter/sheets/",
-                                  "neighborlt retrieve RUN, then neighborlt filter RUN"))
-        return sec
+        return sec.missing("RUN/filter/funnel.json and RUN/filter/sheets/",
+                                  "neighborlt retrieve RUN, then neighborlt filter RUN")
     if doc is None:
         sec.blocks.append(Missing("RUN/filter/funnel.json", "neighborlt filter RUN"))
     else:
@@ -374,9 +366,7 @@ def _section_coverage(inp: RunInputs, cfg: ReportConfig) -> Section:
     after_retrieve = inp.json("retrieve/coverage.json")
     doc = after_filter or after_retrieve
     if doc is None:
-        sec.available = False
-        sec.blocks.append(Missing("RUN/retrieve/coverage.json", "neighborlt retrieve RUN (then neighborlt filter RUN)"))
-        return sec
+        return sec.missing("RUN/retrieve/coverage.json", "neighborlt retrieve RUN (then neighborlt filter RUN)")
     for d in (after_retrieve, after_filter):
         if d and d.get("warning"):
             sec.blocks.append(Para(str(d["warning"]), "warn"))
@@ -430,9 +420,7 @@ def _section_curves(inp: RunInputs, cfg: ReportConfig) -> Section:
     sec = Section("curves", "Training curves")
     path = inp.root / "train" / "log.jsonl"
     if not path.is_file():
-        sec.available = False
-        sec.blocks.append(Missing("RUN/train/log.jsonl", "neighborlt train RUN"))
-        return sec
+        return sec.missing("RUN/train/log.jsonl", "neighborlt train RUN")
     rows, bad = read_epochs(path)
     if not rows:
         sec.available = False
@@ -481,9 +469,7 @@ def _section_provenance(inp: RunInputs, cfg: ReportConfig) -> Section:
     records = inp.root / "records"
     stages = _stage_names(records) if records.is_dir() else []
     if not stages:
-        sec.available = False
-        sec.blocks.append(Missing("RUN/records/*.config.json", "any stage, e.g. neighborlt classes RUN"))
-        return sec
+        return sec.missing("RUN/records/*.config.json", "any stage, e.g. neighborlt classes RUN")
     table = Table(["stage", "finished", "seed", "git commit", "neighborlt", "torch", "python"], [])
     newest_env: dict[str, Any] | None = None
     for s in stages:
