@@ -292,12 +292,13 @@ def parallel_trainings(method: Any, baseline: Any) -> bool:
     outside torchrun, with ``threads`` set and together within the cores this process may use."""
     import torch
 
+    from .train.data import cores_per_rank
     from .train.ddp import env_world_size
 
     def on_cpu(tcfg: Any) -> bool:
         return tcfg.device == "cpu" or (tcfg.device == "auto" and not torch.cuda.is_available())
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = cores_per_rank(1)
     return (env_world_size() == 1 and on_cpu(method) and on_cpu(baseline) and method.threads > 0
             and baseline.threads > 0 and method.threads + baseline.threads <= cores)
 
@@ -374,7 +375,9 @@ def run_pipeline(cfg: PipelineConfig, run_dir: str | os.PathLike[str] | None = N
 
     stages = stage_configs(cfg)
     selected = stage_range(from_stage, until_stage)
-    if cfg.parallel_baseline and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    from .train.ddp import env_world_size
+
+    if cfg.parallel_baseline and env_world_size() > 1:
         raise ConfigError("parallel_baseline: true cannot run under torchrun (the ranks train each model "
                           "together); set it to false or leave it unset")
     if run_dir is None:
