@@ -69,7 +69,8 @@ def _state(out: Path) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> dict[str, object]:
-    """table6 (1 seed): its commands printed, run as shell commands by two parallel workers (separate processes),
+    """table6 (1 seed): its commands printed (one `neighborlt job RUN` each), run as shell commands by two parallel
+    workers (separate processes),
     then `ablate` over the finished runs. The two `ablate` calls run in-process: a separate process proves nothing
     there (the printed commands are the ones that must work from a shell)."""
     out = tmp_path_factory.mktemp("grid")
@@ -107,10 +108,7 @@ def test_print_commands_prepares_folders_and_prints_one_command_per_run(grid: di
     for name, command in zip(RUNS, commands):
         run = (out / "runs" / name / "seed0").resolve()
         assert command.startswith(f"cd {shlex.quote(str(Path.cwd().resolve()))} && export NEIGHBORLT_CACHE=")
-        assert f" && {shlex.quote(sys.executable)} -m neighborlt train {run} --config {run / 'train.json'} --resume" \
-            in command
-        assert f"-m neighborlt export {run} && " in command and command.endswith(
-            f"-m neighborlt eval {run} --max-test-per-class 5")
+        assert command.endswith(f" && {shlex.quote(sys.executable)} -m neighborlt job {run}")  # one process per run
         # the folder is a complete run directory with the resolved TrainConfig that `ablate` itself would train
         for f in ("classes.json", "split.json"):
             assert (run / f).read_bytes() == (out / f).read_bytes()
@@ -118,6 +116,19 @@ def test_print_commands_prepares_folders_and_prints_one_command_per_run(grid: di
         assert (run / "filter" / "aux_manifest.parquet").is_file() == (name != "balce")
         for f in ("train/model.safetensors", "export/model.safetensors", "eval/metrics.json"):
             assert (run / f).is_file(), (name, f)  # trained, exported and evaluated by its command
+        assert json.loads((run / "eval" / "metrics.json").read_text())["max_test_per_class"] == 5  # the run's cap
+
+
+def test_job_refuses_a_folder_without_train_json(tmp_path: Path) -> None:
+    """`neighborlt job` on a folder that `ablate --print-commands` did not prepare: one line naming the file and
+    the command that makes it; a broken train.json names its key."""
+    res = _cli(["job", str(tmp_path)])
+    assert res.returncode != 0 and res.stderr.count("\n") == 1, res.stderr
+    assert f"{tmp_path / 'train.json'}: not found" in res.stderr and "--print-commands" in res.stderr
+    (tmp_path / "train.json").write_text(json.dumps({"epoch": 3}))
+    res = _cli(["job", str(tmp_path)])
+    assert res.returncode != 0 and res.stderr.count("\n") == 1, res.stderr
+    assert "train.json: " in res.stderr and "epoch" in res.stderr and "epochs" in res.stderr
 
 
 @pytest.mark.slow  # shares the ~60 s grid fixture

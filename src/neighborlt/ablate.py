@@ -31,7 +31,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -39,6 +39,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from .defaults import AUX_CAP, LAMBDA_S, AuxCap
 from .errors import ConfigError
 from .rundir import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text, read_json, run_lock
+
+if TYPE_CHECKING:
+    from .train import TrainResult
 
 logger = logging.getLogger(__name__)
 
@@ -466,21 +469,68 @@ def _finished(run_dir: Path, tcfg: Any) -> bool:
             and (run_dir / "eval" / "metrics.json").is_file())
 
 
-def run_command(run_dir: Path, tcfg: Any, executable: str = "neighborlt", *, cwd: Path | None = None,
+def run_command(run_dir: Path, executable: str = "neighborlt", *, cwd: Path | None = None,
                 env: dict[str, str] | None = None) -> str:
-    """The self-contained shell command that trains, exports and evaluates one prepared run folder.
+    """The self-contained shell command that trains, exports and evaluates one prepared run folder in one process
+    (``neighborlt job RUN``: :func:`run_prepared`).
 
     ``cwd`` and ``env`` (``NEIGHBORLT_CACHE`` / ``NEIGHBORLT_DATA``) pin what relative paths and the data lookup
     resolve to, so a worker sees the same image files (and so the same config key) as the preparing process."""
     import shlex
 
     d = shlex.quote(str(run_dir))
-    cap = f" --max-test-per-class {int(tcfg.max_test_per_class)}" if tcfg.max_test_per_class is not None else ""
     prefix = f"cd {shlex.quote(str(cwd))} && " if cwd is not None else ""
     if env:
         prefix += "export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())) + " && "
-    return (f"{prefix}{executable} train {d} --config {shlex.quote(str(run_dir / RUN_CONFIG))} --resume --no-progress"
-            f" && {executable} export {d} && {executable} eval {d}{cap}")
+    return f"{prefix}{executable} job {d}"
+
+
+def run_prepared(run_dir: str | os.PathLike[str], *, progress: bool = False) -> TrainResult:
+    """Train (resuming), export and evaluate one run folder prepared by :func:`prepare_runs`, in this process: what
+    one line of ``OUT/commands.txt`` (``neighborlt job RUN``) does on a worker. One start per run, so a container
+    wrapper or an import from a network file system is paid once, not three times.
+
+    The run trains with ``RUN/train.json`` (``resume=True``: a pre-empted job continues from its checkpoint, a
+    finished one is only read), then ``RUN/export`` and ``RUN/eval`` (at most the config's ``max_test_per_class``
+    test images per class) are written. Re-running a finished job redoes no work.
+
+    Returns:
+        The :class:`~neighborlt.train.TrainResult`; when training was interrupted (SIGTERM, checkpoint saved), export
+        and evaluation are left for the re-run.
+
+    Raises:
+        ConfigError: ``RUN/train.json`` is missing or holds no valid TrainConfig (one line naming the file).
+    """
+    from pydantic import ValidationError
+
+    from .errors import NeighborLTError
+    from .evaluate import EvalConfig, run_eval
+    from .export import export_direct
+    from .train import TrainConfig, run_train
+    from .validation import format_validation_error
+
+    run_dir = Path(run_dir)
+    path = run_dir / RUN_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found; prepare the run folders with `neighborlt ablate OUT ... "
+                          "--print-commands` and pass one of OUT/runs/<run>/seed<S>")
+    try:
+        doc = read_json(path)
+    except NeighborLTError as e:
+        raise ConfigError(str(e)) from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: expected a JSON object of TrainConfig fields; prepare it again with "
+                          "`neighborlt ablate OUT ... --print-commands`")
+    try:
+        tcfg = TrainConfig(**doc)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: " + format_validation_error(e, model=TrainConfig)) from None
+    result = run_train(tcfg, run_dir, resume=True, progress=progress)
+    if result.interrupted:
+        return result
+    export_direct(run_dir)
+    run_eval(EvalConfig(max_test_per_class=tcfg.max_test_per_class), run_dir)
+    return result
 
 
 def prepare_runs(cfg: AblationConfig, out_dir: str | os.PathLike[str], *, executable: str = "neighborlt",
@@ -491,8 +541,8 @@ def prepare_runs(cfg: AblationConfig, out_dir: str | os.PathLike[str], *, execut
 
     Each ``OUT/runs/<run>/seed<S>/`` gets what ``run_ablation`` would give it (classes, split, neighbours and the
     filter manifest of its auxiliary setting) plus ``train.json``, its resolved TrainConfig; the command is
-    ``neighborlt train RUN --config RUN/train.json --resume --no-progress && neighborlt export RUN &&
-    neighborlt eval RUN``, after a ``cd`` to the current directory and an ``export`` of ``NEIGHBORLT_CACHE`` and
+    ``neighborlt job RUN`` (:func:`run_prepared`: train with ``RUN/train.json``, resuming, then export and eval, in
+    one process), after a ``cd`` to the current directory and an ``export`` of ``NEIGHBORLT_CACHE`` and
     ``NEIGHBORLT_DATA`` as this process sees them (relative paths and the extracted datasets resolve the same on
     every worker: a run's config key includes its image paths). The workers need the same paths (a shared file
     system, or the same absolute paths on each). The commands are also written to ``OUT/commands.txt``.
@@ -526,7 +576,7 @@ def prepare_runs(cfg: AblationConfig, out_dir: str | os.PathLike[str], *, execut
         if not include_finished and _finished(run_dir, tcfg):
             finished += 1
             continue
-        commands.append(run_command(run_dir, tcfg, executable, cwd=cwd, env=env))
+        commands.append(run_command(run_dir, executable, cwd=cwd, env=env))
     atomic_write_text(out / "commands.txt", "".join(f"{c}\n" for c in commands))
     logger.info("ablate: %d run folders prepared, %d already finished, %d commands in %s", len(todo), finished,
                 len(commands), out / "commands.txt")

@@ -184,7 +184,7 @@ def ablate_cmd(
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
     print_commands: Annotated[bool, typer.Option(
         "--print-commands", help="Prepare every run folder (with its train.json) and print one shell command per "
-        "unfinished run (train + export + eval; also in OUT/commands.txt) instead of training, for a SLURM array, "
+        "unfinished run (`neighborlt job RUN`: train + export + eval; also in OUT/commands.txt) instead of training, for a SLURM array, "
         "Ray or GNU parallel; run the same ablate command afterwards to write the tables.")] = False,
     executable: Annotated[str, typer.Option(
         "--executable", help="How the printed commands call neighborlt (e.g. 'python -m neighborlt').")]
@@ -231,6 +231,23 @@ def ablate_cmd(
     for res in run_ablation(cfg, out_dir, progress=not quiet):
         typer.echo(res.markdown)
     typer.echo(f"wrote {out_dir / 'index.html'}")
+
+
+def job_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder prepared by `ablate OUT ... --print-commands` "
+                                                 "(OUT/runs/<run>/seed<S>, holding train.json).")],
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show the progress bar.")] = False,
+) -> None:
+    """Train (resuming), export and evaluate one prepared grid run in one process: one line of OUT/commands.txt."""
+    from ..ablate import run_prepared
+
+    result = run_prepared(run_dir, progress=progress)
+    if result.interrupted:
+        typer.echo(f"interrupted after {result.epochs_done} epochs; checkpoint saved in {run_dir / 'train'}; "
+                   "re-run the same command to resume", err=True)
+        raise SystemExit(143)  # 128 + SIGTERM, as `neighborlt train` after a clean save
+    state = "skipped (finished with the same configuration)" if result.skipped else f"{result.wall_s:.1f} s"
+    typer.echo(f"{run_dir}: trained ({state}), exported, evaluated; wrote {run_dir / 'eval'}")
 
 
 def _number_list(text: str, what: str, kind: type) -> list:
@@ -291,4 +308,5 @@ def register(app: typer.Typer) -> None:
     app.command("run")(run_cmd)
     app.command("demo")(demo_cmd)
     app.command("ablate")(ablate_cmd)
+    app.command("job")(job_cmd)
     app.command("pilot")(pilot_cmd)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import functools
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -46,8 +47,9 @@ def wordnet() -> Any:
             gc.enable()
 
 
+@functools.lru_cache(maxsize=65536)
 def synset(wnid: str) -> Any:
-    """The noun synset of a WordNet id ``nXXXXXXXX``.
+    """The noun synset of a WordNet id ``nXXXXXXXX`` (memoised: ``wn`` builds a new synset object per look-up).
 
     Raises:
         DataError: the id is malformed or not a WordNet 3.0 noun offset.
@@ -76,16 +78,18 @@ def direct_hypernyms(wnid: str) -> list[str]:
     return sorted({synset_wnid(h) for h in hyp})
 
 
-def _ancestor_depths(wnid: str) -> dict[str, int]:
-    """Each ancestor (and the synset itself, at 0) -> fewest hypernym steps to reach it."""
+@functools.lru_cache(maxsize=65536)
+def _ancestor_depths(wnid: str) -> Mapping[str, int]:
+    """Each ancestor (and the synset itself, at 0) -> fewest hypernym steps to reach it (memoised, read-only: the
+    protocols ask for the same classes' ancestors in every pair distance and every seed)."""
     out: dict[str, int] = {}
     for anc, dist in synset(wnid).hypernym_distances():
         k = synset_wnid(anc)
         out[k] = min(dist, out.get(k, dist))
-    return out
+    return MappingProxyType(out)
 
 
-def taxonomy_distance(a: str, b: str, _cache: dict[str, dict[str, int]] | None = None) -> int | None:
+def taxonomy_distance(a: str, b: str, _cache: dict[str, Mapping[str, int]] | None = None) -> int | None:
     """Shortest path length between two noun synsets through a common hypernym (None if unconnected)."""
     cache = _cache if _cache is not None else {}
     da = cache.setdefault(a, _ancestor_depths(a))
@@ -122,7 +126,7 @@ def sibling_relation(targets: Sequence[str], pool: Sequence[str], k_nearest: int
         target id -> pool ids (direct siblings in pool order, or nearest first).
     """
     hyp = {w: set(direct_hypernyms(w)) for w in list(targets) + list(pool)}
-    cache: dict[str, dict[str, int]] = {}
+    cache: dict[str, Mapping[str, int]] = {}
     out: dict[str, list[str]] = {}
     for t in targets:
         direct = [p for p in pool if hyp[t] & hyp[p]]
