@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import os
+import threading
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,19 @@ def load_text_encoder(name: str) -> Any:
     return SentenceTransformer(name, device="cpu")
 
 
+_ENCODERS: dict[str, Any] = {}
+_ENCODER_LOCK = threading.Lock()
+
+
+def text_encoder(name: str) -> Any:
+    """:func:`load_text_encoder`, once per process and model (encoders are only read: an ablation's settings and
+    the relevance scores share one)."""
+    with _ENCODER_LOCK:
+        if name not in _ENCODERS:
+            _ENCODERS[name] = load_text_encoder(name)
+        return _ENCODERS[name]
+
+
 def vocabulary_embeddings(encoder: Any, model_name: str, vocab: list[str]) -> np.ndarray:
     """L2-normalised float32 [V, D] embeddings of ``vocab``, cached under ``<cache>/neighbors/embeddings``."""
     key = _digest(model_name + "\n" + "\n".join(vocab))
@@ -217,7 +231,7 @@ class EmbeddingBackend(NeighborBackend):
         self._prompt_tail = f"vocabulary={spec}; targets={_targets_digest(targets)}"
 
     def prepare(self, targets: list[TargetClass]) -> None:
-        encoder = load_text_encoder(self.model)
+        encoder = text_encoder(self.model)
         self._vocab = load_vocabulary(self.vocab_spec)
         self._emb = vocabulary_embeddings(encoder, self.model, self._vocab)
         names = [t.name for t in targets]

@@ -351,18 +351,11 @@ def search(targets: list[TargetClass], cfg: NeighborsConfig | None = None, *, to
     return doc
 
 
-_ENCODERS: dict[str, Any] = {}
-_ENCODER_LOCK = threading.Lock()
-
-
 def _encoder(model: str) -> Any:
     """The offline text encoder of the embedding backend (loaded once per process and model)."""
-    with _ENCODER_LOCK:
-        if model not in _ENCODERS:
-            from .offline import load_text_encoder
+    from .offline import text_encoder
 
-            _ENCODERS[model] = load_text_encoder(model)
-        return _ENCODERS[model]
+    return text_encoder(model)
 
 
 def relevance_scores(model: str, pairs: list[tuple[str, str]]) -> list[float]:
