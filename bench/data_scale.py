@@ -3,6 +3,7 @@ ImageNet-shaped long-tailed JPEG folder and on web-sized images in retrieve-styl
 
     .venv/bin/python bench/data_scale.py                      # N = 200 and 4N, 2 workers, S = 224
     .venv/bin/python bench/data_scale.py --n 1000 --workers 4 --keep runs/data_scale
+    .venv/bin/python bench/data_scale.py --keep runs/data_scale_data    # then: neighborlt run bench/data_scale_run.yaml
 
 Data (built once under ``--keep`` or a temporary folder, from the offline Tiny-ImageNet archive):
 
@@ -11,6 +12,9 @@ Data (built once under ``--keep`` or a temporary folder, from the offline Tiny-I
   mild Gaussian noise (sigma 3), JPEG quality 90: the shape of ImageNet-LT's images.
 - ``web``: the same classes with the longer side 800-1100 px, in tar shards as ``neighborlt retrieve`` writes them
   (read by :class:`~neighborlt.data.base.ShardMember` offsets).
+- ``aux-pool``: ``pool.csv`` (``path,caption``) of ``--pool-per-class`` ImageNet-shaped images of each pool class of
+  ``examples/own_dataset`` (the WordNet neighbours of its targets, which are this bench's first classes): the
+  auxiliary pool of ``bench/data_scale_run.yaml``, the whole pipeline in stream mode at S = 224.
 
 Per set and size (N, 4N), each method in its own process (peak RSS = that process + its largest loader worker):
 
@@ -23,9 +27,10 @@ Per set and size (N, 4N), each method in its own process (peak RSS = that proces
 - ``torchvision``: ``ImageFolder`` (for shards: the same bytes read by offset, decoded by PIL) with
   ``RandomResizedCrop(S, bicubic)``, flip, ``ToTensor``, ``Normalize``; persistent workers.
 
-Printed: time to the first training batch (including the folder scan), extra disk, epoch images/s (a second full
-epoch), peak RSS, and the projection to the paper's 4.2M images (ImageNet-LT's 116k + 4.1M auxiliary images,
-Appendix B.2): the cache's decode time and disk, and an epoch at the measured rate. Then feature extraction
+Printed: time to the first training batch (including the folder scan), extra disk, epoch images/s (whole epochs after
+the first: at least two and at least ``--min-seconds``, so a small N is not timed on a few batches), peak RSS, and
+the projection to the paper's 4.2M images (ImageNet-LT's 116k + 4.1M auxiliary images, Appendix B.2): the cache's
+decode time and disk, and an epoch at the measured rate. Then feature extraction
 images/s (eval view, a small timm model, random weights) stream vs cache, decoding included. Timings depend on the
 machine's load: state it with the figures.
 """
@@ -33,6 +38,7 @@ machine's load: state it with the figures.
 from __future__ import annotations
 
 import argparse
+import csv
 import io
 import json
 import multiprocessing as mp
@@ -53,13 +59,41 @@ PAPER_IMAGES = 4_200_000  # ImageNet-LT 116k + 4.1M auxiliary images (paper, App
 # ---------------------------------------------------------------------------------------------------- data
 
 
-def _source(classes: int, per_class: int, data_dir: str | None) -> tuple[list[str], list[list[Path]]]:
-    """The first ``classes`` Tiny-ImageNet training classes and up to ``per_class`` of their 64-px JPEGs."""
+def _example() -> Any:
+    """``examples/own_dataset/make_example.py``: its ``TARGETS`` and their WordNet neighbours ``POOL``."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "own_dataset" / "make_example.py"
+    spec = importlib.util.spec_from_file_location("make_example", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _source(classes: int, per_class: int, pool_per_class: int, data_dir: str | None
+            ) -> tuple[list[str], list[list[Path]], list[tuple[str, str, list[Path]]]]:
+    """``classes`` Tiny-ImageNet training classes (the own-dataset example's targets first, then the archive's order
+    without its pool classes) with up to ``per_class`` of their 64-px JPEGs, and the example's pool classes
+    ``(wnid, caption, pool_per_class JPEGs)``: the auxiliary pool of ``bench/data_scale_run.yaml``."""
     from neighborlt.data import load_dataset
 
     s = load_dataset("tiny-imagenet", "train", data_dir)
-    files = [[Path(s.paths[i]) for i in np.flatnonzero(s.labels == c)[:per_class]] for c in range(classes)]
-    return [s.class_ids[c] for c in range(classes)], files
+    ex = _example()
+    by_name = {n: i for i, n in enumerate(s.class_names)}
+    first = [by_name[n] for n in ex.TARGETS]
+    skip = set(first) | {by_name[n] for n in ex.POOL}
+    order = (first + [c for c in range(len(s.class_names)) if c not in skip])[:classes]
+
+    def files(c: int, n: int) -> list[Path]:
+        return [Path(s.paths[i]) for i in np.flatnonzero(s.labels == c)[:n]]
+
+    pool = []
+    for name in ex.POOL:
+        cid = s.class_ids[by_name[name]]
+        words = ", ".join(s.synonyms.get(cid, [name]))
+        pool.append((cid, f"a photo of a {words}", files(by_name[name], pool_per_class)))
+    return [s.class_ids[c] for c in order], [files(c, per_class) for c in order], pool
 
 
 def _upscale(src: Path, seed: int, short: tuple[int, int], long_side: bool) -> bytes:
@@ -94,12 +128,14 @@ def long_tail(n: int, classes: int, ratio: float) -> list[int]:
 
 
 def build_sets(root: Path, n4: int, classes: int, ratio: float, workers: int, data_dir: str | None,
-               test_per_class: int = 4) -> dict[str, Any]:
-    """Generate 4N ImageNet-shaped and 4N web-sized JPEGs once (``root/pool``) and the N / 4N views of them."""
+               test_per_class: int = 4, pool_per_class: int = 0) -> dict[str, Any]:
+    """Generate 4N ImageNet-shaped and 4N web-sized JPEGs once (``root/pool``), the N / 4N views of them, and an
+    ImageNet-shaped captioned auxiliary pool (``root/aux-pool/pool.csv``, ``pool_per_class`` images per class)."""
     counts = long_tail(n4, classes, ratio)
-    wnids, files = _source(classes, max(counts) + test_per_class, data_dir)
+    wnids, files, aux = _source(classes, max(counts) + test_per_class, pool_per_class, data_dir)
     marker = root / "built.json"
-    want = {"n4": n4, "classes": classes, "ratio": ratio, "counts": counts}
+    want = {"n4": n4, "classes": classes, "ratio": ratio, "counts": counts, "pool_per_class": pool_per_class,
+            "targets": wnids}
     if marker.is_file() and json.loads(marker.read_text()) == want:
         return json.loads((root / "sets.json").read_text())
     shutil.rmtree(root, ignore_errors=True)
@@ -113,6 +149,13 @@ def build_sets(root: Path, n4: int, classes: int, ratio: float, workers: int, da
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 jobs.append((str(src), (kind == "web") * 10**7 + c * 10**5 + k, kind == "web", str(dst)))
                 rows.append((kind, c, k, str(dst)))
+    pool_rows = []
+    for wnid, caption, srcs in aux:
+        for k, src in enumerate(srcs):
+            dst = root / "aux-pool" / "images" / f"{wnid}_{k:05d}.jpg"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            jobs.append((str(src), 2 * 10**7 + len(pool_rows), False, str(dst)))
+            pool_rows.append({"path": f"images/{dst.name}", "caption": caption})
     t0 = time.perf_counter()
     with mp.get_context("fork").Pool(max(1, workers)) as pool:
         pool.map(_make_one, jobs, chunksize=16)
@@ -147,6 +190,12 @@ def build_sets(root: Path, n4: int, classes: int, ratio: float, workers: int, da
         sets[tag] = {"imagenet": str(folder / "train"), "web": members, "web_labels": labels,
                      "images": len(items)}
     sets["wnids"] = wnids
+    if pool_rows:
+        with open(root / "aux-pool" / "pool.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=["path", "caption"])
+            w.writeheader()
+            w.writerows(pool_rows)
+        sets["aux_pool"] = str(root / "aux-pool" / "pool.csv")
     (root / "sets.json").write_text(json.dumps(sets))
     marker.write_text(json.dumps(want))
     return sets
@@ -201,7 +250,7 @@ def _peak_rss_mib() -> float:
 
 
 def _measure(method: str, sets: dict[str, Any], tag: str, kind: str, size: int, workers: int, batch: int,
-             cache: str) -> dict[str, Any]:
+             cache: str, min_seconds: float) -> dict[str, Any]:
     """One (method, set, size) in this process: first batch, extra disk, epoch images/s, peak RSS."""
     import torch
     from torch.utils.data import DataLoader
@@ -255,9 +304,11 @@ def _measure(method: str, sets: dict[str, Any], tag: str, kind: str, size: int, 
     for _ in it:
         pass
     t1 = time.perf_counter()
-    seen = 0
-    for x, _y in epoch(1):
-        seen += len(x)
+    seen, e = 0, 1
+    while e <= 2 or (time.perf_counter() - t1 < min_seconds and e <= 50):  # whole epochs after the first
+        for x, _y in epoch(e):
+            seen += len(x)
+        e += 1
     rate = seen / (time.perf_counter() - t1)
     disk = sum(p.stat().st_size for p in Path(cache, "arrays").glob("*.npy")) if method == "cache" else 0
     return {"method": method, "set": kind, "size": tag, "images": n, "first_batch_s": first, "disk_bytes": disk,
@@ -337,6 +388,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--methods", nargs="+", default=["cache", "stream", "torchvision"])
     ap.add_argument("--keep", default=None, help="build the data here and keep it (default: a temporary folder)")
     ap.add_argument("--data-dir", default=None, help="folder holding tiny-imagenet-200.tar.gz")
+    ap.add_argument("--min-seconds", type=float, default=10.0,
+                    help="epoch images/s: whole epochs after the first, at least two and at least this long")
+    ap.add_argument("--pool-per-class", type=int, default=30,
+                    help="images per class of the auxiliary pool that bench/data_scale_run.yaml retrieves from")
     args = ap.parse_args(argv)
 
     import timm  # noqa: F401 - imported once here, inherited by every forked measuring process
@@ -348,7 +403,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tmp = tempfile.mkdtemp(prefix="nlt-data-scale-")
     root = Path(args.keep) if args.keep else Path(tmp) / "data"
     try:
-        sets = build_sets(root, 4 * args.n, args.classes, args.ratio, args.workers, args.data_dir)
+        sets = build_sets(root, 4 * args.n, args.classes, args.ratio, args.workers, args.data_dir,
+                          pool_per_class=args.pool_per_class)
         rows = []
         for kind in ("imagenet", "web"):
             for tag in ("N", "4N"):
@@ -356,7 +412,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     cache = tempfile.mkdtemp(dir=tmp, prefix="cache-")
                     os.symlink(Path(os.environ.get("NEIGHBORLT_CACHE") or Path.home() / ".cache" / "neighborlt",
                                     "extracted").resolve(), Path(cache, "extracted"))
-                    r = _in_child(_measure, method, sets, tag, kind, args.size, args.workers, args.batch, cache)
+                    r = _in_child(_measure, method, sets, tag, kind, args.size, args.workers, args.batch, cache,
+                                  args.min_seconds)
                     shutil.rmtree(cache, ignore_errors=True)
                     rows.append(r)
                     print(json.dumps(r))

@@ -16,7 +16,8 @@ from run_helpers import run_cli
 from neighborlt.pipeline import load_config, read_config_file, run_pipeline, stage_configs
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = sorted((ROOT / "configs").glob("*.yaml")) + [ROOT / "examples" / "own_dataset" / "config.yaml"]
+SHIPPED = sorted((ROOT / "configs").glob("*.yaml")) + [ROOT / "examples" / "own_dataset" / "config.yaml",
+                                                       ROOT / "bench" / "data_scale_run.yaml"]
 PAPER = ("imagenet_lt", "places_lt", "inat18", "imagenet_lt_clip", "imagenet_lt_dinov2")
 
 

@@ -7,6 +7,7 @@ and with 2 loader workers."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import tarfile
@@ -199,3 +200,8 @@ def test_stream_resume_is_bit_identical(tmp_path: Path, mixed: AuxTrainingSet, u
     meta = read_json(tmp_path / "train" / "model.json")
     assert meta["data_mode"] == "stream" and meta["crop_pct"] == pytest.approx(0.875)
     assert read_json(tmp_path / "records" / "train.done.json")["data_mode"] == "stream"
+    # each process logs its start-up once: seconds from run_train's start to its first optimizer step
+    for folder in (tmp_path, uninterrupted):
+        rows = [json.loads(line) for line in (folder / "train" / "log.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in rows] == [1, 2] and "first_step_s" not in rows[1]
+        assert rows[0]["first_step_s"] > 0

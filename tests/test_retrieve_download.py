@@ -28,8 +28,9 @@ import pytest
 from PIL import Image
 from servers.image_server import ImageServer
 
+from neighborlt.cores import available_cores
 from neighborlt.errors import DataError, NeighborLTError
-from neighborlt.retrieve.download import DownloadOptions, _Lock, available_cores, download
+from neighborlt.retrieve.download import DownloadOptions, _Lock, download
 from neighborlt.retrieve.fetch import fetch, robots_disallowed
 from neighborlt.retrieve.guard import Refused, check_url
 from neighborlt.retrieve.images import ImageRefused, process_image

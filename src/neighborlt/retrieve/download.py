@@ -42,6 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..cores import available_cores
 from ..errors import DataError, NeighborLTError
 from .fetch import DEFAULT_USER_AGENT, fetch
 from .guard import Resolver
@@ -61,14 +62,6 @@ Progress = Callable[[int, dict[str, Any]], None]
 #: rows fetched but not yet committed (held in open shards) at most, whatever the shard size: bounds the index rows
 #: kept in memory and the work a kill can lose while a slow row holds the oldest shard open
 MAX_OPEN_ROWS = 50_000
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask; ``os.cpu_count()`` where there is none)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 class DownloadOptions(BaseModel):

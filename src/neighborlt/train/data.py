@@ -16,7 +16,6 @@ Two access modes, one dataset class (:class:`ImageSetDataset`), chosen by ``trai
 from __future__ import annotations
 
 import logging
-import os
 import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
@@ -127,12 +126,11 @@ def resolve_data_mode(mode: str, image_size: int) -> DataMode:
 
 
 def cores_per_rank(world_size: int = 1) -> int:
-    """CPU cores this process may use (``os.sched_getaffinity``) divided among the ranks of one machine (>= 1)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(1, world_size))
+    """CPU cores this process may use (:func:`~neighborlt.cores.available_cores`) divided among the ranks of one
+    machine (>= 1)."""
+    from ..cores import available_cores
+
+    return max(1, available_cores() // max(1, world_size))
 
 
 def resolve_workers(num_workers: int | None, mode: str, world_size: int = 1) -> int:
@@ -167,7 +165,7 @@ def normalize_uint8(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]
     operations as ``ToTensor`` + ``Normalize``, so the result equals the CPU transform's bit for bit."""
     m = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
     s = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, -1, 1, 1)
-    return x.to(torch.float32).div(255).sub_(m).div_(s)
+    return x.to(torch.float32, copy=True).div_(255).sub_(m).div_(s)  # one float buffer, never the caller's
 
 
 def sample_rng(seed: int, epoch: int, position: int) -> np.random.Generator:

@@ -330,6 +330,9 @@ class _Setup:
     mixup_fn: Any  # timm Mixup or None
     n_micro: int  # micro-batches per epoch on every rank
     net: nn.Module | None = None  # what the loop calls: the model, wrapped for features and DDP (set after resume)
+    t_start: float = 0.0  # time.time() when run_train started in this process
+    first_step_s: float | None = None  # seconds from t_start to this process's first optimizer step
+    first_step_logged: bool = False  # first_step_s is in log.jsonl (the first epoch row this process wrote)
     stage_key: StageKey | None = None  # the run's key with its parts (written to the completion marker)
 
     @property
@@ -371,6 +374,7 @@ def _run(cfg: TrainConfig, rd: RunDir, info: ddp.DistInfo, *, resume: bool | str
             log.info("recipe %s (%s) filled: %s", cfg.recipe, cfg.recipe_dataset, cfg.recipe_values())
     s = _build(cfg, rd, info, key, per_rank, data)
     s.stage_key = skey
+    s.t_start = t_start
     start = _resume(s) if resume else _Start()
     s.net = ddp.wrap(WithFeatures(s.model) if s.needs_features else s.model, info, sync_bn=cfg.sync_bn)
     epochs_done, interrupted, metrics = _train(s, start, progress, on_step)
@@ -666,6 +670,10 @@ def _train_epoch(s: _Setup, epoch: int, first: int, start: _Start, stop: StopFla
         if not last_of_group:
             continue
         _optimizer_step(s)
+        if s.first_step_s is None:  # start-up cost (model, loader, first batch): seconds, whatever the set's size
+            s.first_step_s = time.time() - s.t_start
+            if info.is_main:
+                log.info("first optimizer step %.1f s after the start", s.first_step_s)
         if on_step is not None:
             on_step(epoch, i + 1)
         if ddp.any_flag(bool(stop), info) and i + 1 < s.n_micro:
@@ -743,6 +751,9 @@ def _end_epoch(s: _Setup, epoch: int, t0: float, loss_sum: float, seen: int,
                "time_s": time.time() - t0, "world_size": info.world_size}
         if do_eval:
             row["test"] = metrics
+        if s.first_step_s is not None and not s.first_step_logged:  # the first row this process writes
+            row["first_step_s"] = s.first_step_s
+            s.first_step_logged = True
         append_jsonl(s.tdir / "log.jsonl", row)
         log.info("epoch %d/%d loss %.4f%s", epoch + 1, cfg.epochs, train_loss,
                  " test " + format_metrics(metrics) if do_eval else "")
