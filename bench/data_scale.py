@@ -344,6 +344,29 @@ def _features(method: str, sets: dict[str, Any], tag: str, size: int, workers: i
     return {"method": method, "images": n, "img_s": n / (time.perf_counter() - t0)}
 
 
+def _refs_memory(rows: int) -> dict[str, Any]:
+    """Memory of the references of a ``rows``-member auxiliary manifest (1,000 members per shard), as
+    :func:`~neighborlt.data.manifest.image_refs` builds them for training: RSS before and after, in this process."""
+    import gc
+
+    import pyarrow as pa
+
+    from neighborlt.data.manifest import image_refs
+
+    def rss() -> int:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    i = np.arange(rows)
+    table = pa.table({"location": pa.array(["shard"] * rows).dictionary_encode(),
+                      "path": pa.array([f"retrieve/shards/{k:06d}.tar" for k in i // 1000]).dictionary_encode(),
+                      "offset": pa.array(512 + 40_960 * (i % 1000)), "size": pa.array(np.full(rows, 40_000))})
+    gc.collect()
+    before = rss()
+    refs = image_refs(table, Path("/run"))
+    after = rss()
+    return {"rows": len(refs), "bytes": after - before}
+
+
 def _in_child(fn: Any, *args: Any) -> dict[str, Any]:
     """``fn(*args)`` in a fresh forked process (its own peak RSS and cache), its result returned."""
     ctx = mp.get_context("fork")
@@ -390,6 +413,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--data-dir", default=None, help="folder holding tiny-imagenet-200.tar.gz")
     ap.add_argument("--min-seconds", type=float, default=10.0,
                     help="epoch images/s: whole epochs after the first, at least two and at least this long")
+    ap.add_argument("--refs", type=int, default=4_100_000,
+                    help="measure the memory of this many auxiliary references (the paper's 4.1M; 0: skip)")
     ap.add_argument("--pool-per-class", type=int, default=30,
                     help="images per class of the auxiliary pool that bench/data_scale_run.yaml retrieves from")
     args = ap.parse_args(argv)
@@ -423,8 +448,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             feats.append(_in_child(_features, method, sets, "N", args.size, args.workers, args.batch,
                                    args.feature_model, cache, args.feature_images))
             shutil.rmtree(cache, ignore_errors=True)
+        refs = _in_child(_refs_memory, args.refs) if args.refs else None
         _print(rows, feats, args)
-        return {"rows": rows, "features": feats}
+        if refs:
+            print(f"\nReferences of a {refs['rows']:,}-image auxiliary manifest in memory (what grows with N): "
+                  f"{_mib(refs['bytes'])}, {refs['bytes'] / refs['rows']:.0f} bytes per image")
+        return {"rows": rows, "features": feats, "refs": refs}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -19,7 +19,7 @@ def test_data_scale_bench_measures_every_method(data_dir: Path, tmp_path: Path,
     bench = load_bench("data_scale")
     out = bench.main(["--n", "8", "--classes", "2", "--size", "32", "--workers", "0", "--batch", "4",
                       "--feature-images", "6", "--keep", str(tmp_path / "data"), "--data-dir", str(data_dir),
-                      "--min-seconds", "0", "--pool-per-class", "2"])
+                      "--min-seconds", "0", "--pool-per-class", "2", "--refs", "5000"])
     rows = out["rows"]
     assert {(r["set"], r["size"], r["method"]) for r in rows} == {
         (k, t, m) for k in ("imagenet", "web") for t in ("N", "4N") for m in ("cache", "stream", "torchvision")}
@@ -30,6 +30,7 @@ def test_data_scale_bench_measures_every_method(data_dir: Path, tmp_path: Path,
         assert (r["disk_bytes"] > 0) == (r["method"] == "cache")
     assert by["web", "N", "cache"]["disk_bytes"] == by["web", "N", "cache"]["images"] * 32 * 32 * 3 + 128
     assert {f["method"] for f in out["features"]} == {"cache", "stream"}
+    assert out["refs"]["rows"] == 5000 and out["refs"]["bytes"] >= 0
     shard = next((tmp_path / "data" / "web-N" / "retrieve" / "shards").glob("*.tar"))
     assert shard.stat().st_size > 0
     # the auxiliary pool that bench/data_scale_run.yaml retrieves from: the own-dataset example's pool classes,

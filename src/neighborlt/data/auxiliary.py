@@ -76,6 +76,7 @@ def rows_image_set(rows: list[dict[str, Any]], pool: ImageSet | None, root: Path
     lab = np.asarray(labels if labels is not None else [0] * len(rows), dtype=np.int64)
     names = class_names or ["auxiliary"]
     refs: list[Any] = []
+    shards: dict[str, Path] = {}  # one Path per shard, shared by its members
     for r in rows:
         if r.get("location") == "pool":
             if pool is None:
@@ -83,7 +84,7 @@ def rows_image_set(rows: list[dict[str, Any]], pool: ImageSet | None, root: Path
                                 "has none; re-run `neighborlt retrieve`")
             refs.append(pool.ref(int(r["pool_index"])))
         else:
-            ref = image_ref(r, root)
+            ref = image_ref(r, root, shards)
             if ref is None:
                 raise DataError(f"{root}: manifest row {r.get('uid')} has no image location; re-run retrieve")
             refs.append(ref)

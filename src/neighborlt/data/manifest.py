@@ -74,16 +74,23 @@ def read_table(path: str | os.PathLike[str], required: tuple[str, ...] = ("uid",
     return table
 
 
-def image_ref(row: dict[str, Any], root: Path) -> Path | ShardMember | None:
+def image_ref(row: dict[str, Any], root: Path, shards: dict[str, Path] | None = None) -> Path | ShardMember | None:
     """Where a manifest row's image lives: a file path, a :class:`ShardMember`, or None (pool images are looked up
-    in the protocol's pool by ``pool_index``)."""
-    return _ref(row.get("location"), row.get("path"), row.get("offset"), row.get("size"), root)
+    in the protocol's pool by ``pool_index``). ``shards``: a cache of shard paths that the caller keeps across rows,
+    so the members of one shard share one ``Path`` (millions of members, thousands of shards)."""
+    return _ref(row.get("location"), row.get("path"), row.get("offset"), row.get("size"), root, shards)
 
 
-def _ref(loc: Any, path: Any, offset: Any, size: Any, root: Path) -> Path | ShardMember | None:
+def _ref(loc: Any, path: Any, offset: Any, size: Any, root: Path,
+         shards: dict[str, Path] | None = None) -> Path | ShardMember | None:
     if loc == "shard":
-        p = Path(path)
-        return ShardMember(p if p.is_absolute() else root / p, int(offset), int(size))
+        shard = shards.get(path) if shards is not None else None
+        if shard is None:
+            p = Path(path)
+            shard = p if p.is_absolute() else root / p
+            if shards is not None:
+                shards[path] = shard
+        return ShardMember(shard, int(offset), int(size))
     if loc == "file":
         return Path(path)
     return None
@@ -98,8 +105,9 @@ def image_refs(table: pa.Table, root: Path, source: str | os.PathLike[str] = "ma
     """
     cols = [table[c].to_pylist() for c in ("location", "path", "offset", "size")]
     out: list[Path | ShardMember] = []
+    shards: dict[str, Path] = {}
     for i, (loc, path, offset, size) in enumerate(zip(*cols)):
-        ref = _ref(loc, path, offset, size, root) if path else None
+        ref = _ref(loc, path, offset, size, root, shards) if path else None
         if ref is None:
             raise DataError(f"{source}: row {i} has no image location (location {loc!r}, path {path!r}); re-run the "
                             "stage that wrote it")
