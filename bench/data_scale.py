@@ -16,7 +16,8 @@ Data (built once under ``--keep`` or a temporary folder, from the offline Tiny-I
   ``examples/own_dataset`` (the WordNet neighbours of its targets, which are this bench's first classes): the
   auxiliary pool of ``bench/data_scale_run.yaml``, the whole pipeline in stream mode at S = 224.
 
-Per set and size (N, 4N), each method in its own process (peak RSS = that process + its largest loader worker):
+Per set and size (N, 4N), each method in its own process (peak memory: the PSS of that process and its loader workers,
+sampled every 0.2 s; PSS shares each shared page among the processes mapping it, so torch's libraries count once):
 
 - ``cache``: ``ImageSetDataset`` in cache mode (decode all to a squashed ``[N, S, S, 3]`` array in a fresh cache,
   then the cache-mode train transform: RandomResizedCrop of the squashed image, flip, ToTensor, Normalize); a
@@ -28,7 +29,7 @@ Per set and size (N, 4N), each method in its own process (peak RSS = that proces
   ``RandomResizedCrop(S, bicubic)``, flip, ``ToTensor``, ``Normalize``; persistent workers.
 
 Printed: time to the first training batch (including the folder scan), extra disk, epoch images/s (whole epochs after
-the first: at least two and at least ``--min-seconds``, so a small N is not timed on a few batches), peak RSS, and
+the first: at least two and at least ``--min-seconds``, so a small N is not timed on a few batches), peak memory, and
 the projection to the paper's 4.2M images (ImageNet-LT's 116k + 4.1M auxiliary images, Appendix B.2): the cache's
 decode time and disk, and an epoch at the measured rate. Then feature extraction
 images/s (eval view, a small timm model, random weights) stream vs cache, decoding included. Timings depend on the
@@ -43,13 +44,12 @@ import io
 import json
 import multiprocessing as mp
 import os
-import resource
 import shutil
 import tarfile
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -230,28 +230,53 @@ class _ShardFolder:
         return self.transform(img), int(self.labels[i])
 
 
-def _hwm_kib(pid: int | str) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+def _tree_pss() -> int:
+    """Proportional set size of this process and its children (loader workers), in bytes: each shared page (torch's
+    libraries, the forked interpreter) counts once across them, where adding their RSS would count it per process."""
+    pids = [str(os.getpid())] + [pid for t in Path("/proc/self/task").glob("*/children") for pid in t.read_text().split()]
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except OSError:  # a worker that just exited
+            pass
+    return total
 
 
-def _peak_rss_mib() -> float:
-    """Peak RSS of this process plus that of its largest loader worker (live, or already exited)."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    kids = [resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss]
-    for t in Path("/proc/self/task").glob("*/children"):
-        kids += [_hwm_kib(pid) for pid in t.read_text().split()]
-    return (own + max(kids)) / 1024
+class _PeakPss:
+    """The peak of :func:`_tree_pss` while the ``with`` block runs, sampled every 0.2 s by a thread."""
+
+    def __enter__(self) -> Self:
+        import threading
+
+        self.peak, self._done = _tree_pss(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.2):
+            self.peak = max(self.peak, _tree_pss())
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, _tree_pss())
 
 
 def _measure(method: str, sets: dict[str, Any], tag: str, kind: str, size: int, workers: int, batch: int,
              cache: str, min_seconds: float) -> dict[str, Any]:
-    """One (method, set, size) in this process: first batch, extra disk, epoch images/s, peak RSS."""
+    """One (method, set, size) in this process: first batch, extra disk, epoch images/s, peak memory (PSS)."""
+    with _PeakPss() as mem:
+        out = _measure_in(method, sets, tag, kind, size, workers, batch, cache, min_seconds)
+    return {**out, "peak_pss_mib": mem.peak / 2**20}
+
+
+def _measure_in(method: str, sets: dict[str, Any], tag: str, kind: str, size: int, workers: int, batch: int,
+                cache: str, min_seconds: float) -> dict[str, Any]:
     import torch
     from torch.utils.data import DataLoader
 
@@ -312,7 +337,7 @@ def _measure(method: str, sets: dict[str, Any], tag: str, kind: str, size: int, 
     rate = seen / (time.perf_counter() - t1)
     disk = sum(p.stat().st_size for p in Path(cache, "arrays").glob("*.npy")) if method == "cache" else 0
     return {"method": method, "set": kind, "size": tag, "images": n, "first_batch_s": first, "disk_bytes": disk,
-            "epoch_img_s": rate, "peak_rss_mib": _peak_rss_mib()}
+            "epoch_img_s": rate}
 
 
 def _features(method: str, sets: dict[str, Any], tag: str, size: int, workers: int, batch: int, model_name: str,
@@ -375,7 +400,7 @@ def _refs_memory(rows: int) -> dict[str, Any]:
 
 
 def _in_child(fn: Any, *args: Any) -> dict[str, Any]:
-    """``fn(*args)`` in a fresh forked process (its own peak RSS and cache), its result returned."""
+    """``fn(*args)`` in a fresh forked process (its own memory and cache), its result returned."""
     ctx = mp.get_context("fork")
     q = ctx.Queue()
 
@@ -472,11 +497,11 @@ def _print(rows: list[dict[str, Any]], feats: list[dict[str, Any]], args: argpar
     print(f"\nS = {args.size}, {args.workers} workers, batch {args.batch}, {os.cpu_count()} CPUs, load average "
           f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\n")
     by = {(r["method"], r["set"], r["size"]): r for r in rows}
-    print("| set | images | method | first batch | extra disk | epoch img/s | peak RSS |")
+    print("| set | images | method | first batch | extra disk | epoch img/s | peak memory (PSS) |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['set']} | {r['images']} | {r['method']} | {r['first_batch_s']:.2f} s | {_mib(r['disk_bytes'])} | "
-              f"{r['epoch_img_s']:.0f} | {r['peak_rss_mib']:.0f} MiB |")
+              f"{r['epoch_img_s']:.0f} | {r['peak_pss_mib']:.0f} MiB |")
     print("\nRatios (stream / torchvision, epoch images/s):")
     for kind in ("imagenet", "web"):
         for tag in ("N", "4N"):

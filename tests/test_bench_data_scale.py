@@ -26,7 +26,7 @@ def test_data_scale_bench_measures_every_method(data_dir: Path, tmp_path: Path,
     by = {(r["set"], r["size"], r["method"]): r for r in rows}
     assert by["imagenet", "4N", "stream"]["images"] > by["imagenet", "N", "stream"]["images"] >= 8
     for r in rows:
-        assert r["first_batch_s"] > 0 and r["epoch_img_s"] > 0 and r["peak_rss_mib"] > 0
+        assert r["first_batch_s"] > 0 and r["epoch_img_s"] > 0 and r["peak_pss_mib"] > 0
         assert (r["disk_bytes"] > 0) == (r["method"] == "cache")
     assert by["web", "N", "cache"]["disk_bytes"] == by["web", "N", "cache"]["images"] * 32 * 32 * 3 + 128
     assert {f["method"] for f in out["features"]} == {"cache", "stream"}
