@@ -13,7 +13,7 @@ from PIL import Image
 from ..errors import DataError
 
 
-@dataclass(frozen=True, slots=True)  # slots: millions of members per run (about 100 bytes each)
+@dataclass(frozen=True, slots=True)  # slots: millions per run (about 130 bytes each, bench/data_scale.py --refs)
 class ShardMember:
     """One image stored inside a WebDataset tar shard, read with one seek (the retrieve stage's downloads).
 
