@@ -233,7 +233,12 @@ class _ShardFolder:
 def _tree_pss() -> int:
     """Proportional set size of this process and its children (loader workers), in bytes: each shared page (torch's
     libraries, the forked interpreter) counts once across them, where adding their RSS would count it per process."""
-    pids = [str(os.getpid())] + [pid for t in Path("/proc/self/task").glob("*/children") for pid in t.read_text().split()]
+    pids = [str(os.getpid())]
+    for task in Path("/proc/self/task").glob("*/children"):
+        try:
+            pids += task.read_text().split()
+        except OSError:  # a thread that just ended (the loader's, the sampler's own)
+            pass
     total = 0
     for pid in pids:
         try:
