@@ -29,30 +29,6 @@ HEAVY_FIRST = (
 )
 
 
-#: Archives the xdist controller extracts in a background process while the workers run their first files: the
-#: first test that needs Tiny-ImageNet (110,000 files, 40-75 s of mostly kernel time on a fresh clone) then finds it
-#: extracted, or waits on its lock for less, where before one worker extracted it while the other waited on that lock.
-PREFETCH_ARCHIVES = ("tiny-imagenet-200.tar.gz",)
-_PREFETCH_CODE = "import sys; from neighborlt.data.archives import extract_archive; extract_archive(sys.argv[1])"
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    import subprocess
-    import sys
-
-    if hasattr(config, "workerinput") or getattr(config.option, "dist", "no") == "no":
-        return  # a worker, or a run without xdist: the tests extract what they need themselves
-    config._nlt_prefetch = [  # type: ignore[attr-defined]
-        subprocess.Popen([sys.executable, "-c", _PREFETCH_CODE, str(path)], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
-        for path in (resolve_data_dir() / name for name in PREFETCH_ARCHIVES) if path.is_file()]
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    for proc in getattr(config, "_nlt_prefetch", []):
-        proc.wait()  # an extraction ends on its own (seconds when already done); a partial one is redone next time
-
-
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
