@@ -208,8 +208,8 @@ def test_stream_resume_is_bit_identical(tmp_path: Path, mixed: AuxTrainingSet, u
 
 
 def test_shard_members_of_one_shard_share_one_path(tmp_path: Path) -> None:
-    """Millions of auxiliary images are references in memory: the members of one shard share its Path (about 140
-    bytes per member instead of 380, bench/data_scale.py --refs) and still pickle to loader workers."""
+    """Millions of auxiliary images are references in memory: the members of one shard share its Path (about 130
+    bytes per member instead of 350, bench/data_scale.py --refs) and still pickle to loader workers."""
     import pickle
 
     import pyarrow as pa
