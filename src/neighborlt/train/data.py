@@ -26,6 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms as T
 
+from ..cores import available_cores
 from ..data.base import ImageSet
 from ..errors import ConfigError
 
@@ -128,8 +129,6 @@ def resolve_data_mode(mode: str, image_size: int) -> DataMode:
 def cores_per_rank(world_size: int = 1) -> int:
     """CPU cores this process may use (:func:`~neighborlt.cores.available_cores`) divided among the ranks of one
     machine (>= 1)."""
-    from ..cores import available_cores
-
     return max(1, available_cores() // max(1, world_size))
 
 

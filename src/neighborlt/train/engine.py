@@ -330,9 +330,8 @@ class _Setup:
     mixup_fn: Any  # timm Mixup or None
     n_micro: int  # micro-batches per epoch on every rank
     net: nn.Module | None = None  # what the loop calls: the model, wrapped for features and DDP (set after resume)
-    t_start: float = 0.0  # time.time() when run_train started in this process
-    first_step_s: float | None = None  # seconds from t_start to this process's first optimizer step
-    first_step_logged: bool = False  # first_step_s is in log.jsonl (the first epoch row this process wrote)
+    t_start: float | None = None  # time.time() when run_train started in this process; None after its first step
+    first_step_s: float | None = None  # seconds from t_start to that first step, until log.jsonl has it
     stage_key: StageKey | None = None  # the run's key with its parts (written to the completion marker)
 
     @property
@@ -670,8 +669,8 @@ def _train_epoch(s: _Setup, epoch: int, first: int, start: _Start, stop: StopFla
         if not last_of_group:
             continue
         _optimizer_step(s)
-        if s.first_step_s is None:  # start-up cost (model, loader, first batch): seconds, whatever the set's size
-            s.first_step_s = time.time() - s.t_start
+        if s.t_start is not None:  # start-up cost (model, loader, first batch): seconds, whatever the set's size
+            s.first_step_s, s.t_start = time.time() - s.t_start, None
             if info.is_main:
                 log.info("first optimizer step %.1f s after the start", s.first_step_s)
         if on_step is not None:
@@ -751,9 +750,8 @@ def _end_epoch(s: _Setup, epoch: int, t0: float, loss_sum: float, seen: int,
                "time_s": time.time() - t0, "world_size": info.world_size}
         if do_eval:
             row["test"] = metrics
-        if s.first_step_s is not None and not s.first_step_logged:  # the first row this process writes
-            row["first_step_s"] = s.first_step_s
-            s.first_step_logged = True
+        if s.first_step_s is not None:  # the first row this process writes
+            row["first_step_s"], s.first_step_s = s.first_step_s, None
         append_jsonl(s.tdir / "log.jsonl", row)
         log.info("epoch %d/%d loss %.4f%s", epoch + 1, cfg.epochs, train_loss,
                  " test " + format_metrics(metrics) if do_eval else "")
