@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from neighborlt.cores import available_cores
+from neighborlt.data.archives import MARKER
 from neighborlt.paths import resolve_data_dir
 
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-    # one intra-op thread per xdist worker (and per process a test starts): `make test` runs one worker per core, and
+    # one intra-op thread per xdist worker (and per process a test starts): `make test` runs a worker per core and one more, and
     # OpenMP threads spinning on an oversubscribed CPU slow small convolutions several times over
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 #: Test files, heaviest first (from the `--durations` a clean-clone `make test` printed, on 2 cores). xdist hands
 #: whole files to its workers in collection order (`--dist loadfile --no-loadscope-reorder`; each worker starts with
-#: two), so the long files start first and the two workers end together instead of one running a long file alone at
-#: the end. The second and fourth files read no dataset archive: on a fresh clone the first worker extracts CIFAR-10
-#: (60,000 files; 7 s to 52 s on this disk, mostly system time) for test_pipeline, and the second worker has work of
-#: its own meanwhile instead of waiting for that extraction's lock. A file not listed runs after these, in its usual order.
+#: two), so the long files start first and the workers end together instead of one running a long file alone at the
+#: end. The second file reads no dataset archive: on a fresh clone the first worker extracts CIFAR-10 (60,000 files)
+#: for test_pipeline, and the second has work of its own meanwhile instead of waiting for that extraction's lock.
+#: A file not listed runs after these, in its usual order.
 HEAVY_FIRST = (
     "test_pipeline.py", "test_pilot.py", "test_ablate_extras.py", "test_retrieve_download.py", "test_viz.py",
     "test_report.py", "test_filter.py", "test_pretrain.py", "test_data_protocol.py", "test_configs.py",
@@ -29,9 +33,53 @@ HEAVY_FIRST = (
 )
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """`-n auto` (what `make test` passes) starts one worker more than there are cores. Many tests wait on something
+    (the subprocesses they start, a local server, a kill -9 and its resume, another worker's extraction lock): in a
+    clean-clone run with a worker per core, a test's wall time exceeded its CPU time (its own and its children's) by
+    80 s in all, out of 2 x 345 s. A third worker on 2 cores fills those waits: 5 min 11 s instead of 5 min 44 s to
+    6 min 8 s for the same code, and 5 min 20 s with four. ``PYTEST_XDIST_AUTO_NUM_WORKERS`` still decides when set."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # xdist's own rule reads it
+    return available_cores() + 1
+
+
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
+
+
+def _persistent_cache() -> Path:
+    return Path(os.environ.get("NEIGHBORLT_CACHE") or Path.home() / ".cache" / "neighborlt").resolve()
+
+
+#: A fresh clone extracts the two dataset archives (170,000 files) into RAM instead of the disk: on this project's
+#: 2-core machines the same extraction onto ext4 took 23 s to 113 s of CPU (user + system), depending on what
+#: the disk had deleted before; into tmpfs 19 s to 21 s, three times out of three. The folder lives for one test session.
+_RAM_ROOT = Path("/dev/shm")
+_RAM_NEEDS = 3 << 30  # the two extracted archives take 0.7 GB; leave the machine room for the tests themselves
+_RAM_ENV = "NEIGHBORLT_TEST_EXTRACTED"  # set by the controller, read by the xdist workers it starts
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config, "workerinput") or _RAM_ENV in os.environ:
+        return  # an xdist worker: its controller chose
+    extracted = _persistent_cache() / "extracted"
+    if any(extracted.glob(f"*/{MARKER}")):
+        return  # extracted by an earlier session or `make demo`: reuse it
+    try:
+        st = os.statvfs(_RAM_ROOT)
+    except OSError:
+        return
+    if st.f_bavail * st.f_frsize < _RAM_NEEDS or not os.access(_RAM_ROOT, os.W_OK):
+        return
+    os.environ[_RAM_ENV] = tempfile.mkdtemp(prefix="neighborlt-tests-", dir=_RAM_ROOT)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput") and _RAM_ENV in os.environ:
+        shutil.rmtree(os.environ.pop(_RAM_ENV), ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -39,13 +87,16 @@ def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """A fresh cache per test session (feature caches, neighbour answers, ...), except for the expensive and
     content-keyed parts: extracted archives and decoded arrays are shared with the persistent cache
     (``$NEIGHBORLT_CACHE``, which ``make test`` sets to ``.cache/``, else ``~/.cache/neighborlt``) so a session does
-    not re-extract 160k files. Tests never reach a model hub."""
+    not re-extract 170k files. Where that cache holds no extracted archive yet (a fresh clone), archives are extracted
+    into a RAM folder for the session instead (``pytest_configure``). Tests never reach a model hub."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    persistent = Path(os.environ.get("NEIGHBORLT_CACHE") or Path.home() / ".cache" / "neighborlt").resolve()
+    persistent = _persistent_cache()
     session = tmp_path_factory.mktemp("nlt-cache")
+    ram = os.environ.get(_RAM_ENV)
     for shared in ("extracted", "arrays"):
-        (persistent / shared).mkdir(parents=True, exist_ok=True)
-        (session / shared).symlink_to(persistent / shared, target_is_directory=True)
+        target = Path(ram) if shared == "extracted" and ram else persistent / shared
+        target.mkdir(parents=True, exist_ok=True)
+        (session / shared).symlink_to(target, target_is_directory=True)
     os.environ["NEIGHBORLT_CACHE"] = str(session)
 
 

@@ -508,11 +508,11 @@ def _frozen_features(cfg: TrainConfig, image_set: Any, info: ddp.DistInfo) -> to
     """Backbone features of ``image_set`` from the feature cache. Under DDP every rank computes its share of the
     missing chunks (chunk ``i`` on rank ``i % WORLD_SIZE``) and one rank merges them
     (:func:`~neighborlt.train.features.extract_model_features`); every rank returns the whole set's features."""
-    from .features import extract_features
+    from .features import extract_features, feature_tensor
 
     f = extract_features(cfg.model, cfg.init, image_set, cfg.image_size, batch_size=cfg.eval_batch_size,
                          device=str(info.device), bf16=False, distributed=info.distributed)
-    return torch.from_numpy(np.ascontiguousarray(f, dtype=np.float32))
+    return feature_tensor(f)
 
 
 def _build_loss(cfg: TrainConfig, d: _Data, dev: torch.device) -> nn.Module:

@@ -409,6 +409,20 @@ def _quiet_classifier_messages() -> Iterator[None]:
         log.removeFilter(keep)
 
 
+def feature_tensor(features: np.ndarray) -> torch.Tensor:
+    """A float32 CPU tensor over ``features`` (e.g. :func:`extract_features`' read-only memory map), without a copy
+    when they already are contiguous float32: the pages stay the page cache's, shared by every rank and process that
+    reads the same cache file. The training and inference loops only read such a tensor (a batch is an index or a
+    slice of it, fed to a head that computes out of place), so torch's warning about a non-writable array is silenced
+    here rather than paid for with a copy of the whole set."""
+    import warnings
+
+    arr = np.ascontiguousarray(features, dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        return torch.from_numpy(arr)
+
+
 def extract_features(model_name: str, init: str, image_set: ImageSet, image_size: int, batch_size: int = 256,
                      device: str = "cpu", bf16: bool | None = None, *, num_workers: int | None = None,
                      chunk_rows: int | None = None, distributed: bool = False, data_mode: str = "auto") -> np.ndarray:

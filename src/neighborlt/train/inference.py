@@ -142,11 +142,11 @@ def predict_logits(run_dir_or_export_dir: str | os.PathLike[str], image_set: Any
     amp = dev.type == "cuda"
     frozen = meta.get("frozen")
     if frozen:
-        from .features import extract_features
+        from .features import extract_features, feature_tensor
 
         feats = extract_features(frozen["backbone"], frozen["init"], image_set, int(frozen["image_size"]),
                                  batch_size=batch_size, device=str(dev), bf16=False)
-        return logits_of(model, tensor_batches(torch.from_numpy(np.asarray(feats, np.float32)), batch_size),
+        return logits_of(model, tensor_batches(feature_tensor(feats), batch_size),
                          dev, amp).astype(np.float32)
     return logits_of(model, image_batches(image_set, int(meta["image_size"]), batch_size, num_workers,
                                           meta.get("architecture"), data_mode=meta.get("data_mode", "cache"),
