@@ -157,7 +157,7 @@ def test_stream_samples_depend_on_seed_epoch_position_only(mixed: AuxTrainingSet
     assert all(torch.equal(u, v) for u, v in zip(a, b))
     assert torch.equal(a[1][0], ds[(5, 3, 3)][0])  # second batch starts at position 3
     ev = ImageSetDataset(mixed.test, None, 72, mode="stream")[0][0]
-    assert torch.equal(ev.permute(1, 2, 0), torch.from_numpy(decode(mixed.test.array[0], 72, policy="center")))
+    assert torch.equal(ev.permute(1, 2, 0), torch.tensor(decode(mixed.test.array[0], 72, policy="center")))
 
 
 def test_auto_mode_rule() -> None:

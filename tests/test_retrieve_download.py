@@ -604,9 +604,10 @@ def test_same_shards_and_index_whatever_the_process_count(server: ImageServer, t
     results = {}
     for processes, threads in ((1, 4), (2, 8), (3, 2)):
         d = tmp_path / f"p{processes}"
-        # nothing here is slow by design: a generous total time-out, so a loaded machine cannot turn a row into a
-        # time-out in one run and not in another (the time-outs have their own tests)
-        index = download(rows, d, make_opts(processes=processes, threads=threads, shard_size=7, total_timeout=30.0))
+        # nothing here is slow by design: generous time-outs, so a loaded machine cannot turn a row into a time-out
+        # in one run and not in another (the time-outs have their own tests)
+        index = download(rows, d, make_opts(processes=processes, threads=threads, shard_size=7, total_timeout=30.0,
+                                            connect_timeout=30.0, read_timeout=30.0))
         stats = json.loads((d / "00000_stats.json").read_text())
         assert (stats["processes"], stats["threads"]) == (processes, threads)
         results[processes] = (index.to_pylist(), _shard_dir_contents(d))
