@@ -14,8 +14,8 @@ from neighborlt.data.archives import MARKER
 from neighborlt.paths import resolve_data_dir
 
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-    # one intra-op thread per xdist worker (and per process a test starts): `make test` runs a worker per core and one more, and
-    # OpenMP threads spinning on an oversubscribed CPU slow small convolutions several times over
+    # one intra-op thread per xdist worker (and per process a test starts): `make test` runs a worker per core and one
+    # more, and OpenMP threads spinning on an oversubscribed CPU slow small convolutions several times over
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 #: Test files, heaviest first (from the `--durations` a clean-clone `make test` printed, on 2 cores). xdist hands
@@ -38,8 +38,9 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
     """`-n auto` (what `make test` passes) starts one worker more than there are cores. Many tests wait on something
     (the subprocesses they start, a local server, a kill -9 and its resume, another worker's extraction lock): in a
     clean-clone run with a worker per core, a test's wall time exceeded its CPU time (its own and its children's) by
-    80 s in all, out of 2 x 345 s. A third worker on 2 cores fills those waits: 5 min 11 s instead of 5 min 44 s to
-    6 min 8 s for the same code, and 5 min 20 s with four. ``PYTEST_XDIST_AUTO_NUM_WORKERS`` still decides when set."""
+    80 s in all, out of 2 x 345 s. A third worker on 2 cores fills those waits: in one checkout, 5 min 11 s and 4 min
+    51 s with three workers, 5 min 44 s to 6 min 8 s in three runs with two, 5 min 20 s with four.
+    ``PYTEST_XDIST_AUTO_NUM_WORKERS`` still decides when set."""
     if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return None  # xdist's own rule reads it
     return available_cores() + 1
