@@ -37,9 +37,9 @@ HEAVY_FIRST = (
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
     """`-n auto` (what `make test` passes) starts one worker more than there are cores. Many tests wait on something
     (the subprocesses they start, a local server, a kill -9 and its resume, another worker's extraction lock): in a
-    run with a fresh cache and a worker per core, a test's wall time exceeded its CPU time (its own and its children's) by
-    80 s in all, out of 2 x 345 s. A third worker on 2 cores fills those waits: in one checkout, 5 min 11 s and 4 min
-    51 s with three workers, 5 min 44 s to 6 min 8 s in three runs with two, 5 min 20 s with four.
+    run with a fresh cache and a worker per core, a test's wall time exceeded its CPU time (its own and its
+    children's) by 80 s in all, out of 2 x 345 s. A third worker on 2 cores fills those waits: in one checkout, 5 min
+    11 s and 4 min 51 s with three workers, 5 min 44 s to 6 min 8 s in three runs with two, 5 min 20 s with four.
     ``PYTEST_XDIST_AUTO_NUM_WORKERS`` still decides when set."""
     if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
         return None  # xdist's own rule reads it
