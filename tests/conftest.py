@@ -11,7 +11,7 @@ import pytest
 
 from neighborlt.cores import available_cores
 from neighborlt.data.archives import MARKER
-from neighborlt.paths import resolve_data_dir
+from neighborlt.paths import cache_dir, resolve_data_dir
 
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     # one intra-op thread per xdist worker (and per process a test starts): `make test` runs a worker per core and one
@@ -51,10 +51,6 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
 
 
-def _persistent_cache() -> Path:
-    return Path(os.environ.get("NEIGHBORLT_CACHE") or Path.home() / ".cache" / "neighborlt").resolve()
-
-
 #: A fresh clone extracts the two dataset archives (170,000 files) into RAM instead of the disk: on this project's
 #: 2-core machines the same extraction onto ext4 took 23 s to 113 s of CPU (user + system), depending on what the
 #: disk had deleted before; into tmpfs 19 s to 21 s, three times out of three. The folder lives for one test session.
@@ -66,7 +62,7 @@ _RAM_ENV = "NEIGHBORLT_TEST_EXTRACTED"  # set by the controller, read by the xdi
 def pytest_configure(config: pytest.Config) -> None:
     if hasattr(config, "workerinput") or _RAM_ENV in os.environ:
         return  # an xdist worker: its controller chose
-    extracted = _persistent_cache() / "extracted"
+    extracted = cache_dir() / "extracted"
     if any(extracted.glob(f"*/{MARKER}")):
         return  # extracted by an earlier session or `make demo`: reuse it
     try:
@@ -107,7 +103,7 @@ def _session_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     not re-extract 170k files. Where that cache holds no extracted archive yet (a fresh clone), archives are extracted
     into a RAM folder for the session instead (``pytest_configure``). Tests never reach a model hub."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    persistent = _persistent_cache()
+    persistent = cache_dir()
     session = tmp_path_factory.mktemp("nlt-cache")
     ram = os.environ.get(_RAM_ENV)
     for shared in ("extracted", "arrays"):

@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -415,8 +416,6 @@ def feature_tensor(features: np.ndarray) -> torch.Tensor:
     reads the same cache file. The training and inference loops only read such a tensor (a batch is an index or a
     slice of it, fed to a head that computes out of place), so torch's warning about a non-writable array is silenced
     here rather than paid for with a copy of the whole set."""
-    import warnings
-
     arr = np.ascontiguousarray(features, dtype=np.float32)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
