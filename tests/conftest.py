@@ -120,3 +120,48 @@ def data_dir() -> Path:
     if not (d / "cifar10.tar.gz").exists():
         pytest.skip(f"offline datasets not found in {d}; set NEIGHBORLT_DATA to the folder holding cifar10.tar.gz")
     return d
+
+
+def _shared_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This test session's folder that every xdist worker sees (each worker's own base folder is a child of it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+#: The tiny finished pipeline run that test_viz and test_report read: CIFAR-10 protocol with 5 targets (n_max 40,
+#: imbalance 10) and three pool classes, each some target's neighbour (15,000 pool rows, not 25,000: every stage lists
+#: the pool); a 2-block ViT with 4-px patches (the viz's PCA-RGB needs patch tokens), two epochs with the test
+#: accuracy after each (the report's training curves), method + Balanced-CE baseline, two classes' contact sheets.
+TINY_RUN_TRAIN = {"model": "vit_pico_patch4_32", "image_size": 32, "epochs": 2, "batch_size": 16,
+                  "warmup_epochs": 0, "optimizer": "adamw", "lr": 1e-3, "eval_every": 1, "threads": 1}
+TINY_RUN_FILTER = {"caption": False, "band": False, "leak": False, "dedup": False, "sheets": 2, "sheet_images": 8}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    """One build of that run per test session, shared by the xdist workers (the first to ask builds it under a file
+    lock; the others wait and reuse it). Read-only: a test that writes into the run works on a copy (``shutil.copytree``)."""
+    from filelock import FileLock
+
+    from neighborlt.pipeline import PipelineConfig, run_pipeline
+    from neighborlt.rundir import atomic_write_json, read_json
+
+    root = _shared_tmp(tmp_path_factory) / "tiny_run"
+    run, done = root / "run", root / "built.json"
+    with FileLock(str(root) + ".lock"):
+        if not done.is_file():
+            shutil.rmtree(root, ignore_errors=True)  # a build that an earlier worker did not finish
+            root.mkdir(parents=True)
+            # neighbours from a file (what WordNet finds among the pool classes, without loading WordNet: not under
+            # test here)
+            mapping = root / "neighbours.json"
+            atomic_write_json(mapping, {"cat": ["dog"], "automobile": ["truck"], "deer": ["horse"]})
+            cfg = PipelineConfig(data_dir=str(data_dir), protocol_overrides={"n_max": 40, "imbalance_ratio": 10,
+                                                                             "pool": ["dog", "horse", "truck"]},
+                                 train=TINY_RUN_TRAIN, aux_cap=8, max_test_per_class=10, filter=TINY_RUN_FILTER,
+                                 neighbors={"backend": "file", "mapping_file": str(mapping)})
+            run_pipeline(cfg, run, progress=False)
+            atomic_write_json(done, {"run": str(run)})
+    assert read_json(done)["run"] == str(run)
+    return run
+

@@ -1,6 +1,6 @@
-"""The run report (``neighborlt report``): a real small run (the pipeline on a tiny CIFAR-10 split-neighbour protocol
-with a synthetic acquisition funnel and contact sheets), the self-contained page, escaping, missing inputs, where the
-test images go, and the page rendered in headless Chromium."""
+"""The run report (``neighborlt report``): a real small run (conftest ``tiny_run``: the pipeline on a tiny CIFAR-10
+protocol, with a synthetic acquisition funnel and contact sheets), the self-contained page, escaping, missing inputs,
+where the test images go, and the page rendered in headless Chromium."""
 
 from __future__ import annotations
 
@@ -21,16 +21,11 @@ from PIL import Image
 
 from neighborlt.errors import NeighborLTError
 from neighborlt.evaluate import where_predictions
-from neighborlt.pipeline import DEMO_TRAIN, PipelineConfig, run_pipeline
 from neighborlt.report import ReportConfig, run_report
 
 HOSTILE = '<script>alert("x")</script>'
 HOSTILE_TARGET = "cat $\\alpha$ <b>&"  # a target class name with mathtext and HTML in it
 STAGES = ["candidates", "downloaded", "caption", "band", "leak", "dedup", "cap", "kept"]
-SMALL = {"n_max": 40, "imbalance_ratio": 10}
-#: the filter's feature rules off (no feature extraction on CPU); its funnel and two classes' contact sheets stay
-FILTER = {"caption": False, "band": False, "leak": False, "dedup": False, "sheets": 2, "sheet_images": 8}
-TRAIN = {**DEMO_TRAIN, "image_size": 16, "epochs": 2, "batch_size": 16, "warmup_epochs": 0, "eval_every": 1}
 
 
 def _write_funnel(run: Path) -> None:
@@ -56,19 +51,11 @@ def _write_funnel(run: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def report_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
-    """A finished tiny pipeline run (method + baseline, training curves with test accuracy, where.json) with a
-    synthetic funnel, and a hostile target class name in classes.json / per_class.csv."""
-    run = tmp_path_factory.mktemp("report_run")
-    # neighbours from a file (what WordNet finds among the pool classes, without loading WordNet: not under test here)
-    mapping = tmp_path_factory.mktemp("report_neighbours") / "neighbours.json"
-    mapping.write_text(json.dumps({"cat": ["dog"], "automobile": ["truck"], "deer": ["horse"]}))
-    # three pool classes (15,000 pool rows, not 25,000: every stage lists the pool), each some target's neighbour
-    cfg = PipelineConfig(data_dir=str(data_dir), protocol_overrides={**SMALL, "pool": ["dog", "horse", "truck"]},
-                         train=TRAIN, aux_cap=8,
-                         max_test_per_class=10, filter=FILTER,
-                         neighbors={"backend": "file", "mapping_file": str(mapping)})
-    run_pipeline(cfg, run, progress=False)
+def report_run(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    """A copy of the session's tiny finished pipeline run (conftest ``tiny_run``: method + baseline, training curves
+    with test accuracy, where.json) with a synthetic funnel, and a hostile target class name in classes.json /
+    per_class.csv."""
+    run = Path(shutil.copytree(tiny_run, tmp_path_factory.mktemp("report_run") / "run"))
     shutil.copytree(run / "report", run / "pipeline_report")  # the page run_pipeline wrote, on the real funnel
     from neighborlt.viz import VizConfig, run_viz
 

@@ -1,9 +1,8 @@
-"""``neighborlt viz`` on a tiny finished pipeline run (CIFAR-10 protocol, a 2-block ViT with 4-px patches, method +
-Balanced-CE baseline): the three figures, byte-identical when drawn again, and one-line errors."""
+"""``neighborlt viz`` on a tiny finished pipeline run (conftest ``tiny_run``: CIFAR-10 protocol, a 2-block ViT with
+4-px patches, method + Balanced-CE baseline): the three figures, byte-identical when drawn again, and one-line errors."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -12,31 +11,16 @@ import pytest
 from PIL import Image
 from run_helpers import run_cli
 
-from neighborlt.pipeline import PipelineConfig, run_pipeline
 from neighborlt.viz import CAPTIONS, FIGURES, VizConfig, run_viz, viz_figures
-
-FILTER = {"caption": False, "band": False, "leak": False, "dedup": False, "sheets": 0}
-TRAIN = {"model": "vit_pico_patch4_32", "image_size": 32, "epochs": 1, "batch_size": 16, "warmup_epochs": 0,
-         "optimizer": "adamw", "lr": 1e-3, "eval_every": 0, "threads": 1}
 
 
 @pytest.fixture(scope="module")
-def vit_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
-    root = tmp_path_factory.mktemp("viz")
-    run = root / "run"
-    # neighbours from a file (what WordNet finds among the pool classes, without loading WordNet: not under test here)
-    mapping = root / "neighbours.json"
-    mapping.write_text(json.dumps({"cat": ["dog"], "automobile": ["truck"], "deer": ["horse"]}))
-    # three pool classes (15,000 pool rows, not 25,000: every stage lists the pool), each some target's neighbour
-    cfg = PipelineConfig(data_dir=str(data_dir), protocol_overrides={"n_max": 40, "imbalance_ratio": 10,
-                                                                     "pool": ["dog", "horse", "truck"]}, train=TRAIN,
-                         aux_cap=8, max_test_per_class=10, filter=FILTER, report=False,
-                         neighbors={"backend": "file", "mapping_file": str(mapping)})
-    run_pipeline(cfg, run, progress=False)
-    return run
+def vit_run(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the session's tiny ViT pipeline run (conftest ``tiny_run``), which viz writes into."""
+    return Path(shutil.copytree(tiny_run, tmp_path_factory.mktemp("viz") / "run"))
 
 
-@pytest.mark.slow  # the tiny pipeline (~1 min) and UMAP's first numba compilation (~30 s unloaded)
+@pytest.mark.slow  # the tiny pipeline (shared with test_report) and UMAP's first numba compilation
 def test_viz_draws_the_three_figures_deterministically(vit_run: Path, capsys: pytest.CaptureFixture) -> None:
     assert run_cli(["viz", str(vit_run), "--per-class", "12"]) == 0
     out = capsys.readouterr().out
