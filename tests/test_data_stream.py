@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing as mp
 import os
 import signal
 import tarfile
@@ -154,6 +155,9 @@ def test_stream_samples_depend_on_seed_epoch_position_only(mixed: AuxTrainingSet
     batches = [[0, 20, 33], [5, 18]]
     a = [b for b, _ in ds.train_batches(batches, 3, num_workers=0)]
     b = [b for b, _ in ds.train_batches(batches, 3, num_workers=2)]
+    assert len(mp.active_children()) == 2  # the persistent loader's workers, until close()
+    ds.close()
+    assert mp.active_children() == []
     assert all(torch.equal(u, v) for u, v in zip(a, b))
     assert torch.equal(a[1][0], ds[(5, 3, 3)][0])  # second batch starts at position 3
     ev = ImageSetDataset(mixed.test, None, 72, mode="stream")[0][0]
@@ -192,8 +196,10 @@ def test_stream_resume_is_bit_identical(tmp_path: Path, mixed: AuxTrainingSet, u
     assert res.interrupted
     _, state = load_checkpoint(tmp_path / "train" / "checkpoint")
     assert (state["epoch"], state["step"]) == (0, 2)
+    assert mp.active_children() == []  # the interrupted run stopped its loader workers
     res = run_train(cfg, tmp_path, data=mixed, progress=False, resume=True)
     assert not res.interrupted and res.epochs_done == 2
+    assert mp.active_children() == []  # so did the finished one (not left to a garbage collection)
     wa = load_weights(tmp_path / "train" / "model.safetensors")
     wb = load_weights(uninterrupted / "train" / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -120,6 +120,7 @@ def test_sigterm_and_resume_are_bit_identical(stage1: Path, tmp_path: Path, mode
     assert not (part_dir / "pretrain" / "encoder.safetensors").exists()
     resumed = run_pretrain(cfg, part_dir, resume=True)
     assert not resumed.interrupted and resumed.loss == full.loss
+    assert mp.active_children() == []  # stream mode's loader workers stopped with each run
     a = load_weights(tmp_path / "full" / "pretrain" / "encoder.safetensors")
     b = load_weights(part_dir / "pretrain" / "encoder.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit

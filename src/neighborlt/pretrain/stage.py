@@ -180,7 +180,10 @@ def _run(cfg: PretrainConfig, rd: RunDir, info: ddp.DistInfo, *, resume: bool, f
                           "world_size": info.world_size, "config_key": key}, seed=cfg.seed)
     s = _build(cfg, rd, info, key)
     start_epoch, start_step, rng, partial = _resume(s) if resume else (0, 0, None, (0.0, 0))
-    epochs_done, stopped, loss = _loop(s, start_epoch, start_step, rng, partial, on_step)
+    try:
+        epochs_done, stopped, loss = _loop(s, start_epoch, start_step, rng, partial, on_step)
+    finally:
+        s.dataset.close()  # stream mode's persistent loader workers end with the training, not at a GC
     result = PretrainResult(run_dir=str(rd.root), encoder_path=None, epochs_done=epochs_done, interrupted=stopped,
                             loss=loss, images=s.images, wall_s=time.time() - t_start, world_size=info.world_size)
     if stopped:

@@ -330,13 +330,14 @@ class ImageSetDataset(Dataset[tuple[torch.Tensor, int]]):
         finally:
             if not done:  # abandoned mid-epoch (a signal): stop the workers now, not at garbage collection
                 self.close()
-                shutdown = getattr(it, "_shutdown_workers", None)
-                if shutdown is not None:
-                    shutdown()
 
     def close(self) -> None:
-        """Stop the persistent workers of :meth:`train_batches` (they also stop with the dataset)."""
-        self._loader = None
+        """Stop the persistent workers of :meth:`train_batches` now. Dropping the dataset is not enough: it and its
+        loader refer to each other, so the workers would live on until a garbage collection."""
+        loader, self._loader = self._loader, None
+        shutdown = getattr(getattr(loader, "_iterator", None), "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

@@ -376,7 +376,11 @@ def _run(cfg: TrainConfig, rd: RunDir, info: ddp.DistInfo, *, resume: bool | str
     s.t_start = t_start
     start = _resume(s) if resume else _Start()
     s.net = ddp.wrap(WithFeatures(s.model) if s.needs_features else s.model, info, sync_bn=cfg.sync_bn)
-    epochs_done, interrupted, metrics = _train(s, start, progress, on_step)
+    try:
+        epochs_done, interrupted, metrics = _train(s, start, progress, on_step)
+    finally:
+        if s.m.dataset is not None:
+            s.m.dataset.close()  # stream mode's persistent loader workers end with the training, not at a GC
     wall = time.time() - t_start
     result = TrainResult(run_dir=str(rd.root), model_path=None, epochs_done=epochs_done, interrupted=interrupted,
                          metrics=metrics, num_classes=s.data.C, num_target_classes=s.data.L, wall_s=wall,
