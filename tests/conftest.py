@@ -1,4 +1,5 @@
-"""Shared fixtures: the offline data directory and a temporary run directory."""
+"""Shared fixtures: the offline data directory, a per-session cache and one tiny finished pipeline run
+(``tiny_run``)."""
 
 from __future__ import annotations
 
@@ -140,15 +141,17 @@ TINY_RUN_FILTER = {"caption": False, "band": False, "leak": False, "dedup": Fals
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
     """One build of that run per test session, shared by the xdist workers (the first to ask builds it under a file
-    lock; the others wait and reuse it). Read-only: a test that writes into the run works on a copy (``shutil.copytree``)."""
-    from filelock import FileLock
+    lock; the others wait and reuse it). Read-only: a test that writes into the run works on a copy
+    (``shutil.copytree``)."""
+    import fcntl
 
     from neighborlt.pipeline import PipelineConfig, run_pipeline
     from neighborlt.rundir import atomic_write_json, read_json
 
     root = _shared_tmp(tmp_path_factory) / "tiny_run"
     run, done = root / "run", root / "built.json"
-    with FileLock(str(root) + ".lock"):
+    with open(str(root) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (or its process dies)
         if not done.is_file():
             shutil.rmtree(root, ignore_errors=True)  # a build that an earlier worker did not finish
             root.mkdir(parents=True)
