@@ -291,6 +291,58 @@ def test_local_folder_and_table_pools(tmp_path: Path) -> None:
     assert sorted(r["name"] for r in _manifest(rd2)) == ["fox", "wolf"]  # one image, a candidate of both names
 
 
+def test_unchanged_local_files_are_not_read_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """A second retrieval from the same pool (another run, an ablation's next setting) takes the files' checks from
+    the cache; a file rewritten since, and one that was not an image, are read again; an unusable cache is a
+    warning naming it, and the files are read."""
+    import hashlib
+    import logging
+
+    from PIL import Image
+
+    from neighborlt.retrieve.filecheck import CACHE_FILE, RACY_S
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("NEIGHBORLT_CACHE", str(cache))
+    pool = tmp_path / "pool"
+    for cls, n in (("wolf", 2), ("lynx", 1)):
+        (pool / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (40, 40), (i * 50, 10, 10)).save(pool / cls / f"{i}.jpg")
+    (pool / "lynx" / "broken.jpg").write_bytes(b"<html>not an image</html>")
+    time.sleep(RACY_S + 0.1)  # files changed just before they are read are not remembered (racy: the next test)
+
+    def retrieve(name: str) -> dict[str, dict[str, Any]]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="neighborlt.retrieve"):
+            run_retrieve(RetrieveConfig(source="local", pool=str(pool)), _run_dir(tmp_path / name))
+        return {Path(r["path"]).relative_to(pool).as_posix(): {k: r[k] for k in ("status", "sha256", "width",
+                                                                                    "height")}
+                for r in _manifest(RunDir(tmp_path / name / "run"))}
+
+    first = retrieve("a")
+    assert [first[k]["status"] for k in sorted(first)] == ["ok", "not_image", "ok", "ok"]  # lynx/0, lynx/broken, wolf/0, wolf/1
+    assert "unchanged since their last check" not in caplog.text
+    assert retrieve("b") == first
+    assert "3 of 4 referenced files unchanged since their last check" in caplog.text  # the broken one is read
+    # rewritten since (same name, another image), and the broken file replaced by an image: both are read again
+    Image.new("RGB", (40, 30), (0, 200, 0)).save(pool / "wolf" / "0.jpg")
+    Image.new("RGB", (20, 20), (0, 0, 200)).save(pool / "lynx" / "broken.jpg")
+    third = retrieve("c")
+    assert "2 of 4 referenced files unchanged" in caplog.text
+    assert retrieve("c2") == third and "2 of 4 referenced files unchanged" in caplog.text  # racy: not remembered yet
+    assert third["wolf/0.jpg"] == {"status": "ok", "sha256": hashlib.sha256((pool / "wolf" / "0.jpg").read_bytes())
+                                   .hexdigest(), "width": 40, "height": 30} != first["wolf/0.jpg"]
+    assert third["lynx/broken.jpg"]["status"] == "ok" and third["wolf/1.jpg"] == first["wolf/1.jpg"]
+    # an unusable cache: one warning naming it, every file read, the same rows
+    (cache / CACHE_FILE).write_bytes(b"not a database" * 100)
+    assert retrieve("d") == third
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and str(cache / CACHE_FILE) in warned[0] and "delete the file" in warned[0]
+    assert "unchanged since their last check" not in caplog.text
+
+
 def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
     rd = _run_dir(tmp_path)
     with pytest.raises(ConfigError, match="unknown retrieve source 'nope'; choose one of: knn, local, urls, web"):

@@ -27,6 +27,7 @@ from ..data import manifest as mf
 from ..errors import ConfigError, DataError
 from ..rundir import RunDir, StageKey, atomic_write_json, config_hash, read_json
 from .config import RetrieveConfig
+from .filecheck import CheckCache, check_block, signature
 from .sources import SOURCES, AuxName, SourceContext, candidate
 
 logger = logging.getLogger(__name__)
@@ -233,29 +234,6 @@ def _download(cfg: RetrieveConfig, rd: RunDir, url_rows: list[dict[str, Any]]) -
                      size=int(res["size"]))
 
 
-def check_local_file(path: str) -> dict[str, Any]:
-    """Status, SHA-256 and size of one referenced image file (``status`` ``missing`` / ``not_image`` with a reason)."""
-    import io
-
-    from PIL import Image, UnidentifiedImageError
-
-    p = Path(path)
-    try:
-        data = p.read_bytes()
-    except OSError as e:
-        return {"status": "missing", "error": f"cannot read {p}: {e.strerror or e}"}
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        return {"status": "not_image", "error": f"{p.name}: not a readable image ({type(e).__name__})"}
-    return {"status": "ok", "sha256": hashlib.sha256(data).hexdigest(), "width": int(w), "height": int(h)}
-
-
-def _check_block(paths: list[str]) -> list[dict[str, Any]]:
-    return [check_local_file(p) for p in paths]
-
-
 #: referenced files checked in worker processes from this many distinct files on (threads below: no start-up cost)
 PROCESS_MIN_FILES = 20_000
 
@@ -263,8 +241,8 @@ PROCESS_MIN_FILES = 20_000
 def _reference_local(rows: list[dict[str, Any]], load_protocol: Any) -> None:
     """Status, SHA-256 and size of referenced local images (pool rows of an array-backed pool hash the pixels).
 
-    Each distinct file is read once (an image that is a candidate of several names too), in blocks: worker processes
-    for large pools (reading, hashing and header parsing hold the GIL), threads for small ones.
+    Each distinct file is read once (an image that is a candidate of several names too), and not at all when it is
+    unchanged since an earlier check (:class:`~neighborlt.retrieve.filecheck.CheckCache`).
     """
     if not rows:
         return
@@ -277,24 +255,32 @@ def _reference_local(rows: list[dict[str, Any]], load_protocol: Any) -> None:
                      width=int(a.shape[1]))
         else:
             files.setdefault(str(r["path"]), []).append(r)
-    paths = list(files)
+    with CheckCache.default() as cache:
+        sigs = {path: signature(path) for path in files}  # before any read: a file changed meanwhile is read again
+        known = cache.lookup(sigs)
+        todo = [path for path in files if path not in known]
+        if known:
+            logger.info("retrieve: %d of %d referenced files unchanged since their last check (%s)", len(known),
+                        len(files), cache.path)
+        checked = dict(zip(todo, _check_files(todo)))
+        cache.store((path, sigs[path], info) for path, info in checked.items())
+    for path, info in (known | checked).items():
+        for r in files[path]:
+            r.update(info)
+
+
+def _check_files(paths: list[str]) -> list[dict[str, Any]]:
+    """:func:`~neighborlt.retrieve.filecheck.check_local_file` of each path, in blocks: worker processes for many
+    files (reading, hashing and header parsing hold the GIL), threads for fewer."""
     blocks = [paths[i:i + 1024] for i in range(0, len(paths), 1024)]
     workers = max(1, min(8, os.cpu_count() or 1))
     if len(paths) >= PROCESS_MIN_FILES and workers > 1:
         import multiprocessing
 
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
-            results = ex.map(_check_block, blocks)
-            for block, res in zip(blocks, results):
-                for path, info in zip(block, res):
-                    for r in files[path]:
-                        r.update(info)
-        return
+            return [info for res in ex.map(check_block, blocks) for info in res]
     with ThreadPoolExecutor(workers) as ex:  # a block per task: a future per row cost more than the check
-        for block, res in zip(blocks, ex.map(_check_block, blocks)):
-            for path, info in zip(block, res):
-                for r in files[path]:
-                    r.update(info)
+        return [info for res in ex.map(check_block, blocks) for info in res]
 
 
 # --------------------------------------------------------------------------------------------------------------
