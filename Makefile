@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
-	@# umap-learn's kNN library (pynndescent) compiles ~40 numba kernels when it is first imported (~30 s of CPU on 2
+	@# umap-learn's kNN library (pynndescent) compiles ~40 numba kernels when it is first imported (20 to 30 s of CPU on 2
 	@# cores) and caches them in the venv: compile them now, once, not in the first `neighborlt viz` or `make test`
 	$(PY) -c "import umap"
 	touch $(STAMP)
