@@ -21,6 +21,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -51,9 +52,26 @@ def check_local_file(path: str) -> dict[str, Any]:
     return {"status": "ok", "sha256": hashlib.sha256(data).hexdigest(), "width": int(w), "height": int(h)}
 
 
-def check_block(paths: list[str]) -> list[dict[str, Any]]:
-    """:func:`check_local_file` of each path (one task of a thread or process pool)."""
+def _check_block(paths: list[str]) -> list[dict[str, Any]]:
     return [check_local_file(p) for p in paths]
+
+
+#: files checked in worker processes from this many on (threads below: no start-up cost)
+PROCESS_MIN_FILES = 20_000
+
+
+def check_files(paths: list[str]) -> list[dict[str, Any]]:
+    """:func:`check_local_file` of each path, in blocks of 1,024: worker processes for many files (reading, hashing
+    and header parsing hold the GIL), threads for fewer."""
+    blocks = [paths[i:i + 1024] for i in range(0, len(paths), 1024)]
+    workers = max(1, min(8, os.cpu_count() or 1))
+    if len(paths) >= PROCESS_MIN_FILES and workers > 1:
+        import multiprocessing
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
+            return [info for res in ex.map(_check_block, blocks) for info in res]
+    with ThreadPoolExecutor(workers) as ex:  # a block per task: a future per row cost more than the check
+        return [info for res in ex.map(_check_block, blocks) for info in res]
 
 
 class Signature(NamedTuple):
@@ -153,4 +171,5 @@ class CheckCache:
         self.close()
 
 
-__all__ = ["CACHE_FILE", "RACY_S", "CheckCache", "Signature", "check_block", "check_local_file", "signature"]
+__all__ = ["CACHE_FILE", "PROCESS_MIN_FILES", "RACY_S", "CheckCache", "Signature", "check_files", "check_local_file",
+           "signature"]

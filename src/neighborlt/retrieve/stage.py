@@ -16,7 +16,6 @@ import logging
 import os
 import tarfile
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from ..data import manifest as mf
 from ..errors import ConfigError, DataError
 from ..rundir import RunDir, StageKey, atomic_write_json, config_hash, read_json
 from .config import RetrieveConfig
-from .filecheck import CheckCache, check_block, signature
+from .filecheck import CheckCache, check_files, signature
 from .sources import SOURCES, AuxName, SourceContext, candidate
 
 logger = logging.getLogger(__name__)
@@ -234,10 +233,6 @@ def _download(cfg: RetrieveConfig, rd: RunDir, url_rows: list[dict[str, Any]]) -
                      size=int(res["size"]))
 
 
-#: referenced files checked in worker processes from this many distinct files on (threads below: no start-up cost)
-PROCESS_MIN_FILES = 20_000
-
-
 def _reference_local(rows: list[dict[str, Any]], load_protocol: Any) -> None:
     """Status, SHA-256 and size of referenced local images (pool rows of an array-backed pool hash the pixels).
 
@@ -255,6 +250,8 @@ def _reference_local(rows: list[dict[str, Any]], load_protocol: Any) -> None:
                      width=int(a.shape[1]))
         else:
             files.setdefault(str(r["path"]), []).append(r)
+    if not files:
+        return
     with CheckCache.default() as cache:
         sigs = {path: signature(path) for path in files}  # before any read: a file changed meanwhile is read again
         known = cache.lookup(sigs)
@@ -262,25 +259,12 @@ def _reference_local(rows: list[dict[str, Any]], load_protocol: Any) -> None:
         if known:
             logger.info("retrieve: %d of %d referenced files unchanged since their last check (%s)", len(known),
                         len(files), cache.path)
-        checked = dict(zip(todo, _check_files(todo)))
+        checked = dict(zip(todo, check_files(todo)))
         cache.store((path, sigs[path], info) for path, info in checked.items())
     for path, info in (known | checked).items():
         for r in files[path]:
             r.update(info)
 
-
-def _check_files(paths: list[str]) -> list[dict[str, Any]]:
-    """:func:`~neighborlt.retrieve.filecheck.check_local_file` of each path, in blocks: worker processes for many
-    files (reading, hashing and header parsing hold the GIL), threads for fewer."""
-    blocks = [paths[i:i + 1024] for i in range(0, len(paths), 1024)]
-    workers = max(1, min(8, os.cpu_count() or 1))
-    if len(paths) >= PROCESS_MIN_FILES and workers > 1:
-        import multiprocessing
-
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
-            return [info for res in ex.map(check_block, blocks) for info in res]
-    with ThreadPoolExecutor(workers) as ex:  # a block per task: a future per row cost more than the check
-        return [info for res in ex.map(check_block, blocks) for info in res]
 
 
 # --------------------------------------------------------------------------------------------------------------
