@@ -77,6 +77,18 @@ def test_parser_fuzz_lists_of_hostile_items(items: list[str]) -> None:
         assert all(is_safe_name(n) and "/" not in n and "\\" not in n and ".." not in n for n in res.names)
 
 
+def test_a_backslash_in_a_python_list_is_dropped_without_a_compiler_warning() -> None:
+    """``ast.literal_eval`` warns about ``'red\\, fox'`` (an invalid escape); such a list is split instead, its
+    backslash item counted as unsafe, and nothing is printed."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        res = parse_answer(r"['grey wolf', 'red\, fox', 'lynx']")
+    assert [str(w.message) for w in seen] == []
+    assert res.names == ["grey wolf", "lynx"] and res.dropped["unsafe"] == 1
+
+
 # --- the four failure classes of issue 13 ------------------------------------------------------------------------
 
 _words = st.text(alphabet="abcdefghijklmnopqrstuvwxyz", min_size=3, max_size=9)

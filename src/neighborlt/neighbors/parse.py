@@ -257,6 +257,17 @@ def split_list_body(body: str, *, cut: bool = False, dropped: Counter | None = N
     return names, dropped_cut
 
 
+
+def _literal(chunk: str) -> object:
+    """``ast.literal_eval`` of a Python-style list in an answer, refusing (ValueError) one with a backslash. The text
+    is the LLM's: an escape such as ``'red\\, fox'`` makes the compiler warn (a DeprecationWarning, a SyntaxWarning
+    from Python 3.12, printed on the user's console), and the warning filters are process-wide, so they cannot be
+    muted here while other threads parse. No safe name has a backslash; the fallback splits the list's text."""
+    if "\\" in chunk:
+        raise ValueError("a backslash in a Python-style list")
+    return ast.literal_eval(chunk)
+
+
 def _list_items(text: str, res: ParseResult) -> list[str] | None:
     """Items of the last bracket list in ``text`` (JSON, a Python literal, or quoted/bare items with ``,;|``
     between them); a list without its closing bracket after the last complete one wins (an answer cut off by the
@@ -272,7 +283,7 @@ def _list_items(text: str, res: ParseResult) -> list[str] | None:
             val = json.loads(chunk)
         except ValueError:
             try:
-                val = ast.literal_eval(chunk)
+                val = _literal(chunk)
             except (ValueError, SyntaxError, MemoryError, RecursionError, TypeError):
                 split = split_list_body(chunk[1:-1], dropped=res.dropped)
                 val = split[0] if split else None
